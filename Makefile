@@ -1,0 +1,38 @@
+# The two commands of the README's quickstart, and a few for developers.
+#   make run    install into .venv and run the default experiment (one training run, one row in outputs/results.csv)
+#   make test   install into .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch: small, and what CI uses. With a GPU, install your CUDA build of torch into the venv
+# first; a torch that is already there is kept.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install run test test-fast lint bench clean
+
+$(BIN)/flowvae: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(BIN)/flowvae
+
+install: $(BIN)/flowvae
+
+run: install
+	$(BIN)/flowvae train
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check flowvae tests scripts
+
+bench: install
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,113 @@
+"""``flowvae train|table``: the command line.
+
+``flowvae train ...`` hands every argument after ``train`` to Hydra unchanged, so ``-m``, ``--cfg job``,
+``--help`` and any ``hydra.*`` override work as in any Hydra app. Nothing heavy is imported here: torch loads
+only inside a run, so ``--help``, ``--cfg`` and tab completion stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from flowvae import __version__
+from flowvae.config import register_configs
+
+__all__ = ["main", "train"]
+
+USAGE = f"""\
+flowvae {__version__}: train a VAE with a normalizing-flow posterior and score generated events by per-feature KL.
+
+usage:
+  flowvae train [HYDRA ARGS/OVERRIDES]   one run, or a sweep with -m   (flowvae train --help for the config)
+  flowvae table [RESULTS_CSV] [OPTIONS]  the seed-style table of a results CSV   (flowvae table --help)
+  flowvae --version
+
+examples:
+  flowvae train flow=planar n_flows=10
+  flowvae train -m flow=planar,iaf n_flows=0,1,2,5,10 seed=0,1,2
+  flowvae train -m +experiment=seed_table hydra/launcher=joblib
+  flowvae table outputs/results.csv
+
+exit codes: 0 ok or skipped, 1 a run failed or diverged, 2 bad configuration, 3 interrupted (resumable)
+"""
+
+register_configs()
+
+# Exit codes of the jobs this process ran (a single run, or a sweep on the basic launcher); sweeps on other
+# launchers are summed up from the jobs' status files by flowvae.callbacks.SweepSummary.
+_exit_codes: list[int] = []
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def train(cfg: DictConfig) -> int:
+    """Hydra's task: one run of the experiment in its run directory."""
+    from flowvae.job import run
+
+    hc = HydraConfig.get()
+    code = run(cfg, Path(hc.runtime.output_dir), Path(hc.runtime.cwd), _parallel_jobs(hc))
+    _exit_codes.append(code)
+    return code
+
+
+def _parallel_jobs(hc) -> int:
+    """How many jobs the launcher runs side by side on this machine (for the thread count)."""
+    launcher = hc.launcher
+    n_jobs = launcher.get("n_jobs") if launcher is not None else None
+    if n_jobs is None:
+        return 1
+    cores = os.cpu_count() or 1
+    return cores if n_jobs < 0 else max(1, int(n_jobs))
+
+
+def _run_train(args: list[str]) -> int:
+    from flowvae import callbacks
+
+    sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
+    comp_line = os.environ.get("COMP_LINE")
+    if comp_line is not None:  # tab completion: Hydra must not see the word `train` as an override
+        os.environ["COMP_LINE"] = comp_line.replace(" train", "", 1)
+    _exit_codes.clear()
+    callbacks.SWEEP_EXIT_CODE = None
+    try:
+        train()
+    except SystemExit as exit_:
+        # Hydra exits 1 when it cannot compose the config (a wrong type, an unknown option): a bad configuration.
+        code = exit_.code if isinstance(exit_.code, int) else 1
+        return 2 if code == 1 else code
+    if callbacks.SWEEP_EXIT_CODE is not None:
+        return callbacks.SWEEP_EXIT_CODE
+    return max(_exit_codes, default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    if args[0] in ("-V", "--version"):
+        print(f"flowvae {__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    if command == "train":
+        return _run_train(rest)
+    if command == "table":
+        from flowvae.report import table_main
+
+        return table_main(rest)
+    print(f"flowvae: unknown command {command!r}; the commands are train and table (flowvae --help)",
+          file=sys.stderr)
+    return 2
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,231 @@
+"""The typed configuration schema and the one place its values are checked.
+
+Hydra checks types and key names against these dataclasses while it composes the config (``n_flows=abc`` or a
+typo'd key is refused before the run starts). Values that are well-typed but wrong (``n_flows=-1``,
+``data.sigma=0``) are checked by :func:`validate`, which every run calls before it does any work.
+Defaults live in ``conf/*.yaml``; the schema only fixes the types.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+__all__ = ["ConfigError", "Config", "register_configs", "validate", "per_feature", "LIKELIHOODS"]
+
+FLOW_NAMES = ("none", "planar", "orthogonal", "householder", "triangular", "iaf")
+DATA_NAMES = ("gaussian", "npy", "jets")
+LIKELIHOODS = ("mse", "gaussian")
+DECODES = ("mean", "sample")
+SOURCES = ("prior", "posterior")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value a user set is not allowed; the message names the key, the value and the rule."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={_show(value)} is not allowed: {allowed}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    return str(value)
+
+
+@dataclass
+class FlowConfig:
+    """One flow family; only the options its own ``conf/flow/<name>.yaml`` sets are passed on."""
+
+    name: str = MISSING
+    num_ortho_vecs: int | None = None
+    num_householder: int | None = None
+    hidden: int | None = None
+    context: int | None = None
+
+
+@dataclass
+class DataConfig:
+    """Where events come from. Each ``conf/data/<name>.yaml`` sets the fields of its kind."""
+
+    name: str = MISSING
+    seed: int = 0
+    # gaussian / jets: drawn on the fly
+    mu: Any = None  # a number, or one per feature
+    sigma: Any = None  # a number, or one per feature
+    n_features: int | None = None
+    n_particles: int | None = None
+    n_train: int | None = None
+    n_test: int | None = None
+    # jets: each event draws its own offset per feature (the event-level latent)
+    offset_sigma: Any = None
+    scale_sigma: float | None = None
+    # npy: the users' own array of shape (N, features, particles)
+    path: str | None = None
+    key: str | None = None
+    test_fraction: float | None = None
+    min_events: int | None = None
+    # any kind
+    feature_names: list[str] | None = None
+    standardize: bool = False
+
+
+@dataclass
+class ModelConfig:
+    hidden: list[int] = field(default_factory=lambda: [256, 256])
+    latent_dim: int = 8
+    likelihood: str = "gaussian"
+    sigma_x: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 100
+    lr: float = 1e-3
+    warmup_epochs: int = 0
+    grad_clip: float | None = None
+    checkpoint_every: int = 1
+    device: str = "auto"
+    threads: int = 0
+    compile: bool = False
+    progress: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    n_samples: int = 10000
+    decode: str = "sample"
+    source: str = "prior"
+    bins: int = 100
+    eps: float = 1e-10
+
+
+@dataclass
+class Config:
+    flow: FlowConfig = MISSING
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    train: TrainConfig = MISSING
+    eval: EvalConfig = MISSING
+    n_flows: int = 0
+    seed: int = 0
+    results_csv: str = "outputs/results.csv"
+    skip_existing: bool = False
+
+
+def register_configs() -> None:
+    """Register the top-level schema; ``conf/config.yaml`` names it first in its defaults list."""
+    ConfigStore.instance().store(name="flowvae_schema", node=Config)
+
+
+def per_feature(value: Any, n_features: int, key: str) -> list[float]:
+    """A number, or a list of one number per feature, as a list of ``n_features`` floats."""
+    if isinstance(value, (list, tuple, ListConfig)):
+        values = list(value)
+        if len(values) != n_features:
+            raise ConfigError(key, value, f"one number, or a list of {n_features} (one per feature)")
+    else:
+        values = [value] * n_features
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ConfigError(key, value, "a number, or a list of numbers (one per feature)") from None
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
+    value = OmegaConf.select(cfg, key)
+    _require(isinstance(value, int) and value >= minimum, key, value, f"an integer >= {minimum}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every value a user can set; raise :class:`ConfigError` on the first that is wrong."""
+    _require(cfg.flow.name in FLOW_NAMES, "flow", cfg.flow.name, f"one of {', '.join(FLOW_NAMES)}")
+    _positive_int(cfg, "n_flows", minimum=0)
+    for key in ("num_ortho_vecs", "num_householder", "hidden", "context"):
+        value = cfg.flow[key]
+        _require(value is None or value >= 1, f"flow.{key}", value, "an integer >= 1")
+    m = cfg.flow.num_ortho_vecs
+    _require(
+        m is None or m <= cfg.model.latent_dim,
+        "flow.num_ortho_vecs",
+        m,
+        f"at most model.latent_dim={cfg.model.latent_dim} (Q has that many orthonormal columns at most)",
+    )
+    _validate_model(cfg)
+    _validate_train(cfg)
+    _validate_eval(cfg)
+    _validate_data(cfg)
+
+
+def _validate_model(cfg: DictConfig) -> None:
+    _positive_int(cfg, "model.latent_dim")
+    hidden = list(cfg.model.hidden)
+    _require(len(hidden) >= 1 and all(h >= 1 for h in hidden), "model.hidden", hidden,
+             "a non-empty list of layer widths >= 1, e.g. [256,256]")
+    _require(cfg.model.likelihood in LIKELIHOODS, "model.likelihood", cfg.model.likelihood,
+             f"one of {', '.join(LIKELIHOODS)}")
+    sigma_x = cfg.model.sigma_x
+    if sigma_x is not None:
+        _require(cfg.model.likelihood == "gaussian", "model.sigma_x", sigma_x,
+                 "null with model.likelihood=mse (a fixed noise belongs to model.likelihood=gaussian)")
+        _require(math.isfinite(sigma_x) and sigma_x > 0, "model.sigma_x", sigma_x,
+                 "a number > 0, or null for a learned variance")
+
+
+def _validate_train(cfg: DictConfig) -> None:
+    t = cfg.train
+    _positive_int(cfg, "train.epochs")
+    _positive_int(cfg, "train.batch_size")
+    _positive_int(cfg, "train.warmup_epochs", minimum=0)
+    _positive_int(cfg, "train.checkpoint_every")
+    _positive_int(cfg, "train.threads", minimum=0)
+    _require(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "a number > 0")
+    _require(t.grad_clip is None or (math.isfinite(t.grad_clip) and t.grad_clip > 0), "train.grad_clip",
+             t.grad_clip, "a number > 0, or null for no clipping")
+    _require(t.device in DEVICES, "train.device", t.device, f"one of {', '.join(DEVICES)}")
+    _require(t.progress in ("auto", "bar", "log"), "train.progress", t.progress, "one of auto, bar, log")
+
+
+def _validate_eval(cfg: DictConfig) -> None:
+    e = cfg.eval
+    _positive_int(cfg, "eval.n_samples")
+    _positive_int(cfg, "eval.bins")
+    _require(e.decode in DECODES, "eval.decode", e.decode, f"one of {', '.join(DECODES)}")
+    _require(e.source in SOURCES, "eval.source", e.source, f"one of {', '.join(SOURCES)}")
+    _require(math.isfinite(e.eps) and e.eps > 0, "eval.eps", e.eps, "a small number > 0, e.g. 1e-10")
+
+
+def _validate_data(cfg: DictConfig) -> None:
+    d = cfg.data
+    _require(d.name in DATA_NAMES, "data", d.name, f"one of {', '.join(DATA_NAMES)}")
+    if d.name in ("gaussian", "jets"):
+        for key in ("n_features", "n_particles", "n_train", "n_test"):
+            _positive_int(cfg, f"data.{key}", minimum=2 if key.startswith("n_t") else 1)
+        per_feature(d.mu, d.n_features, "data.mu")
+        sigmas = per_feature(d.sigma, d.n_features, "data.sigma")
+        _require(all(math.isfinite(s) and s > 0 for s in sigmas), "data.sigma", d.sigma,
+                 "every sigma > 0 (one number, or one per feature)")
+    if d.name == "jets":
+        offsets = per_feature(d.offset_sigma, d.n_features, "data.offset_sigma")
+        _require(all(s >= 0 for s in offsets), "data.offset_sigma", d.offset_sigma, "every value >= 0")
+        _require(d.scale_sigma is not None and d.scale_sigma >= 0, "data.scale_sigma", d.scale_sigma,
+                 "a number >= 0")
+    if d.name == "npy":
+        _require(bool(d.path), "data.path", d.path, "the path of a .npy or .npz array (N, features, particles)")
+        tf = d.test_fraction
+        _require(tf is not None and 0 < tf < 1, "data.test_fraction", tf, "a number between 0 and 1")
+    if d.feature_names is not None and d.name != "npy":
+        _require(len(d.feature_names) == d.n_features, "data.feature_names", d.feature_names,
+                 f"one name per feature ({d.n_features})")

@@ -1,0 +1,134 @@
+"""The experiment behind one run: events to tensors, the flow VAE, training, generation, scoring, outputs.
+
+Seeds: ``data.seed`` makes the events; ``seed`` seeds torch before the model is built (base network first,
+flows last), the batch order, and generation (its own generator), so one config gives one set of numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from flowvae import metrics
+from flowvae.data import Events, Scaler, load_events
+from flowvae.model import FlowVAE, build_model
+from flowvae.train import fit
+
+__all__ = ["load", "metric_columns", "train_and_score", "generate_events", "choose_device", "choose_threads"]
+
+log = logging.getLogger(__name__)
+
+GENERATE_BATCH = 2000
+
+
+def load(cfg: DictConfig, launch_dir: Path) -> Events:
+    """The run's events; a relative ``data.path`` is taken from where the command was launched."""
+    return load_events(cfg.data, launch_dir)
+
+
+def metric_columns(n_features: int) -> list[str]:
+    """The result row's metric columns for events with ``n_features`` features, in their order."""
+    return [*metrics.score_columns(n_features), "noise_floor", "final_train_loss", "final_test_loss",
+            "final_recon", "final_kl_term", "epochs_run", "resumed_from"]
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but torch sees no CUDA device; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def choose_threads(requested: int, parallel_jobs: int) -> int:
+    """``train.threads``, or (0) this process's cores shared evenly among the jobs running side by side."""
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, parallel_jobs))
+
+
+def train_and_score(cfg: DictConfig, events: Events, run_dir: Path, run_hash: str,
+                    parallel_jobs: int = 1) -> tuple[str, str, dict]:
+    """Train, generate, score; write the run's curves, checkpoint and histogram picture.
+
+    Returns (status, message, values for the result row).
+    """
+    device = choose_device(cfg.train.device)
+    threads = choose_threads(cfg.train.threads, parallel_jobs)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    log.info("device %s, %d threads, %s x %d flows, seed %d", device, threads, cfg.flow.name, cfg.n_flows,
+             cfg.seed)
+
+    scaler = Scaler.fit(events.train) if cfg.data.standardize else Scaler.identity(events.n_features)
+    train_x = _to_tensor(scaler.transform(events.train), device)
+    test_x = _to_tensor(scaler.transform(events.test), device)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(train_x.shape[1], cfg.model, cfg.flow, cfg.n_flows).to(device)
+    curves = run_dir / "training_curves.csv"
+    outcome = fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=run_dir / "checkpoint.pt",
+                  extra_state={"config_hash": run_hash},
+                  on_epoch=lambda history: _write_curves(curves, history))
+    if outcome.status == "interrupted":
+        return outcome.status, outcome.message, {}
+    values: dict = {"epochs_run": outcome.epochs_run, "resumed_from": outcome.resumed_from}
+    if outcome.status == "diverged":
+        return outcome.status, outcome.message, values
+
+    generated = generate_events(model, cfg.eval, test_x, cfg.seed, events.test.shape[1:])
+    generated = scaler.inverse(generated)
+    kl_options = {"bins": cfg.eval.bins, "eps": cfg.eval.eps}
+    values.update(metrics.score(generated, events.test, **kl_options))
+    values["noise_floor"] = metrics.noise_floor(events.test, seed=cfg.seed, **kl_options)
+    last = outcome.history[-1]
+    values.update(final_train_loss=last["train_loss"], final_test_loss=last["test_loss"],
+                  final_recon=last["test_recon"], final_kl_term=last["test_kl"])
+    from flowvae.report import plot_histograms
+
+    plot_histograms(generated, events.test, events.feature_names, run_dir / "histograms.png",
+                    title=f"{cfg.flow.name}, n_flows={cfg.n_flows}, seed={cfg.seed}: kl_sum={values['kl_sum']:.4f}",
+                    bins=cfg.eval.bins)
+    np.save(run_dir / "generated_sample.npy", generated[:1000])
+    return "ok", "", values
+
+
+def _write_curves(path: Path, history: list[dict]) -> None:
+    """The per-epoch losses so far, rewritten whole (temp file + rename) after every epoch."""
+    import pandas as pd
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    pd.DataFrame(history).to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _to_tensor(events: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(events.reshape(len(events), -1))).to(device)
+
+
+@torch.no_grad()
+def generate_events(model: FlowVAE, cfg_eval: DictConfig, test_x: torch.Tensor, seed: int,
+                    event_shape: tuple[int, int]) -> np.ndarray:
+    """``eval.n_samples`` events (N, F, P) from the prior, or from the posterior of held-out events.
+
+    Uses its own generator seeded by ``seed``, so generation never shifts the training's random stream.
+    """
+    model.eval()
+    device = test_x.device
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    chunks = []
+    for start in range(0, cfg_eval.n_samples, GENERATE_BATCH):
+        n = min(GENERATE_BATCH, cfg_eval.n_samples - start)
+        if cfg_eval.source == "prior":
+            z = torch.randn(n, model.latent_dim, generator=generator, device=device)
+        else:
+            index = torch.arange(start, start + n, device=device) % len(test_x)
+            z = model.posterior_latent(test_x[index], generator)
+        chunks.append(model.generate(z, cfg_eval.decode, generator).cpu())
+    return torch.cat(chunks).numpy().reshape(-1, *event_shape)

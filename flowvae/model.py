@@ -1,0 +1,139 @@
+"""The flow VAE: an MLP encoder gives q0(z0|x) and the flows' per-sample parameters, K flows map z0 to z_K,
+an MLP decoder gives p(x|z_K).
+
+Loss (the slides', after Rezende & Mohamed 2015), per event, averaged over the batch:
+
+    L = -log p(x|z_K) + beta * [log q0(z0|x) - log p(z_K) - sum_k log|det df_k/dz_{k-1}|],  z0 ~ q0(z0|x)
+
+The bracket is a one-sample estimate of KL(q_K(z_K|x) || p(z)); ``beta`` is the KL warm-up weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from flowvae import flows
+
+__all__ = ["FlowVAE", "LossTerms", "build_model"]
+
+LOG_2PI = math.log(2 * math.pi)
+# The MSE-sum loss sum (x - mean)^2 is -log N(x; mean, 1/2) up to a constant: its implied noise has variance 1/2.
+MSE_SIGMA = math.sqrt(0.5)
+
+
+@dataclass
+class LossTerms:
+    """Batch means of the loss and its parts (tensors, so the training step never syncs with the host)."""
+
+    loss: Tensor
+    recon: Tensor
+    kl: Tensor
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _gaussian_log_prob(x: Tensor, mean: Tensor, log_var: Tensor | float) -> Tensor:
+    """log N(x; mean, exp(log_var)) summed over the last dimension: shape (B,)."""
+    if isinstance(log_var, float):
+        return -0.5 * ((x - mean).pow(2) * math.exp(-log_var) + log_var + LOG_2PI).sum(-1)
+    return -0.5 * ((x - mean).pow(2) * torch.exp(-log_var) + log_var + LOG_2PI).sum(-1)
+
+
+class FlowVAE(nn.Module):
+    """A VAE whose posterior q_K(z_K|x) is q0 = N(mean(x), diag var(x)) pushed through a flow stack.
+
+    Events enter flattened, shape (B, n_in) with n_in = features * particles. ``likelihood`` is ``mse`` (the sum
+    of squared errors), or ``gaussian`` with a learned per-element variance (``sigma_x=None``) or a fixed one.
+    """
+
+    def __init__(self, n_in: int, hidden: list[int], latent_dim: int, flow: str = "none", n_flows: int = 0,
+                 flow_options: dict | None = None, likelihood: str = "gaussian", sigma_x: float | None = None):
+        super().__init__()
+        self.n_in, self.latent_dim, self.likelihood = n_in, latent_dim, likelihood
+        self.learned_variance = likelihood == "gaussian" and sigma_x is None
+        if likelihood == "mse":
+            sigma_x = MSE_SIGMA
+        self.fixed_log_var = None if self.learned_variance else 2 * math.log(sigma_x)
+        # Base network first, flows last: with K = 0 the flows draw nothing from the RNG, so every flow type
+        # starts from the bit-identical plain VAE.
+        self.encoder = _mlp([n_in, *hidden])
+        self.q0_head = nn.Linear(hidden[-1], 2 * latent_dim)
+        self.decoder = _mlp([latent_dim, *reversed(hidden)])
+        self.decoder_head = nn.Linear(hidden[0], 2 * n_in if self.learned_variance else n_in)
+        self.flows = flows.build(flow, latent_dim, n_flows, **(flow_options or {}))
+        # One matmul gives every flow's amortized parameters at once.
+        n_params = self.flows.num_params
+        self.flow_head = nn.Linear(hidden[-1], n_params) if n_params > 0 else None
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """q0's mean and log-variance, each (B, D), and the flows' parameters (B, num_params) or None."""
+        h = self.encoder(x)
+        mean, log_var = self.q0_head(h).chunk(2, dim=-1)
+        params = self.flow_head(h) if self.flow_head is not None else None
+        return mean, log_var, params
+
+    def posterior_sample(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """z0 ~ q0(z0|x), z_K = flows(z0) and log q0(z0|x) - sum log|det|, i.e. log q_K(z_K|x): each (B, ...)."""
+        mean, log_var, params = self.encode(x)
+        eps = torch.randn_like(mean)
+        z0 = mean + torch.exp(0.5 * log_var) * eps
+        log_q0 = -0.5 * (eps.pow(2) + log_var + LOG_2PI).sum(-1)
+        if params is None:
+            return z0, z0, log_q0
+        z_k, log_det = self.flows(z0, params)
+        return z0, z_k, log_q0 - log_det
+
+    @torch.no_grad()
+    def posterior_latent(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """z_K for events x: one draw of q0(z0|x) (from ``generator``) pushed through the flows, (B, D)."""
+        mean, log_var, params = self.encode(x)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z0 = mean + torch.exp(0.5 * log_var) * eps
+        return z0 if params is None else self.flows(z0, params)[0]
+
+    def decode(self, z: Tensor) -> tuple[Tensor, Tensor | float]:
+        """p(x|z)'s mean (B, n_in) and log-variance (a tensor, or one float when it is fixed)."""
+        out = self.decoder_head(self.decoder(z))
+        if self.learned_variance:
+            mean, log_var = out.chunk(2, dim=-1)
+            return mean, log_var
+        return out, self.fixed_log_var
+
+    def loss(self, x: Tensor, beta: float = 1.0) -> LossTerms:
+        """The negative ELBO with a beta-weighted KL term, averaged over the batch."""
+        _, z_k, log_q_k = self.posterior_sample(x)
+        mean, log_var = self.decode(z_k)
+        if self.likelihood == "mse":
+            recon = (x - mean).pow(2).sum(-1)
+        else:
+            recon = -_gaussian_log_prob(x, mean, log_var)
+        log_p_z = -0.5 * (z_k.pow(2) + LOG_2PI).sum(-1)
+        kl = log_q_k - log_p_z
+        recon, kl = recon.mean(), kl.mean()
+        return LossTerms(recon + beta * kl, recon, kl)
+
+    @torch.no_grad()
+    def generate(self, z: Tensor, decode: str, generator: torch.Generator | None = None) -> Tensor:
+        """Events (B, n_in) from latents z: the decoder mean, or one sample of p(x|z) (``decode='sample'``)."""
+        mean, log_var = self.decode(z)
+        if decode == "mean":
+            return mean
+        std = torch.exp(0.5 * log_var) if isinstance(log_var, Tensor) else math.exp(0.5 * log_var)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + std * noise
+
+
+def build_model(n_in: int, cfg_model, cfg_flow, n_flows: int) -> FlowVAE:
+    """The VAE of the ``model.*`` config with the flow stack of ``flow.*`` and ``n_flows``."""
+    options = {k: v for k, v in cfg_flow.items() if k != "name" and v is not None}
+    return FlowVAE(n_in, list(cfg_model.hidden), cfg_model.latent_dim, cfg_flow.name, n_flows, options,
+                   cfg_model.likelihood, cfg_model.sigma_x)

@@ -1,0 +1,210 @@
+"""The training loop: shuffled mini-batches by index, Adam, KL warm-up, checkpoints, progress, divergence.
+
+The whole data set lives on the device as one tensor and is batched by index, and nothing inside a step asks
+the host for a value: the loss is summed on the device and read once per epoch, which is also when a
+non-finite loss is noticed. A checkpoint holds everything the next epoch depends on (weights, optimizer,
+both RNG states, the history), so a run resumed from it ends with the same numbers as one never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from flowvae.model import FlowVAE
+
+__all__ = ["TrainOutcome", "fit", "evaluate_loss", "save_atomic", "StopRequest"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    """How training ended: ``ok``, ``diverged`` (a non-finite loss) or ``interrupted`` (SIGTERM)."""
+
+    status: str
+    history: list[dict] = field(default_factory=list)
+    epochs_run: int = 0  # epochs trained by this process (fewer than train.epochs after a resume)
+    resumed_from: int = 0
+    message: str = ""
+
+
+class StopRequest:
+    """Turns SIGTERM (what SLURM and cron timeouts send) into a flag the loop checks between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopRequest:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (some launchers): no handler, the default applies
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate_loss(model: FlowVAE, x: Tensor, batch_size: int = 1000) -> dict[str, float]:
+    """Mean loss, reconstruction and KL term on ``x`` (beta = 1), in batches."""
+    model.eval()
+    sums = torch.zeros(3, device=x.device, dtype=torch.float64)
+    for start in range(0, len(x), batch_size):
+        batch = x[start:start + batch_size]
+        terms = model.loss(batch)
+        sums += torch.stack([terms.loss, terms.recon, terms.kl]).double() * len(batch)
+    model.train()
+    loss, recon, kl = (sums / len(x)).tolist()
+    return {"loss": loss, "recon": recon, "kl": kl}
+
+
+def _beta(step: int, warmup_steps: int) -> float:
+    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+
+
+def _progress(total: int, initial: int, mode: str):
+    """A tqdm bar on a terminal (or when asked for), else None and one log line per epoch."""
+    if mode == "log" or (mode == "auto" and not sys.stderr.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="epochs", unit="epoch", dynamic_ncols=True)
+
+
+def fit(model: FlowVAE, train_x: Tensor, test_x: Tensor, cfg_train, *, seed: int,
+        checkpoint: Path | None = None, extra_state: dict | None = None,
+        on_epoch: Callable[[list[dict]], None] | None = None) -> TrainOutcome:
+    """Train ``model`` for ``cfg_train.epochs`` epochs, resuming from ``checkpoint`` when it exists.
+
+    ``extra_state`` is stored in every checkpoint (the run's config hash); a checkpoint whose extra state
+    differs is refused with ValueError rather than silently mixing two configs.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg_train.lr)
+    shuffle = torch.Generator(device="cpu").manual_seed(seed)
+    steps_per_epoch = math.ceil(len(train_x) / cfg_train.batch_size)
+    warmup_steps = cfg_train.warmup_epochs * steps_per_epoch
+    outcome = TrainOutcome(status="ok")
+    start_epoch = 0
+    if checkpoint is not None and checkpoint.exists():
+        start_epoch = _restore(checkpoint, model, optimizer, shuffle, outcome, extra_state or {})
+        outcome.resumed_from = start_epoch
+        log.info("resumed from %s at epoch %d of %d", checkpoint, start_epoch, cfg_train.epochs)
+    step_fn = _make_step(model, optimizer, cfg_train.grad_clip)
+    bar = _progress(cfg_train.epochs, start_epoch, cfg_train.progress)
+    model.train()
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, cfg_train.epochs):
+            started = time.perf_counter()
+            order = torch.randperm(len(train_x), generator=shuffle).to(train_x.device)
+            sums = torch.zeros(3, device=train_x.device, dtype=torch.float64)
+            for i, start in enumerate(range(0, len(train_x), cfg_train.batch_size)):
+                batch = train_x[order[start:start + cfg_train.batch_size]]
+                beta = _beta(epoch * steps_per_epoch + i, warmup_steps)
+                sums += step_fn(batch, beta) * len(batch)
+                if stop.requested:
+                    break
+            if stop.requested:
+                # The epoch is incomplete: keep the last whole-epoch checkpoint, which resumes exactly.
+                outcome.status, outcome.message = "interrupted", f"SIGTERM during epoch {epoch + 1}"
+                break
+            train_loss, train_recon, train_kl = (sums / len(train_x)).tolist()
+            row = {"epoch": epoch + 1, "beta": _beta((epoch + 1) * steps_per_epoch, warmup_steps),
+                   "train_loss": train_loss, "train_recon": train_recon, "train_kl": train_kl}
+            if not math.isfinite(train_loss):
+                outcome.status = "diverged"
+                outcome.message = f"non-finite training loss ({train_loss}) in epoch {epoch + 1}"
+                outcome.history.append(row)
+                break
+            test = evaluate_loss(model, test_x)
+            row.update({f"test_{k}": v for k, v in test.items()}, seconds=time.perf_counter() - started)
+            outcome.history.append(row)
+            outcome.epochs_run += 1
+            _report(row, cfg_train.epochs, bar)
+            if on_epoch is not None:
+                on_epoch(outcome.history)
+            last = epoch + 1 == cfg_train.epochs
+            if checkpoint is not None and (last or (epoch + 1) % cfg_train.checkpoint_every == 0):
+                _save(checkpoint, model, optimizer, shuffle, outcome, epoch + 1, extra_state or {})
+    if bar is not None:
+        bar.close()
+    return outcome
+
+
+def _make_step(model: FlowVAE, optimizer: torch.optim.Optimizer, grad_clip: float | None):
+    """One optimisation step; returns the batch's (loss, recon, kl) as a float64 device tensor (no sync)."""
+
+    def step(batch: Tensor, beta: float) -> Tensor:
+        terms = model.loss(batch, beta)
+        optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        return torch.stack([terms.loss, terms.recon, terms.kl]).detach().double()
+
+    return step
+
+
+def _report(row: dict, epochs: int, bar) -> None:
+    text = (f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f}  test loss {row['test_loss']:.4f}"
+            f"  kl {row['test_kl']:.4f}  ({row['seconds']:.1f} s)")
+    if bar is None:
+        log.info(text)
+    else:
+        log.debug(text)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", test=f"{row['test_loss']:.3f}", kl=f"{row['test_kl']:.3f}")
+        bar.update(1)
+
+
+def _save(path: Path, model, optimizer, shuffle: torch.Generator, outcome: TrainOutcome, epoch: int,
+          extra_state: dict) -> None:
+    save_atomic({
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.random.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "shuffle_rng": shuffle.get_state(),
+        "history": outcome.history,
+        "extra": extra_state,
+    }, path)
+
+
+def _restore(path: Path, model, optimizer, shuffle: torch.Generator, outcome: TrainOutcome,
+             extra_state: dict) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("extra") != extra_state:
+        raise ValueError(f"the checkpoint {path} was written by a different config "
+                         f"({state.get('extra')} != {extra_state}); move it away or use another run directory")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.random.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    shuffle.set_state(state["shuffle_rng"])
+    outcome.history = list(state["history"])
+    return int(state["epoch"])

@@ -1,0 +1,35 @@
+"""Shared helpers: tiny configs that train in a second, and the console script run as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# A run small enough for the default suite: 200 events of 3x10, two epochs, a narrow network.
+TINY = [
+    "data.n_train=200", "data.n_test=200", "data.n_particles=10", "model.hidden=[32]", "model.latent_dim=4",
+    "train.epochs=2", "train.batch_size=50", "eval.n_samples=200", "eval.bins=20", "train.threads=1",
+    "train.progress=log",
+]
+
+
+def flowvae_command() -> list[str]:
+    exe = shutil.which("flowvae", path=os.path.dirname(sys.executable)) or shutil.which("flowvae")
+    return [exe] if exe else [sys.executable, "-m", "flowvae.cli"]
+
+
+def run_flowvae(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300):
+    """Run ``flowvae ARGS`` in ``cwd`` and return the CompletedProcess (text, both streams captured)."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run([*flowvae_command(), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    return list(TINY)

@@ -1,0 +1,86 @@
+"""The configs compose for every flow and data group, and every wrong value is named before any work."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from flowvae.config import ConfigError, per_feature, register_configs, validate
+
+FLOWS = ["none", "planar", "orthogonal", "householder", "triangular", "iaf"]
+DATA = ["gaussian"]
+
+
+def _compose(*overrides: str):
+    register_configs()
+    with initialize_config_module(config_module="flowvae.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("data", DATA)
+@pytest.mark.parametrize("flow", FLOWS)
+def test_every_flow_composes_with_every_data_group(flow, data):
+    cfg = _compose(f"flow={flow}", f"data={data}", "n_flows=3")
+    validate(cfg)
+    assert cfg.flow.name == flow and cfg.data.name == data and cfg.n_flows == 3
+
+
+def test_defaults_are_valid_and_typed():
+    cfg = _compose()
+    validate(cfg)
+    assert OmegaConf.get_type(cfg.train.epochs) is int
+    assert cfg.model.likelihood == "gaussian" and cfg.eval.decode == "sample"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("n_flows=-1", "n_flows"),
+        ("data.sigma=0", "data.sigma"),
+        ("data.sigma=[0.5,-1,0.5]", "data.sigma"),
+        ("data.mu=[1,2]", "data.mu"),
+        ("data.n_train=0", "data.n_train"),
+        ("data.n_particles=0", "data.n_particles"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.lr=0", "train.lr"),
+        ("train.lr=-1e-3", "train.lr"),
+        ("train.grad_clip=0", "train.grad_clip"),
+        ("train.device=tpu", "train.device"),
+        ("model.latent_dim=0", "model.latent_dim"),
+        ("model.likelihood=poisson", "model.likelihood"),
+        ("model.sigma_x=0", "model.sigma_x"),
+        ("eval.n_samples=0", "eval.n_samples"),
+        ("eval.decode=mode", "eval.decode"),
+        ("eval.source=data", "eval.source"),
+        ("eval.bins=0", "eval.bins"),
+    ],
+)
+def test_each_bad_value_names_its_key(override, key):
+    cfg = _compose(override)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}=")
+
+
+def test_sylvester_bottleneck_larger_than_latent_is_refused():
+    cfg = _compose("flow=orthogonal", "flow.num_ortho_vecs=9", "model.latent_dim=8")
+    with pytest.raises(ConfigError, match="flow.num_ortho_vecs=9.*latent_dim=8"):
+        validate(cfg)
+
+
+def test_sigma_x_with_mse_is_refused():
+    cfg = _compose("model.likelihood=mse", "model.sigma_x=0.5")
+    with pytest.raises(ConfigError, match="model.sigma_x"):
+        validate(cfg)
+
+
+def test_per_feature_accepts_a_number_or_one_per_feature():
+    assert per_feature(0.5, 3, "data.sigma") == [0.5, 0.5, 0.5]
+    assert per_feature([1, 2, 3], 3, "data.mu") == [1.0, 2.0, 3.0]
+    with pytest.raises(ConfigError, match="data.mu"):
+        per_feature([1, 2], 3, "data.mu")
+    with pytest.raises(ConfigError, match="data.mu"):
+        per_feature("abc", 3, "data.mu")

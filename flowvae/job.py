@@ -46,14 +46,12 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1
         log.info("skipped: %s already has an ok row for config %s", results_csv, run_hash)
         return _finish(run_dir, "skipped", "")
     started = time.time()
-    row = _identity_row(cfg, run_dir, run_hash)
     from flowvae import experiment  # heavy imports (torch) only for real work
 
-    # Every row of a table has the same columns whatever the outcome: blanks where a failed run has none.
-    row.update(dict.fromkeys(experiment.metric_columns(cfg.data.n_features or 3), ""))
+    n_features = cfg.data.n_features or 3
     try:
         events = experiment.load(cfg, launch_dir)
-        row.update(dict.fromkeys(experiment.metric_columns(events.n_features), ""))
+        n_features = events.n_features
         status, message, values = experiment.train_and_score(cfg, events, run_dir, run_hash, parallel_jobs)
     except ConfigError as err:  # found while loading data (a missing or malformed file)
         return _finish(run_dir, "invalid", f"bad configuration: {err}")
@@ -63,11 +61,15 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1
         log.error("run failed: %s (traceback in %s)", message, run_dir / "error.txt")
     if status == "interrupted":
         return _finish(run_dir, status, message)
-    row.update(values, status=status, error=message, wall_seconds=round(time.time() - started, 3),
-               finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    # Every row has the same columns whatever the outcome: blanks where a failed run has no value.
+    metric_values = {key: values.get(key, "") for key in experiment.metric_columns(n_features)}
+    row = {**_identity_columns(cfg), **metric_values, "status": status, "error": message,
+           "wall_seconds": round(time.time() - started, 3),
+           "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_dir": str(run_dir),
+           "config_hash": run_hash, "flowvae_version": __version__, "host": platform.node()}
     write_row_file(run_dir / "result.csv", row)
     append_row(results_csv, row)
-    log.info("%s: kl_sum=%s, row appended to %s", status, row.get("kl_sum", "n/a"), results_csv)
+    log.info("%s: kl_sum=%s, row appended to %s", status, row.get("kl_sum") or "n/a", results_csv)
     return _finish(run_dir, status, message)
 
 
@@ -86,17 +88,21 @@ def _finish(run_dir: Path, status: str, message: str) -> int:
     return code
 
 
-def _identity_row(cfg: DictConfig, run_dir: Path, run_hash: str) -> dict:
-    """The columns that say which run this is; metric columns are added by the experiment."""
+def _identity_columns(cfg: DictConfig) -> dict:
+    """The columns that say which experiment a row is: flow, K, seed and the setting it ran in."""
     data = cfg.data
-    plain = lambda v: json.dumps(OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)  # noqa: E731
+
+    def plain(value):
+        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        return "" if value is None else json.dumps(value)
+
     return {
         "flow": cfg.flow.name,
         "n_flows": cfg.n_flows,
         "seed": cfg.seed,
         "data": data.name,
-        "data_mu": plain(data.mu) if data.mu is not None else "",
-        "data_sigma": plain(data.sigma) if data.sigma is not None else "",
+        "data_mu": plain(data.mu),
+        "data_sigma": plain(data.sigma),
         "data_seed": data.seed,
         "data_path": data.path or "",
         "standardize": data.standardize,
@@ -108,12 +114,4 @@ def _identity_row(cfg: DictConfig, run_dir: Path, run_hash: str) -> dict:
         "epochs": cfg.train.epochs,
         "batch_size": cfg.train.batch_size,
         "lr": cfg.train.lr,
-        "status": "",
-        "error": "",
-        "run_dir": str(run_dir),
-        "config_hash": run_hash,
-        "flowvae_version": __version__,
-        "wall_seconds": "",
-        "finished_at": "",
-        "host": platform.node(),
     }

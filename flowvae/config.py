@@ -63,7 +63,7 @@ class DataConfig:
     n_particles: int | None = None
     n_train: int | None = None
     n_test: int | None = None
-    # jets: each event draws its own offset per feature (the event-level latent)
+    # jets: each event draws its own offset per feature and one scale (the event-level latent)
     offset_sigma: Any = None
     scale_sigma: float | None = None
     # npy: the users' own array of shape (N, features, particles)
@@ -213,19 +213,23 @@ def _validate_data(cfg: DictConfig) -> None:
     if d.name in ("gaussian", "jets"):
         for key in ("n_features", "n_particles", "n_train", "n_test"):
             _positive_int(cfg, f"data.{key}", minimum=2 if key.startswith("n_t") else 1)
-        per_feature(d.mu, d.n_features, "data.mu")
+        mus = per_feature(d.mu, d.n_features, "data.mu")
+        _require(all(math.isfinite(m) for m in mus), "data.mu", d.mu, "finite numbers (one, or one per feature)")
         sigmas = per_feature(d.sigma, d.n_features, "data.sigma")
         _require(all(math.isfinite(s) and s > 0 for s in sigmas), "data.sigma", d.sigma,
                  "every sigma > 0 (one number, or one per feature)")
     if d.name == "jets":
         offsets = per_feature(d.offset_sigma, d.n_features, "data.offset_sigma")
-        _require(all(s >= 0 for s in offsets), "data.offset_sigma", d.offset_sigma, "every value >= 0")
-        _require(d.scale_sigma is not None and d.scale_sigma >= 0, "data.scale_sigma", d.scale_sigma,
-                 "a number >= 0")
+        _require(all(math.isfinite(s) and s >= 0 for s in offsets), "data.offset_sigma", d.offset_sigma,
+                 "every value >= 0 (one number, or one per feature)")
+        _require(d.scale_sigma is not None and math.isfinite(d.scale_sigma) and d.scale_sigma >= 0,
+                 "data.scale_sigma", d.scale_sigma, "a number >= 0 (the std of each event's log-scale)")
     if d.name == "npy":
         _require(bool(d.path), "data.path", d.path, "the path of a .npy or .npz array (N, features, particles)")
         tf = d.test_fraction
         _require(tf is not None and 0 < tf < 1, "data.test_fraction", tf, "a number between 0 and 1")
+        _require(d.key is None or bool(d.key), "data.key", d.key, "the name of an array in the .npz, or null")
+        _positive_int(cfg, "data.min_events", minimum=4)  # 2 events on each side of the split at least
     if d.feature_names is not None and d.name != "npy":
         _require(len(d.feature_names) == d.n_features, "data.feature_names", d.feature_names,
                  f"one name per feature ({d.n_features})")

@@ -1,20 +1,34 @@
 """Events for training and scoring: arrays of shape (N, features, particles), float32.
 
-The Gaussian toy is drawn from its own seeded generator (``data.seed``), independent of the model seed, so the
-same data meets every flow type and every model seed of a sweep.
+Three kinds, chosen by ``data.name``:
+
+* ``gaussian``, the seed's toy: every value i.i.d. N(mu_f, sigma_f^2); nothing for the latent to encode.
+* ``jets``, a toy with an event-level latent: each event draws its own per-feature offsets and one scale, and its
+  particles scatter around them (:func:`jet_events`).
+* ``npy``, the users' own array in a ``.npy`` or ``.npz`` file, split into train and held-out events
+  (:func:`read_array`, :func:`split_events`).
+
+Drawn and split data use their own seeded generator (``data.seed``), independent of the model seed, so the same
+events meet every flow type and every model seed of a sweep.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
 
-from flowvae.config import per_feature
+from flowvae.config import ConfigError, per_feature
 
-__all__ = ["Events", "Scaler", "gaussian_events", "load_events"]
+__all__ = ["Events", "Scaler", "gaussian_events", "jet_events", "read_array", "split_events", "npy_events",
+           "load_events"]
+
+NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+# Values per chunk when counting non-finite values, so a large array needs no full-size boolean mask.
+_CHUNK_VALUES = 1 << 22
 
 
 @dataclass
@@ -38,7 +52,9 @@ class Events:
 class Scaler:
     """Per-feature affine map x -> (x - shift) / scale; the identity when standardization is off.
 
-    Fitted on the training set only, so held-out events never leak into the model.
+    Fitted on the training set only, so held-out events never leak into the model. Works for any number of
+    features F; both directions compute in float64 and round once to float32, so ``inverse(transform(x))``
+    equals ``x`` to about one float32 ulp of ``max(|x|, |x - shift|)``.
     """
 
     shift: np.ndarray  # (F,)
@@ -67,6 +83,9 @@ def _feature_names(cfg: DictConfig, n_features: int) -> list[str]:
     return list(names) if names else [f"feature {i}" for i in range(n_features)]
 
 
+# --- drawn on the fly ---------------------------------------------------------------------------------------
+
+
 def gaussian_events(n: int, mu: list[float], sigma: list[float], n_particles: int,
                     rng: np.random.Generator) -> np.ndarray:
     """n events, each value of feature f i.i.d. N(mu[f], sigma[f]^2): shape (n, len(mu), n_particles)."""
@@ -76,13 +95,164 @@ def gaussian_events(n: int, mu: list[float], sigma: list[float], n_particles: in
     return (mu_arr + sigma_arr * noise).astype(np.float32)
 
 
+def jet_events(n: int, mu: list[float], sigma: list[float], offset_sigma: list[float], scale_sigma: float,
+               n_particles: int, rng: np.random.Generator) -> np.ndarray:
+    """n events whose particles share their event's offsets and scale: shape (n, len(mu), n_particles).
+
+        x[e, f, p] = mu[f] + delta[e, f] + s[e] * sigma[f] * eps[e, f, p]
+        delta[e, f] ~ N(0, offset_sigma[f]^2),  log s[e] ~ N(0, scale_sigma^2),  eps ~ N(0, 1)
+
+    One scale per event, shared by all its features (as a jet's energy scale moves all its particles alike), so
+    an event carries F + 1 latent numbers; with offset_sigma = scale_sigma = 0 this is :func:`gaussian_events`
+    in distribution. Each feature's marginal has mean mu[f] and variance
+    offset_sigma[f]^2 + sigma[f]^2 exp(2 scale_sigma^2), with heavier tails than a Gaussian when scale_sigma > 0.
+    """
+    n_features = len(mu)
+    mu_arr = np.asarray(mu, dtype=np.float64)[None, :, None]
+    sigma_arr = np.asarray(sigma, dtype=np.float64)[None, :, None]
+    offsets = rng.standard_normal((n, n_features)) * np.asarray(offset_sigma, dtype=np.float64)
+    scales = np.exp(scale_sigma * rng.standard_normal(n))
+    noise = rng.standard_normal((n, n_features, n_particles))
+    return (mu_arr + offsets[:, :, None] + scales[:, None, None] * sigma_arr * noise).astype(np.float32)
+
+
+# --- the users' own array -----------------------------------------------------------------------------------
+
+
+def _resolve(path: str, launch_dir: Path | None) -> Path:
+    resolved = Path(os.path.expanduser(path))
+    return resolved if resolved.is_absolute() else (launch_dir or Path.cwd()) / resolved
+
+
+def read_array(path: str, key: str | None = None, launch_dir: Path | None = None) -> np.ndarray:
+    """The array of shape (N, features, particles) in a ``.npy`` (memory-mapped) or ``.npz`` file (array ``key``).
+
+    ``path`` may start with ``~``; a relative one is taken from ``launch_dir`` (default: the working directory).
+    A ``.npz`` holding one array needs no ``key``. Raises :class:`ConfigError` (key ``data.path`` or
+    ``data.key``) for a missing or unreadable file, a missing array, a non-numeric dtype, or a shape that is not
+    (events, features, particles) with at least one feature and one particle.
+    """
+    file = _resolve(path, launch_dir)
+    if not file.exists():
+        raise ConfigError("data.path", path, f"an existing .npy or .npz file; {file} does not exist")
+    if not file.is_file():
+        raise ConfigError("data.path", path, f"a .npy or .npz file; {file} is not a file")
+    try:
+        with open(file, "rb") as handle:
+            magic = handle.read(6)
+        if not (magic.startswith(NPY_MAGIC) or magic.startswith(ZIP_MAGIC)):
+            raise ConfigError("data.path", path, f"a .npy or .npz file as np.save / np.savez write them; {file} "
+                                                 "is neither")
+        loaded = np.load(file, mmap_mode="r", allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                name = _npz_key(loaded, key, file)
+                where, array = f"{file}[{name}]", loaded[name]
+        else:
+            if key is not None:
+                raise ConfigError("data.key", key, f"null for a .npy file (data.key names an array in a .npz); "
+                                                   f"{file} is a .npy")
+            where, array = str(file), loaded
+    except ConfigError:
+        raise
+    except (OSError, ValueError, EOFError) as err:
+        raise ConfigError("data.path", path, f"a .npy or .npz file numpy can read without pickle; reading {file} "
+                                             f"failed: {err}") from None
+    if array.dtype.kind not in "biuf":
+        raise ConfigError("data.path", path, f"an array of real numbers; {where} has dtype {array.dtype}")
+    if array.ndim != 3:
+        hint = " (reshape it, e.g. x.reshape(len(x), features, particles))" if array.ndim == 2 else ""
+        raise ConfigError("data.path", path, f"an array of rank 3, shape (events, features, particles); {where} "
+                                             f"has shape {array.shape}{hint}")
+    if 0 in array.shape[1:]:
+        raise ConfigError("data.path", path, f"at least one feature and one particle per event; {where} has shape "
+                                             f"{array.shape}")
+    return array
+
+
+def _npz_key(archive: np.lib.npyio.NpzFile, key: str | None, file: Path) -> str:
+    """The name of the array to read from ``archive``: ``key``, or its only array when ``key`` is None."""
+    names = list(archive.files)
+    if not names:
+        raise ConfigError("data.path", str(file), f"a .npz holding an array; {file} holds none")
+    if key is None and len(names) == 1:
+        return names[0]
+    if key is None:
+        raise ConfigError("data.key", key, f"the name of one array in {file}, which holds several: "
+                                           f"{', '.join(names)} (e.g. data.key={names[0]})")
+    if key not in names:
+        raise ConfigError("data.key", key, f"one of the arrays in {file}: {', '.join(names)}")
+    return key
+
+
+def split_events(array: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) float32 copies of ``array`` (N, F, P): round(test_fraction * N) events, drawn by a permutation
+    seeded with ``seed``, are held out.
+
+    Each side keeps the file's order (a memory-mapped file is then read front to back); training shuffles its
+    batches anyway. Raises :class:`ConfigError` (``data.test_fraction``) when a side would get fewer than 2 events.
+    """
+    n = len(array)
+    n_test = round(test_fraction * n)
+    n_train = n - n_test
+    if min(n_train, n_test) < 2:
+        raise ConfigError("data.test_fraction", test_fraction,
+                          f"a fraction that leaves at least 2 events on each side; with {n} events it leaves "
+                          f"{n_train} for training and {n_test} held out")
+    order = np.random.default_rng(seed).permutation(n)
+    test_index, train_index = np.sort(order[:n_test]), np.sort(order[n_test:])
+    return _float32(array, train_index), _float32(array, test_index)
+
+
+def _float32(array: np.ndarray, index: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # values beyond float32's range become inf and are reported by the caller
+        return np.asarray(array[index]).astype(np.float32, copy=False)
+
+
+def _count_nonfinite(events: np.ndarray) -> tuple[int, int]:
+    """How many values of ``events`` are NaN, and how many are infinite, chunk by chunk over events."""
+    step = max(1, _CHUNK_VALUES // max(1, events[0].size))
+    n_nan = n_inf = 0
+    for start in range(0, len(events), step):
+        chunk = events[start : start + step]
+        n_nan += int(np.count_nonzero(np.isnan(chunk)))
+        n_inf += int(np.count_nonzero(np.isinf(chunk)))
+    return n_nan, n_inf
+
+
+def npy_events(cfg: DictConfig, launch_dir: Path | None = None) -> Events:
+    """The events of ``data=npy``: the array at ``data.path``, checked and split by ``data.test_fraction``."""
+    array = read_array(cfg.path, cfg.get("key"), launch_dir)
+    n_events, n_features = array.shape[:2]
+    names = cfg.get("feature_names")
+    if names is not None and len(names) != n_features:
+        raise ConfigError("data.feature_names", names, f"one name per feature: {n_features} names for {cfg.path}, "
+                                                       f"whose shape is {array.shape}")
+    if n_events < cfg.min_events:
+        raise ConfigError("data.path", cfg.path, f"an array of at least data.min_events={cfg.min_events} events; "
+                                                 f"it has {n_events} (shape {array.shape})")
+    train, test = split_events(array, cfg.test_fraction, cfg.seed)
+    n_nan, n_inf = (a + b for a, b in zip(_count_nonfinite(train), _count_nonfinite(test), strict=True))
+    if n_nan or n_inf:
+        raise ConfigError("data.path", cfg.path, f"finite values only; it has {n_nan} NaN and {n_inf} infinite "
+                                                 f"(or beyond float32's range) of {array.size} values")
+    return Events(train, test, _feature_names(cfg, n_features))
+
+
 def load_events(cfg: DictConfig, launch_dir: Path | None = None) -> Events:
     """Make or load the events that the ``data`` config describes (relative paths from ``launch_dir``)."""
+    if cfg.name == "npy":
+        return npy_events(cfg, launch_dir)
+    if cfg.name not in ("gaussian", "jets"):
+        raise ValueError(f"unknown data kind {cfg.name!r}")
+    mu = per_feature(cfg.mu, cfg.n_features, "data.mu")
+    sigma = per_feature(cfg.sigma, cfg.n_features, "data.sigma")
+    rng = np.random.default_rng(cfg.seed)
     if cfg.name == "gaussian":
-        mu = per_feature(cfg.mu, cfg.n_features, "data.mu")
-        sigma = per_feature(cfg.sigma, cfg.n_features, "data.sigma")
-        rng = np.random.default_rng(cfg.seed)
         train = gaussian_events(cfg.n_train, mu, sigma, cfg.n_particles, rng)
         test = gaussian_events(cfg.n_test, mu, sigma, cfg.n_particles, rng)
-        return Events(train, test, _feature_names(cfg, cfg.n_features))
-    raise ValueError(f"unknown data kind {cfg.name!r}")
+    else:
+        offset_sigma = per_feature(cfg.offset_sigma, cfg.n_features, "data.offset_sigma")
+        draw = (mu, sigma, offset_sigma, float(cfg.scale_sigma), cfg.n_particles, rng)
+        train, test = jet_events(cfg.n_train, *draw), jet_events(cfg.n_test, *draw)
+    return Events(train, test, _feature_names(cfg, cfg.n_features))

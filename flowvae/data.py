@@ -189,8 +189,9 @@ def split_events(array: np.ndarray, test_fraction: float, seed: int) -> tuple[np
     """(train, test) float32 copies of ``array`` (N, F, P): round(test_fraction * N) events, drawn by a permutation
     seeded with ``seed``, are held out.
 
-    Each side keeps the file's order (a memory-mapped file is then read front to back); training shuffles its
-    batches anyway. Raises :class:`ConfigError` (``data.test_fraction``) when a side would get fewer than 2 events.
+    Both sides come in the permutation's (random) order, so any prefix of them is a fair sample even when the
+    file is sorted (e.g. by pT): posterior generation encodes the first ``eval.n_samples`` held-out events.
+    Raises :class:`ConfigError` (``data.test_fraction``) when a side would get fewer than 2 events.
     """
     n = len(array)
     n_test = round(test_fraction * n)
@@ -200,8 +201,7 @@ def split_events(array: np.ndarray, test_fraction: float, seed: int) -> tuple[np
                           f"a fraction that leaves at least 2 events on each side; with {n} events it leaves "
                           f"{n_train} for training and {n_test} held out")
     order = np.random.default_rng(seed).permutation(n)
-    test_index, train_index = np.sort(order[:n_test]), np.sort(order[n_test:])
-    return _float32(array, train_index), _float32(array, test_index)
+    return _float32(array, order[n_test:]), _float32(array, order[:n_test])
 
 
 def _float32(array: np.ndarray, index: np.ndarray) -> np.ndarray:

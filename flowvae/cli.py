@@ -80,6 +80,9 @@ def _run_train(args: list[str]) -> int:
         # Hydra exits 1 when it cannot compose the config (a wrong type, an unknown option): a bad configuration.
         code = exit_.code if isinstance(exit_.code, int) else 1
         return 2 if code == 1 else code
+    except ValueError as err:  # Hydra's own argument checks, e.g. -m together with --cfg
+        print(f"flowvae train: {err}", file=sys.stderr)
+        return 2
     if callbacks.SWEEP_EXIT_CODE is not None:
         return callbacks.SWEEP_EXIT_CODE
     return max(_exit_codes, default=0)

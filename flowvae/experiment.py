@@ -15,20 +15,15 @@ import torch
 from omegaconf import DictConfig
 
 from flowvae import metrics
-from flowvae.data import Events, Scaler, load_events
+from flowvae.data import Events, Scaler
 from flowvae.model import FlowVAE, build_model
 from flowvae.train import fit
 
-__all__ = ["load", "metric_columns", "train_and_score", "generate_events", "choose_device", "choose_threads"]
+__all__ = ["metric_columns", "train_and_score", "generate_events", "choose_device", "choose_threads"]
 
 log = logging.getLogger(__name__)
 
 GENERATE_BATCH = 2000
-
-
-def load(cfg: DictConfig, launch_dir: Path) -> Events:
-    """The run's events; a relative ``data.path`` is taken from where the command was launched."""
-    return load_events(cfg.data, launch_dir)
 
 
 def metric_columns(n_features: int) -> list[str]:

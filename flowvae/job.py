@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flowvae import __version__
 from flowvae.config import ConfigError, validate
+from flowvae.data import load_events
 from flowvae.results import append_row, config_hash, has_ok_row, write_row_file
 
 __all__ = ["run", "EXIT_OK", "EXIT_FAILED", "EXIT_CONFIG", "EXIT_INTERRUPTED"]
@@ -46,15 +47,17 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1
         log.info("skipped: %s already has an ok row for config %s", results_csv, run_hash)
         return _finish(run_dir, "skipped", "")
     started = time.time()
-    from flowvae import experiment  # heavy imports (torch) only for real work
-
-    n_features = cfg.data.n_features or 3
     try:
-        events = experiment.load(cfg, launch_dir)
-        n_features = events.n_features
-        status, message, values = experiment.train_and_score(cfg, events, run_dir, run_hash, parallel_jobs)
-    except ConfigError as err:  # found while loading data (a missing or malformed file)
+        events = load_events(cfg.data, launch_dir)  # numpy only: a bad data file is refused at once
+    except ConfigError as err:
         return _finish(run_dir, "invalid", f"bad configuration: {err}")
+    from flowvae import experiment  # heavy imports (torch) only for real work
+    from flowvae.train import StopRequest
+
+    if StopRequest.received:  # an earlier job of this sweep was stopped: stop the sweep, not just that job
+        return _finish(run_dir, "interrupted", f"not started: {StopRequest.received} received earlier")
+    try:
+        status, message, values = experiment.train_and_score(cfg, events, run_dir, run_hash, parallel_jobs)
     except Exception as err:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
         (run_dir / "error.txt").write_text(traceback.format_exc())
         status, message, values = "failed", f"{type(err).__name__}: {err}", {}
@@ -62,7 +65,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1
     if status == "interrupted":
         return _finish(run_dir, status, message)
     # Every row has the same columns whatever the outcome: blanks where a failed run has no value.
-    metric_values = {key: values.get(key, "") for key in experiment.metric_columns(n_features)}
+    metric_values = {key: values.get(key, "") for key in experiment.metric_columns(events.n_features)}
     row = {**_identity_columns(cfg), **metric_values, "status": status, "error": message,
            "wall_seconds": round(time.time() - started, 3),
            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_dir": str(run_dir),
@@ -103,8 +106,14 @@ def _identity_columns(cfg: DictConfig) -> dict:
         "data": data.name,
         "data_mu": plain(data.mu),
         "data_sigma": plain(data.sigma),
+        "data_offset_sigma": plain(data.offset_sigma),
+        "data_scale_sigma": "" if data.scale_sigma is None else data.scale_sigma,
         "data_seed": data.seed,
+        "n_particles": data.n_particles or "",
+        "n_train": data.n_train or "",
         "data_path": data.path or "",
+        "data_key": data.key or "",
+        "test_fraction": "" if data.test_fraction is None else data.test_fraction,
         "standardize": data.standardize,
         "likelihood": cfg.model.likelihood,
         "sigma_x": "" if cfg.model.sigma_x is None else cfg.model.sigma_x,

@@ -57,8 +57,9 @@ def plot_histograms(generated: np.ndarray, reference: np.ndarray, feature_names:
 # The seed slides' column order; other flow types follow alphabetically.
 FLOW_ORDER = ["planar", "iaf", "householder", "triangular", "orthogonal"]
 # Columns that describe the experiment's setting: one table compares flows within one setting.
-SETTING_COLUMNS = ["data", "data_mu", "data_sigma", "data_path", "standardize", "likelihood", "sigma_x",
-                   "latent_dim", "decode", "source", "epochs", "batch_size", "lr"]
+SETTING_COLUMNS = ["data", "data_mu", "data_sigma", "data_offset_sigma", "data_scale_sigma",
+                   "n_particles", "n_train", "data_path", "data_key", "test_fraction", "standardize", "likelihood",
+                   "sigma_x", "latent_dim", "decode", "source", "epochs", "batch_size", "lr"]
 
 
 class TableError(ValueError):

@@ -40,25 +40,41 @@ class TrainOutcome:
 
 
 class StopRequest:
-    """Turns SIGTERM (what SLURM and cron timeouts send) into a flag the loop checks between steps."""
+    """Turns SIGTERM (what SLURM and cron timeouts send) and a first Ctrl-C into a flag the loop checks
+    between steps, so training stops at a step boundary with a checkpoint. A second Ctrl-C interrupts at once.
+    The flag outlives the run (``StopRequest.received``): a sweep's later jobs in this process do not start.
+    """
+
+    received: str | None = None  # the signal's name, once one arrived in this process
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return StopRequest.received is not None
+
+    @property
+    def signal_name(self) -> str:
+        return StopRequest.received or ""
 
     def __enter__(self) -> StopRequest:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (some launchers): no handler, the default applies
-            self._previous = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (some launchers): the default behaviour applies
+                pass
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        StopRequest.received = signal.Signals(signum).name
+        log.warning("%s received: stopping after this step and saving a checkpoint", StopRequest.received)
+        if signum == signal.SIGINT:  # a second Ctrl-C stops at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def save_atomic(obj: object, path: Path) -> None:
@@ -100,43 +116,57 @@ def fit(model: FlowVAE, train_x: Tensor, test_x: Tensor, cfg_train, *, seed: int
         on_epoch: Callable[[list[dict]], None] | None = None) -> TrainOutcome:
     """Train ``model`` for ``cfg_train.epochs`` epochs, resuming from ``checkpoint`` when it exists.
 
+    A checkpoint is written every ``checkpoint_every`` epochs and, on SIGTERM or Ctrl-C, at the step where
+    training stopped (with the epoch's batch order and partial sums), so a resumed run continues exactly.
     ``extra_state`` is stored in every checkpoint (the run's config hash); a checkpoint whose extra state
     differs is refused with ValueError rather than silently mixing two configs.
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg_train.lr)
     shuffle = torch.Generator(device="cpu").manual_seed(seed)
-    steps_per_epoch = math.ceil(len(train_x) / cfg_train.batch_size)
+    device = train_x.device
+    batch_size = cfg_train.batch_size
+    steps_per_epoch = math.ceil(len(train_x) / batch_size)
     warmup_steps = cfg_train.warmup_epochs * steps_per_epoch
     outcome = TrainOutcome(status="ok")
-    start_epoch = 0
+    start_epoch, partial = 0, None
     if checkpoint is not None and checkpoint.exists():
-        start_epoch = _restore(checkpoint, model, optimizer, shuffle, outcome, extra_state or {})
+        start_epoch, partial = _restore(checkpoint, model, optimizer, shuffle, outcome, extra_state or {})
         outcome.resumed_from = start_epoch
-        log.info("resumed from %s at epoch %d of %d", checkpoint, start_epoch, cfg_train.epochs)
+        where = f"epoch {start_epoch + 1}, step {partial['step']}" if partial else f"the end of epoch {start_epoch}"
+        log.info("resumed from %s at %s of %d epochs", checkpoint, where, cfg_train.epochs)
     step_fn = _make_step(model, optimizer, cfg_train.grad_clip)
     bar = _progress(cfg_train.epochs, start_epoch, cfg_train.progress)
+    save = (lambda epoch, part=None: _save(checkpoint, model, optimizer, shuffle, outcome, epoch,
+                                           extra_state or {}, part)) if checkpoint is not None else None
     model.train()
     with StopRequest() as stop:
         for epoch in range(start_epoch, cfg_train.epochs):
             started = time.perf_counter()
-            order = torch.randperm(len(train_x), generator=shuffle).to(train_x.device)
-            sums = torch.zeros(3, device=train_x.device, dtype=torch.float64)
-            for i, start in enumerate(range(0, len(train_x), cfg_train.batch_size)):
-                batch = train_x[order[start:start + cfg_train.batch_size]]
-                beta = _beta(epoch * steps_per_epoch + i, warmup_steps)
-                sums += step_fn(batch, beta) * len(batch)
-                if stop.requested:
+            if partial is not None:  # resuming inside an epoch: same order, same partial sums
+                order, first_step, sums = partial["order"].to(device), partial["step"], partial["sums"].to(device)
+                partial = None
+            else:
+                order = torch.randperm(len(train_x), generator=shuffle).to(device)
+                first_step, sums = 0, torch.zeros(3, device=device, dtype=torch.float64)
+            for i in range(first_step, steps_per_epoch):
+                batch = train_x[order[i * batch_size:(i + 1) * batch_size]]
+                sums += step_fn(batch, _beta(epoch * steps_per_epoch + i, warmup_steps)) * len(batch)
+                if stop.requested and i + 1 < steps_per_epoch:
+                    if save is not None:
+                        save(epoch, {"step": i + 1, "order": order.cpu(), "sums": sums.cpu()})
+                    outcome.status = "interrupted"
+                    outcome.message = (f"stopped by {stop.signal_name} in epoch {epoch + 1} after step {i + 1}; "
+                                       f"rerun the same command in the same run directory to resume")
                     break
-            if stop.requested:
-                # The epoch is incomplete: keep the last whole-epoch checkpoint, which resumes exactly.
-                outcome.status, outcome.message = "interrupted", f"SIGTERM during epoch {epoch + 1}"
+            if outcome.status == "interrupted":
                 break
             train_loss, train_recon, train_kl = (sums / len(train_x)).tolist()
             row = {"epoch": epoch + 1, "beta": _beta((epoch + 1) * steps_per_epoch, warmup_steps),
                    "train_loss": train_loss, "train_recon": train_recon, "train_kl": train_kl}
             if not math.isfinite(train_loss):
                 outcome.status = "diverged"
-                outcome.message = f"non-finite training loss ({train_loss}) in epoch {epoch + 1}"
+                outcome.message = (f"non-finite training loss ({train_loss}) in epoch {epoch + 1}; try a smaller "
+                                   f"train.lr (now {cfg_train.lr}) or train.grad_clip")
                 outcome.history.append(row)
                 break
             test = evaluate_loss(model, test_x)
@@ -147,8 +177,13 @@ def fit(model: FlowVAE, train_x: Tensor, test_x: Tensor, cfg_train, *, seed: int
             if on_epoch is not None:
                 on_epoch(outcome.history)
             last = epoch + 1 == cfg_train.epochs
-            if checkpoint is not None and (last or (epoch + 1) % cfg_train.checkpoint_every == 0):
-                _save(checkpoint, model, optimizer, shuffle, outcome, epoch + 1, extra_state or {})
+            if save is not None and (last or stop.requested or (epoch + 1) % cfg_train.checkpoint_every == 0):
+                save(epoch + 1)
+            if stop.requested and not last:
+                outcome.status = "interrupted"
+                outcome.message = (f"stopped by {stop.signal_name} after epoch {epoch + 1}; rerun the same command "
+                                   f"in the same run directory to resume")
+                break
     if bar is not None:
         bar.close()
     return outcome
@@ -181,9 +216,11 @@ def _report(row: dict, epochs: int, bar) -> None:
 
 
 def _save(path: Path, model, optimizer, shuffle: torch.Generator, outcome: TrainOutcome, epoch: int,
-          extra_state: dict) -> None:
+          extra_state: dict, partial: dict | None = None) -> None:
+    """``epoch`` whole epochs done, plus ``partial`` (step, order, sums) of the next one when stopped inside it."""
     save_atomic({
         "epoch": epoch,
+        "partial": partial,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "torch_rng": torch.random.get_rng_state(),
@@ -195,7 +232,7 @@ def _save(path: Path, model, optimizer, shuffle: torch.Generator, outcome: Train
 
 
 def _restore(path: Path, model, optimizer, shuffle: torch.Generator, outcome: TrainOutcome,
-             extra_state: dict) -> int:
+             extra_state: dict) -> tuple[int, dict | None]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("extra") != extra_state:
         raise ValueError(f"the checkpoint {path} was written by a different config "
@@ -207,4 +244,4 @@ def _restore(path: Path, model, optimizer, shuffle: torch.Generator, outcome: Tr
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     shuffle.set_state(state["shuffle_rng"])
     outcome.history = list(state["history"])
-    return int(state["epoch"])
+    return int(state["epoch"]), state.get("partial")

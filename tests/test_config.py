@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from flowvae.config import ConfigError, per_feature, register_configs, validate
 
 FLOWS = ["none", "planar", "orthogonal", "householder", "triangular", "iaf"]
-DATA = ["gaussian"]
+DATA = ["gaussian", "jets"]
 
 
 def _compose(*overrides: str):

@@ -1,0 +1,102 @@
+"""The training loop: resume is exact (also from inside an epoch), divergence is caught, warm-up works."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from flowvae import train as train_module
+from flowvae.model import FlowVAE
+from flowvae.train import StopRequest, fit
+
+
+def _cfg(**overrides):
+    base = {"epochs": 3, "batch_size": 20, "lr": 1e-3, "warmup_epochs": 1, "grad_clip": None, "checkpoint_every": 1,
+            "progress": "log"}
+    return OmegaConf.create({**base, **overrides})
+
+
+def _model(flow="planar", n_flows=2):
+    torch.manual_seed(0)
+    return FlowVAE(30, [16], 3, flow, n_flows)
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(100, 30, generator=g), torch.randn(40, 30, generator=g)
+
+
+@pytest.fixture(autouse=True)
+def _no_stop_left_over():
+    StopRequest.received = None
+    yield
+    StopRequest.received = None
+
+
+def _signal_at_step(monkeypatch, at_step: int) -> None:
+    """Make the training step send SIGTERM to this process on its ``at_step``-th call (counting from 1)."""
+    make_step = train_module._make_step
+    calls = {"n": 0}
+
+    def patched(*args, **kwargs):
+        step = make_step(*args, **kwargs)
+
+        def signalling(batch, beta):
+            out = step(batch, beta)
+            calls["n"] += 1
+            if calls["n"] == at_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+        return signalling
+
+    monkeypatch.setattr(train_module, "_make_step", patched)
+
+
+@pytest.mark.parametrize("stop_at", [7, 10])  # inside epoch 2 (5 steps an epoch), and at its end
+def test_resume_after_sigterm_gives_the_uninterrupted_numbers(tmp_path, monkeypatch, stop_at):
+    train_x, test_x = _data()
+    reference = _model()
+    fit(reference, train_x, test_x, _cfg(), seed=0)
+
+    model, checkpoint = _model(), tmp_path / "checkpoint.pt"
+    with monkeypatch.context() as patch:
+        _signal_at_step(patch, stop_at)
+        outcome = fit(model, train_x, test_x, _cfg(), seed=0, checkpoint=checkpoint)
+    assert outcome.status == "interrupted" and "SIGTERM" in outcome.message
+    assert checkpoint.exists()
+    StopRequest.received = None
+
+    resumed = _model()
+    torch.manual_seed(123)  # whatever the global RNG holds now, the checkpoint's state wins
+    outcome = fit(resumed, train_x, test_x, _cfg(), seed=0, checkpoint=checkpoint)
+    assert outcome.status == "ok" and outcome.resumed_from == stop_at // 5
+    assert outcome.epochs_run == 3 - stop_at // 5
+    assert [row["epoch"] for row in outcome.history] == [1, 2, 3]
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    train_x, test_x = _data()
+    checkpoint = tmp_path / "checkpoint.pt"
+    fit(_model(), train_x, test_x, _cfg(epochs=1), seed=0, checkpoint=checkpoint, extra_state={"config_hash": "a"})
+    with pytest.raises(ValueError, match="different config"):
+        fit(_model(), train_x, test_x, _cfg(epochs=2), seed=0, checkpoint=checkpoint, extra_state={"config_hash": "b"})
+
+
+def test_huge_learning_rate_diverges_with_the_epoch_named():
+    train_x, test_x = _data()
+    outcome = fit(_model("iaf", 2), train_x * 1e4, test_x, _cfg(lr=1e8, warmup_epochs=0), seed=0)
+    assert outcome.status == "diverged"
+    assert "non-finite training loss" in outcome.message and "epoch" in outcome.message
+
+
+def test_warmup_raises_beta_linearly_to_one():
+    train_x, test_x = _data()
+    outcome = fit(_model(), train_x, test_x, _cfg(warmup_epochs=2), seed=0)
+    assert [row["beta"] for row in outcome.history] == [0.5, 1.0, 1.0]

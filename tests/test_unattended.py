@@ -1,0 +1,103 @@
+"""Unattended runs through the console script: refused configs, skip-existing, divergence, kill and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+
+from tests.conftest import flowvae_command, run_flowvae
+
+
+def _args(tmp_path, tiny, run_dir, *overrides):
+    return ["train", *tiny, f"hydra.run.dir={tmp_path / run_dir}", f"results_csv={tmp_path / 'results.csv'}",
+            *overrides]
+
+
+@pytest.fixture
+def finished(tmp_path, tiny):
+    """A results table with one ok row, and its bytes."""
+    out = run_flowvae(_args(tmp_path, tiny, "first"), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return (tmp_path / "results.csv").read_bytes()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.sigma=[0.5,0,0.5]", "data.sigma"),
+    ("train.lr=0", "train.lr"),
+    ("flow=orthogonal flow.num_ortho_vecs=5", "flow.num_ortho_vecs"),
+    ("flow=bogus", "flow"),
+    ("train.batch_size=abc", "train.batch_size"),
+])
+def test_bad_configuration_exits_2_and_leaves_the_table_alone(tmp_path, tiny, finished, override, key):
+    out = run_flowvae(_args(tmp_path, tiny, "bad", *override.split()), cwd=tmp_path)
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text
+    assert key in text and "Traceback" not in text
+    assert (tmp_path / "results.csv").read_bytes() == finished
+
+
+def test_skip_existing_adds_nothing_and_exits_0(tmp_path, tiny, finished):
+    out = run_flowvae(_args(tmp_path, tiny, "again", "skip_existing=true"), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "skipped" in out.stdout
+    assert (tmp_path / "results.csv").read_bytes() == finished
+    # n_flows = 0 of another flow type is the same run: skipped too.
+    out = run_flowvae(_args(tmp_path, tiny, "iaf0", "skip_existing=true", "flow=iaf"), cwd=tmp_path)
+    assert out.returncode == 0 and "skipped" in out.stdout
+    assert (tmp_path / "results.csv").read_bytes() == finished
+
+
+def test_divergence_is_a_row_with_status_diverged_and_exit_1(tmp_path, tiny):
+    out = run_flowvae(_args(tmp_path, tiny, "nan", "train.lr=1e8", "data.mu=1e4", "flow=iaf", "n_flows=2"),
+                      cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    row = pd.read_csv(tmp_path / "results.csv").iloc[0]
+    assert row["status"] == "diverged" and "epoch" in row["error"]
+    assert pd.isna(row["kl_sum"])
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_no_row_and_a_rerun_resumes_to_the_same_numbers(tmp_path, tiny):
+    long = [*tiny, "train.epochs=40"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    args = _args(tmp_path, long, "killed")
+    proc = subprocess.Popen([*flowvae_command(), *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert checkpoint.exists()
+    assert not (tmp_path / "results.csv").exists()
+
+    resumed = run_flowvae(args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    uninterrupted = run_flowvae(_args(tmp_path, long, "whole"), cwd=tmp_path)
+    assert uninterrupted.returncode == 0
+    table = pd.read_csv(tmp_path / "results.csv")
+    assert len(table) == 2
+    assert table.loc[0, "resumed_from"] > 0 and table.loc[0, "epochs_run"] < 40
+    metrics = [c for c in table.columns if c.startswith(("kl_", "w1_", "final_"))]
+    assert (table.loc[0, metrics] == table.loc[1, metrics]).all()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_3(tmp_path, tiny):
+    args = _args(tmp_path, [*tiny, "train.epochs=400"], "term")
+    proc = subprocess.Popen([*flowvae_command(), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    checkpoint = tmp_path / "term" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3, output
+    assert "SIGTERM" in output and "resume" in output
+    assert checkpoint.exists() and not (tmp_path / "results.csv").exists()

@@ -121,7 +121,8 @@ def fit(model: FlowVAE, train_x: Tensor, test_x: Tensor, cfg_train, *, seed: int
     ``extra_state`` is stored in every checkpoint (the run's config hash); a checkpoint whose extra state
     differs is refused with ValueError rather than silently mixing two configs.
     """
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg_train.lr)
+    # fused: one kernel for every parameter instead of ~10 small ops each (a quarter of a plain step on a CPU)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg_train.lr, fused=True)
     shuffle = torch.Generator(device="cpu").manual_seed(seed)
     device = train_x.device
     batch_size = cfg_train.batch_size

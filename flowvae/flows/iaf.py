@@ -6,6 +6,7 @@ of van den Berg et al.'s Sylvester-flow code.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -90,8 +91,46 @@ class IAF(Flow):
             check_int("context", options["context"], 1, extra=" or None (= hidden)")
 
     def forward(self, z: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        h = F.elu(self.first(z) + self.embed_context(params))
-        h = F.elu(self.middle(h))
-        mean, gate_logit = self.last(h).chunk(2, dim=-1)
-        gate_logit = gate_logit + self.forget_bias
-        return torch.lerp(mean, z, torch.sigmoid(gate_logit)), F.logsigmoid(gate_logit).sum(-1)
+        return self.chain([self], z, params, self.chain_constants([self]))
+
+    @classmethod
+    def chainable(cls, flows: Sequence[Flow]) -> bool:
+        return super().chainable(flows) and len({flow.first.weight.shape for flow in flows}) == 1
+
+    @classmethod
+    def chain_constants(cls, flows: Sequence[Flow]) -> dict[str, Tensor]:
+        """The K flows' masks stacked, and the forget bias as a bias of the last layer's gate half."""
+        constants = {name: torch.stack([getattr(flow, name).mask for flow in flows])
+                     for name in ("first", "middle", "last")}
+        bias = flows[0].last.bias
+        constants["forget_bias"] = torch.cat([torch.zeros_like(bias).chunk(2)[0],
+                                              torch.full_like(bias, cls.forget_bias).chunk(2)[1]])
+        return constants
+
+    @classmethod
+    def chain(cls, flows: Sequence[Flow], z: Tensor, params: Tensor,
+              constants: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The masked weights and the context's contribution :math:`E c + b_1` for all K flows at once, then
+        the K MADEs in turn."""
+
+        def stacked(layer: str, attribute: str) -> Tensor:
+            return torch.stack([getattr(getattr(flow, layer), attribute) for flow in flows])
+
+        first, middle, last = (stacked(name, "weight") * constants[name] for name in ("first", "middle", "last"))
+        context = params.unflatten(-1, (len(flows), flows[0].num_params))  # (B, K, context)
+        if isinstance(flows[0].embed_context, nn.Identity):
+            first_bias = context + stacked("first", "bias")
+        else:
+            embed = torch.stack([flow.embed_context.weight for flow in flows])  # (K, hidden, context)
+            first_bias = torch.einsum("bkc,khc->bkh", context, embed) + stacked("first", "bias")
+        last_bias = stacked("last", "bias") + constants["forget_bias"]
+        gate_logits = []
+        for w1, b1, w2, b2, w3, b3 in zip(first.unbind(0), first_bias.unbind(1), middle.unbind(0),
+                                          stacked("middle", "bias").unbind(0), last.unbind(0),
+                                          last_bias.unbind(0), strict=True):
+            h = F.elu(torch.addmm(b1, z, w1.T))
+            h = F.elu(F.linear(h, w2, b2))
+            mean, gate_logit = F.linear(h, w3, b3).chunk(2, dim=-1)
+            z = torch.lerp(mean, z, torch.sigmoid(gate_logit))
+            gate_logits.append(gate_logit)
+        return z, F.logsigmoid(torch.stack(gate_logits, 1)).sum((1, 2))

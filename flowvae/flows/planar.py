@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowvae.flows.base import Flow
+from flowvae.flows.base import Flow, tanh_chain
 
 __all__ = ["Planar"]
 
@@ -27,6 +29,9 @@ class Planar(Flow):
     softplus is kept above the dtype's machine epsilon. Any finite params thus give an invertible map with
     a finite log-det.
 
+    A stack of K planar flows is one :func:`~flowvae.flows.base.tanh_chain` with M = 1, :math:`A_k = w_k^\top`,
+    :math:`C_k = \hat u_k`; the reparametrization and the log-dets are computed for all K flows at once.
+
     Shapes: z (B, D), params (B, 2D + 1) laid out as [u (D), w (D), b (1)].
     """
 
@@ -37,7 +42,7 @@ class Planar(Flow):
 
     @staticmethod
     def reparametrize(u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Return :math:`\hat u` (B, D) and the slack :math:`1 + w^\top \hat u` (B,) for u, w (B, D)."""
+        r"""Return :math:`\hat u` (..., D) and the slack :math:`1 + w^\top \hat u` (...) for u, w (..., D)."""
         eps = torch.finfo(u.dtype).tiny ** 0.5
         w_dot_u = (w * u).sum(-1, keepdim=True)
         w_norm2 = (w * w).sum(-1, keepdim=True)
@@ -48,8 +53,14 @@ class Planar(Flow):
         return u_hat, slack.squeeze(-1)
 
     def forward(self, z: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        u, w, b = params.split((self.dim, self.dim, 1), dim=1)
-        u_hat, slack = self.reparametrize(u, w)
-        h = torch.tanh((w * z).sum(-1, keepdim=True) + b)
+        return self.chain([self], z, params, {})
+
+    @classmethod
+    def chain(cls, flows: Sequence[Flow], z: Tensor, params: Tensor,
+              constants: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        dim = flows[0].dim
+        u, w, b = params.unflatten(-1, (len(flows), 2 * dim + 1)).split((dim, dim, 1), dim=-1)  # (B, K, ·)
+        u_hat, slack = cls.reparametrize(u, w)
+        z, h = tanh_chain(z, w.unsqueeze(-2), u_hat.unsqueeze(-1), b)
         h2 = (h * h).squeeze(-1)
-        return z + u_hat * h, torch.log(h2 + (1 - h2) * slack)
+        return z, torch.log(h2 + (1 - h2) * slack).sum(-1)

@@ -5,13 +5,14 @@ Variational Inference", UAI 2018): orthogonal, Householder and triangular.
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowvae.flows.base import Flow, check_int
+from flowvae.flows.base import Flow, check_int, tanh_chain
 
 __all__ = ["HouseholderProduct", "HouseholderSylvester", "OrthogonalSylvester", "Sylvester", "TriangularSylvester"]
 
@@ -61,16 +62,24 @@ class Sylvester(Flow):
     triangle is :math:`R_1`'s, its strict lower triangle transposed is :math:`R_2`'s, its diagonal is
     :math:`R_1`'s pre-tanh diagonal; :math:`R_2`'s pre-tanh diagonal follows.
 
+    A stack of K flows is one :func:`~flowvae.flows.base.tanh_chain` with :math:`A_k = R_{2,k} Q_k^\top` and
+    :math:`C_k = Q_k R_{1,k}`, built for all K flows at once: one gather lays out every :math:`R_1` and
+    :math:`R_2` (diagonals and zeros included) from the params, then two batched products apply Q.
+
     Shapes: z (B, D), params (B, P) laid out as [Q params (P_Q), R block (M²), diag R_2 (M), b (M)].
     """
 
-    def __init__(self, dim: int, rank: int, num_q_params: int) -> None:
+    def __init__(self, dim: int, rank: int, num_q_params: int, reverse: bool = False) -> None:
         super().__init__()
         self.dim = dim
         self.rank = rank
         self.sizes = (num_q_params, rank * rank, rank, rank)
         self.num_params = sum(self.sizes)
-        self.register_buffer("upper", torch.ones(rank, rank, dtype=torch.bool).triu(1), persistent=False)
+        r1_index, r2_index = _r_indices(rank)
+        if reverse:  # Q = J, the reversal, which only triangular flows use: store R2 J and J R1 instead
+            r2_index, r1_index = r2_index.flip(-1), r1_index.flip(-2)
+        self.register_buffer("r1_index", r1_index, persistent=False)
+        self.register_buffer("r2_index", r2_index, persistent=False)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, rank={self.rank}, num_params={self.num_params}"
@@ -79,23 +88,50 @@ class Sylvester(Flow):
     def orthogonal(self, q_params: Tensor) -> Tensor:
         """Return Q (B, D, M), orthonormal columns, from its params (B, P_Q)."""
 
-    def transform(self, zq: Tensor, r: Tensor, diag2: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Return :math:`R_1 h(R_2 z_Q + b)` (B, M) and the log-det (B,) for :math:`z_Q = Q^\top z` (B, M)."""
-        r = r.view(-1, self.rank, self.rank)
-        bound = 1 - torch.finfo(zq.dtype).eps
-        diag1 = torch.tanh(r.diagonal(dim1=1, dim2=2)).clamp(-bound, bound)
-        diag2 = torch.tanh(diag2).clamp(-bound, bound)
-        pre = ((r.mT * self.upper) @ zq.unsqueeze(-1)).squeeze(-1) + diag2 * zq + b
-        h = torch.tanh(pre)
-        step = ((r * self.upper) @ h.unsqueeze(-1)).squeeze(-1) + diag1 * h
-        log_det = torch.log1p((1 - h * h) * diag1 * diag2).sum(-1)
-        return step, log_det
-
     def forward(self, z: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        q_params, r, diag2, b = params.split(self.sizes, dim=1)
-        q = self.orthogonal(q_params)
-        step, log_det = self.transform((z.unsqueeze(1) @ q).squeeze(1), r, diag2, b)
-        return z + (q @ step.unsqueeze(-1)).squeeze(-1), log_det
+        return self.chain([self], z, params, self.chain_constants([self]))
+
+    @classmethod
+    def chain_constants(cls, flows: Sequence[Flow]) -> dict[str, Tensor]:
+        """Where each entry of every flow's R1 and R2 sits in the (B, K (M² + 2M + 1)) gather source."""
+        rank = flows[0].rank
+        width = rank * rank + 2 * rank + 1
+        offsets = torch.arange(len(flows), device=flows[0].r1_index.device).view(-1, 1, 1) * width
+        return {name: (torch.stack([getattr(flow, name) for flow in flows]) + offsets).flatten()
+                for name in ("r1_index", "r2_index")}
+
+    @classmethod
+    def chain(cls, flows: Sequence[Flow], z: Tensor, params: Tensor,
+              constants: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        first, n_flows = flows[0], len(flows)
+        rank = first.rank
+        q_params, block, diag2, b = params.unflatten(-1, (n_flows, first.num_params)).split(first.sizes, dim=-1)
+        bound = 1 - torch.finfo(z.dtype).eps
+        diag1 = torch.tanh(block.unflatten(-1, (rank, rank)).diagonal(dim1=-2, dim2=-1)).clamp(-bound, bound)
+        diag2 = torch.tanh(diag2).clamp(-bound, bound)
+        # per flow [block, diag R1, diag R2, 0]: every entry of R1 and R2 is one of these
+        source = torch.cat([block, diag1, F.pad(diag2, (0, 1))], dim=-1).flatten(1)
+        r2, r1 = (source.index_select(1, constants[name]).unflatten(1, (n_flows, rank, rank))
+                  for name in ("r2_index", "r1_index"))
+        a, c = cls.chain_weights(flows, q_params, r2, r1)
+        z, h = tanh_chain(z, a, c, b)
+        return z, torch.log1p((1 - h * h) * diag1 * diag2).sum((-2, -1))
+
+    @classmethod
+    def chain_weights(cls, flows: Sequence[Flow], q_params: Tensor, r2: Tensor, r1: Tensor) -> tuple[Tensor, Tensor]:
+        """:math:`A = R_2 Q^\top` (B, K, M, D) and :math:`C = Q R_1` (B, K, D, M) for every flow, from
+        :math:`R_2, R_1` (B, K, M, M) and the Q params (B, K, P_Q)."""
+        q = flows[0].orthogonal(q_params.flatten(0, 1)).unflatten(0, q_params.shape[:2])
+        return r2 @ q.mT, q @ r1
+
+
+def _r_indices(rank: int) -> tuple[Tensor, Tensor]:
+    """Positions of R1's and R2's entries (M, M) in one flow's [block (M²), diag R1 (M), diag R2 (M), 0]."""
+    i, j = torch.meshgrid(torch.arange(rank), torch.arange(rank), indexing="ij")
+    zero = rank * rank + 2 * rank
+    r1 = torch.where(i < j, i * rank + j, torch.where(i == j, rank * rank + i, zero))
+    r2 = torch.where(i < j, j * rank + i, torch.where(i == j, rank * rank + rank + i, zero))
+    return r1, r2
 
 
 class OrthogonalSylvester(Sylvester):
@@ -175,7 +211,7 @@ class TriangularSylvester(Sylvester):
     alternates = True
 
     def __init__(self, dim: int, reverse: bool = False) -> None:
-        super().__init__(dim, dim, 0)
+        super().__init__(dim, dim, 0, reverse)
         self.reverse = reverse
 
     def extra_repr(self) -> str:
@@ -186,8 +222,7 @@ class TriangularSylvester(Sylvester):
         eye = torch.eye(self.dim, dtype=q_params.dtype, device=q_params.device)
         return (eye.flip(-1) if self.reverse else eye).expand(q_params.shape[0], -1, -1)
 
-    def forward(self, z: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        _, r, diag2, b = params.split(self.sizes, dim=1)
-        zq = z.flip(-1) if self.reverse else z
-        step, log_det = self.transform(zq, r, diag2, b)
-        return z + (step.flip(-1) if self.reverse else step), log_det
+    @classmethod
+    def chain_weights(cls, flows: Sequence[Flow], q_params: Tensor, r2: Tensor, r1: Tensor) -> tuple[Tensor, Tensor]:
+        """A = R2 Q^T and C = Q R1 need no product: a reversed flow's gather already gave R2 J and J R1."""
+        return r2, r1

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy.stats import norm
+from scipy.stats import norm, wasserstein_distance
 
 from flowvae.metrics import (
     feature_js,
@@ -185,6 +185,21 @@ def test_w1_matches_gaussian_closed_form(pair):
     p, q = rng.normal(pair[0], pair[1], 10**6), rng.normal(pair[2], pair[3], 10**6)
     # error sd over 30 seeds ≤ 0.0015, worst 0.0037
     assert wasserstein_1(p, q) == pytest.approx(gaussian_w1(*pair), abs=1e-2)
+
+
+@pytest.mark.parametrize("sizes", [(1000, 1000), (1000, 700), (1, 5), (3, 1), (1, 1)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_w1_matches_scipy(sizes, ties):
+    rng = np.random.default_rng(10)
+    p, q = rng.normal(0.0, 1.0, sizes[0]), rng.normal(0.3, 1.5, sizes[1])
+    if ties:  # repeated values, within and across the samples
+        p, q = np.round(p, 1), np.round(q, 1)
+    assert wasserstein_1(p, q) == pytest.approx(wasserstein_distance(p, q), rel=1e-12, abs=1e-15)
+
+
+def test_w1_of_identical_constant_samples_is_zero():
+    assert wasserstein_1(np.full(4, 2.5), np.full(7, 2.5)) == 0.0
+    assert wasserstein_1(np.full(4, 2.5), np.full(4, 2.5)) == 0.0
 
 
 def test_w1_rejects_bad_input():

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from flowvae.flows.base import Flow, check_int
 
@@ -124,13 +125,56 @@ class IAF(Flow):
             embed = torch.stack([flow.embed_context.weight for flow in flows])  # (K, hidden, context)
             first_bias = torch.einsum("bkc,khc->bkh", context, embed) + stacked("first", "bias")
         last_bias = stacked("last", "bias") + constants["forget_bias"]
-        gate_logits = []
-        for w1, b1, w2, b2, w3, b3 in zip(first.unbind(0), first_bias.unbind(1), middle.unbind(0),
-                                          stacked("middle", "bias").unbind(0), last.unbind(0),
-                                          last_bias.unbind(0), strict=True):
-            h = F.elu(torch.addmm(b1, z, w1.T))
-            h = F.elu(F.linear(h, w2, b2))
-            mean, gate_logit = F.linear(h, w3, b3).chunk(2, dim=-1)
-            z = torch.lerp(mean, z, torch.sigmoid(gate_logit))
-            gate_logits.append(gate_logit)
-        return z, F.logsigmoid(torch.stack(gate_logits, 1)).sum((1, 2))
+        z, gate_logits = _MadeChain.apply(z, first_bias, first, middle, stacked("middle", "bias"), last, last_bias)
+        return z, F.logsigmoid(gate_logits).sum((1, 2))
+
+
+class _MadeChain(torch.autograd.Function):
+    r"""K gated MADE steps in turn, with a written-out backward: the loop carries only the gradient of z
+    (three small matmuls per flow), and the weights' gradients are batched over all K flows afterwards.
+
+    Inputs: z (B, D), first_bias :math:`E_k c_k + b_{1,k}` (B, K, H), masked weights w1 (K, H, D),
+    w2 (K, H, H), w3 (K, 2D, H), biases b2 (K, H), b3 (K, 2D) with the forget bias added to its gate half.
+    Returns z_K (B, D) and every flow's gate logits (B, K, D).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, first_bias: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
+                b3: Tensor) -> tuple[Tensor, Tensor]:
+        saved: dict[str, list[Tensor]] = {"inputs": [], "h1": [], "h2": [], "mean": [], "gate": []}
+        for k in range(w1.shape[0]):
+            saved["inputs"].append(z)
+            h1 = F.elu(torch.addmm(first_bias[:, k], z, w1[k].T))
+            h2 = F.elu(torch.addmm(b2[k], h1, w2[k].T))
+            mean, gate = torch.addmm(b3[k], h2, w3[k].T).chunk(2, dim=-1)
+            z = torch.lerp(mean, z, torch.sigmoid(gate))
+            for name, value in zip(("h1", "h2", "mean", "gate"), (h1, h2, mean, gate), strict=True):
+                saved[name].append(value)
+        inputs, h1, h2, mean, gate = (torch.stack(saved[name], 1) for name in saved)
+        ctx.save_for_backward(w1, w2, w3, inputs, h1, h2, mean, gate)
+        return z, gate
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_z: Tensor | None, grad_gate: Tensor | None):
+        w1, w2, w3, inputs, h1, h2, mean, gate = ctx.saved_tensors
+        sigma = torch.sigmoid(gate)
+        # z' = m + sigma (z - m): dz'/dz = sigma, dz'/dm = 1 - sigma, dz'/dgate = (z - m) sigma (1 - sigma)
+        keep, gate_slope = 1 - sigma, (inputs - mean) * sigma * (1 - sigma)
+        slope1, slope2 = ((h + 1).clamp_(max=1) for h in (h1, h2))  # elu'(x) = min(elu(x) + 1, 1)
+        g = torch.zeros_like(inputs[:, 0]) if grad_z is None else grad_z
+        grad_gate = torch.zeros_like(gate) if grad_gate is None else grad_gate
+        n_flows = w1.shape[0]
+        grad_out, grad_pre2, grad_pre1 = [None] * n_flows, [None] * n_flows, [None] * n_flows
+        for k in reversed(range(n_flows)):
+            grad_out[k] = torch.cat([g * keep[:, k], torch.addcmul(grad_gate[:, k], g, gate_slope[:, k])], dim=-1)
+            grad_pre2[k] = (grad_out[k] @ w3[k]) * slope2[:, k]
+            grad_pre1[k] = (grad_pre2[k] @ w2[k]) * slope1[:, k]
+            g = torch.addmm(g * sigma[:, k], grad_pre1[k], w1[k])
+        grad_out, grad_pre2, grad_pre1 = (torch.stack(grads, 1) for grads in (grad_out, grad_pre2, grad_pre1))
+
+        def weight_grad(grad_pre: Tensor, layer_input: Tensor) -> Tensor:
+            return torch.einsum("bko,bki->koi", grad_pre, layer_input)
+
+        return (g, grad_pre1, weight_grad(grad_pre1, inputs), weight_grad(grad_pre2, h1), grad_pre2.sum(0),
+                weight_grad(grad_out, h2), grad_out.sum(0))

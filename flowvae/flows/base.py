@@ -138,7 +138,7 @@ class _TanhChain(torch.autograd.Function):
     """The loop of :func:`tanh_chain`, with a backward that runs it in reverse (no per-flow autograd graph)."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, a: Tensor, c: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, z: Tensor, a: Tensor, c: Tensor, b: Tensor, for_backward: bool) -> tuple[Tensor, Tensor]:
         z = z.unsqueeze(-1)
         inputs, hidden = [], []
         for a_k, c_k, b_k in zip(a.unbind(1), c.unbind(1), b.unsqueeze(-1).unbind(1), strict=True):
@@ -147,7 +147,8 @@ class _TanhChain(torch.autograd.Function):
             z = torch.baddbmm(z, c_k, h)
             hidden.append(h)
         h = torch.stack(hidden, 1).squeeze(-1)
-        ctx.save_for_backward(a, c, torch.stack(inputs, 1).squeeze(-1), h)
+        if for_backward:
+            ctx.save_for_backward(a, c, torch.stack(inputs, 1).squeeze(-1), h)
         return z.squeeze(-1), h
 
     @staticmethod
@@ -171,7 +172,7 @@ class _TanhChain(torch.autograd.Function):
         pre = torch.stack(grad_pre, 1)  # (B, K, M, 1)
         grad_a = pre * inputs.unsqueeze(-2)
         grad_c = torch.stack(grad_out, 1) * h.unsqueeze(-2)
-        return g.squeeze(-1), grad_a, grad_c, pre.squeeze(-1)
+        return g.squeeze(-1), grad_a, grad_c, pre.squeeze(-1), None
 
 
 def tanh_chain(z: Tensor, a: Tensor, c: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -184,4 +185,4 @@ def tanh_chain(z: Tensor, a: Tensor, c: Tensor, b: Tensor) -> tuple[Tensor, Tens
 
     Shapes: z (B, D), a (B, K, M, D), c (B, K, D, M), b (B, K, M) -> z_K (B, D), h (B, K, M).
     """
-    return _TanhChain.apply(z, a, c, b)
+    return _TanhChain.apply(z, a, c, b, torch.is_grad_enabled())

@@ -125,7 +125,8 @@ class IAF(Flow):
             embed = torch.stack([flow.embed_context.weight for flow in flows])  # (K, hidden, context)
             first_bias = torch.einsum("bkc,khc->bkh", context, embed) + stacked("first", "bias")
         last_bias = stacked("last", "bias") + constants["forget_bias"]
-        z, gate_logits = _MadeChain.apply(z, first_bias, first, middle, stacked("middle", "bias"), last, last_bias)
+        z, gate_logits = _MadeChain.apply(z, first_bias, first, middle, stacked("middle", "bias"), last, last_bias,
+                                          torch.is_grad_enabled())
         return z, F.logsigmoid(gate_logits).sum((1, 2))
 
 
@@ -139,8 +140,8 @@ class _MadeChain(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, first_bias: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
-                b3: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, z: Tensor, first_bias: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
+                for_backward: bool) -> tuple[Tensor, Tensor]:
         saved: dict[str, list[Tensor]] = {"inputs": [], "h1": [], "h2": [], "mean": [], "gate": []}
         for k in range(w1.shape[0]):
             saved["inputs"].append(z)
@@ -150,8 +151,10 @@ class _MadeChain(torch.autograd.Function):
             z = torch.lerp(mean, z, torch.sigmoid(gate))
             for name, value in zip(("h1", "h2", "mean", "gate"), (h1, h2, mean, gate), strict=True):
                 saved[name].append(value)
-        inputs, h1, h2, mean, gate = (torch.stack(saved[name], 1) for name in saved)
-        ctx.save_for_backward(w1, w2, w3, inputs, h1, h2, mean, gate)
+        gate = torch.stack(saved["gate"], 1)
+        if for_backward:
+            inputs, h1, h2, mean = (torch.stack(saved[name], 1) for name in ("inputs", "h1", "h2", "mean"))
+            ctx.save_for_backward(w1, w2, w3, inputs, h1, h2, mean, gate)
         return z, gate
 
     @staticmethod
@@ -177,4 +180,4 @@ class _MadeChain(torch.autograd.Function):
             return torch.einsum("bko,bki->koi", grad_pre, layer_input)
 
         return (g, grad_pre1, weight_grad(grad_pre1, inputs), weight_grad(grad_pre2, h1), grad_pre2.sum(0),
-                weight_grad(grad_out, h2), grad_out.sum(0))
+                weight_grad(grad_out, h2), grad_out.sum(0), None)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.autograd.functional import jacobian
 
-from flowvae.flows import FLOWS, IAF, FlowStack, Planar, TriangularSylvester, build, options
+from flowvae.flows import FLOWS, IAF, FlowStack, Planar, TriangularSylvester, base, build, options
 from flowvae.flows.base import tanh_chain
 from flowvae.flows.sylvester import Sylvester
 
@@ -365,6 +365,21 @@ def test_iaf_weight_gradients_match_finite_differences(context: int | None) -> N
         return torch.func.functional_call(stack, dict(zip(names, weights, strict=True)), (z, params))
 
     assert torch.autograd.gradcheck(run, (z.requires_grad_(), params.requires_grad_(), *weights))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_flows_in_groups_give_the_same_result(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big batch runs the flows in groups (to stay in cache): values and gradients must not change."""
+    stack, z, params = make(name, 4, 7, batch=5, scale=1.0)
+    params.requires_grad_()
+    results = []
+    for matrices in (10**9, 3 * 5):  # all 7 flows at once, then groups of 3, 3, 1
+        monkeypatch.setattr(base, "CHAIN_MATRICES", matrices)
+        z_k, log_det = stack(z, params)
+        (grad,) = torch.autograd.grad((z_k**2).sum() + log_det.sum(), params)
+        results.append((z_k, log_det, grad))
+    for first, grouped in zip(*results, strict=True):
+        torch.testing.assert_close(grouped, first)
 
 
 def test_mixed_stack_is_the_composition_of_its_flows() -> None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from flowvae.flows.base import Flow, check_int
+from flowvae.flows.base import Flow, check_int, chunks
 
 __all__ = ["IAF", "MaskedLinear", "made_masks"]
 
@@ -125,8 +125,14 @@ class IAF(Flow):
             embed = torch.stack([flow.embed_context.weight for flow in flows])  # (K, hidden, context)
             first_bias = torch.einsum("bkc,khc->bkh", context, embed) + stacked("first", "bias")
         last_bias = stacked("last", "bias") + constants["forget_bias"]
-        z, gate_logits = _MadeChain.apply(z, first_bias, first, middle, stacked("middle", "bias"), last, last_bias,
-                                          torch.is_grad_enabled())
+        middle_bias = stacked("middle", "bias")
+        gate_logits = []
+        for start, stop in chunks(len(flows), z.shape[0]):
+            z, gates = _MadeChain.apply(z, first_bias[:, start:stop], first[start:stop], middle[start:stop],
+                                        middle_bias[start:stop], last[start:stop], last_bias[start:stop],
+                                        torch.is_grad_enabled())
+            gate_logits.append(gates)
+        gate_logits = torch.cat(gate_logits, 1) if len(gate_logits) > 1 else gate_logits[0]
         return z, F.logsigmoid(gate_logits).sum((1, 2))
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowvae.flows.base import Flow, check_int, tanh_chain
+from flowvae.flows.base import Flow, check_int, chunks, tanh_chain
 
 __all__ = ["HouseholderProduct", "HouseholderSylvester", "OrthogonalSylvester", "Sylvester", "TriangularSylvester"]
 
@@ -111,10 +111,14 @@ class Sylvester(Flow):
         diag2 = torch.tanh(diag2).clamp(-bound, bound)
         # per flow [block, diag R1, diag R2, 0]: every entry of R1 and R2 is one of these
         source = torch.cat([block, diag1, F.pad(diag2, (0, 1))], dim=-1).flatten(1)
-        r2, r1 = (source.index_select(1, constants[name]).unflatten(1, (n_flows, rank, rank))
-                  for name in ("r2_index", "r1_index"))
-        a, c = cls.chain_weights(flows, q_params, r2, r1)
-        z, h = tanh_chain(z, a, c, b)
+        hidden = []
+        for start, stop in chunks(n_flows, z.shape[0]):
+            r2, r1 = (source.index_select(1, constants[name][start * rank * rank:stop * rank * rank])
+                      .unflatten(1, (stop - start, rank, rank)) for name in ("r2_index", "r1_index"))
+            a, c = cls.chain_weights(flows[start:stop], q_params[:, start:stop], r2, r1)
+            z, h = tanh_chain(z, a, c, b[:, start:stop])
+            hidden.append(h)
+        h = torch.cat(hidden, 1) if len(hidden) > 1 else hidden[0]
         return z, torch.log1p((1 - h * h) * diag1 * diag2).sum((-2, -1))
 
     @classmethod

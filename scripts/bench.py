@@ -12,8 +12,10 @@ against a large ``torch.mm`` at the same thread count (per batch size), and what
 
 Timing: every cell is warmed up, then the cells take turns (round-robin) timing a block of steps, ``--repeats``
 times; a cell's figure is the median over its blocks. Taking turns makes the ratios to the plain step robust to
-other load on the machine, which moves every cell alike; the absolute times are not. n_flows = 0 is the same
-plain VAE for every family (bit-identical), so it is measured once, as flow ``none``.
+other load on the machine, which moves every cell alike; the absolute times are not. ``cpu_ms_per_step`` is the
+process's CPU time per step: with one thread per job it is what a step costs on a core of its own, so it stays
+meaningful when other work shares the machine (with more threads it adds up every thread, spinning included).
+n_flows = 0 is the same plain VAE for every family (bit-identical), so it is measured once, as flow ``none``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Cell:
     n_flows: int
     batch_size: int
     block_ms: list[float] = field(default_factory=list)  # ms per step of each timed block
+    block_cpu_ms: list[float] = field(default_factory=list)  # the same blocks' process CPU time per step
     test_loss_ms: list[float] = field(default_factory=list)
     mflop: float = 0.0  # matmul work of the step's Linear layers (encoder, heads, decoder), not the flows' own
 
@@ -98,18 +101,19 @@ class Runner:
         self.train_x, self.test_x, self.batch_size = train_x, test_x, batch_size
         self.order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))
         self.steps_per_epoch = math.ceil(len(train_x) / batch_size)
-        self.next_step = 0
+        self.next_step, self.last_cpu_ms = 0, 0.0
 
     def steps(self, n: int) -> float:
         """Run n steps as ``fit`` runs them; return the wall time per step in ms."""
         sums = torch.zeros(3, dtype=torch.float64)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(n):
             i = self.next_step % self.steps_per_epoch
             batch = self.train_x[self.order[i * self.batch_size:(i + 1) * self.batch_size]]
             sums += self.step_fn(batch, 1.0) * len(batch)
             self.next_step += 1
         sums.tolist()  # the once-per-epoch read of fit
+        self.last_cpu_ms = (time.process_time() - cpu_started) / n * 1e3
         return (time.perf_counter() - started) / n * 1e3
 
     def test_loss_ms(self) -> float:
@@ -137,6 +141,7 @@ def measure_steps(cfg_overrides: list[str], cells: list[Cell], repeats: int, war
     for _ in range(repeats):
         for cell, runner, n in zip(cells, runners, block_steps, strict=True):
             cell.block_ms.append(runner.steps(n))
+            cell.block_cpu_ms.append(runner.last_cpu_ms)
     if test_loss:
         for _ in range(3):
             for cell, runner in zip(cells, runners, strict=True):
@@ -187,7 +192,8 @@ def measure_generation(cfg_overrides: list[str], repeats: int = 3) -> dict[str, 
     return result | {"n_samples": cfg.eval.n_samples}
 
 
-def seed_table_cost(rows: list[dict], cfg: DictConfig, per_run_s: float, jobs: int) -> dict[str, float] | None:
+def seed_table_cost(rows: list[dict], cfg: DictConfig, per_run_s: float, jobs: int,
+                    batch_size: int) -> dict[str, float] | None:
     """Hours of the ``+experiment=seed_table`` sweep from the measured steps, interpolated linearly in n_flows.
 
     A run costs epochs x (steps per epoch x step + test-loss pass) + ``per_run_s`` (data, generation, scoring,
@@ -202,7 +208,7 @@ def seed_table_cost(rows: list[dict], cfg: DictConfig, per_run_s: float, jobs: i
     eval_ms = {(r["flow"], r["n_flows"]): r["ms_test_loss"] for r in rows}
     if ("none", 0) not in step_ms or not all(any((f, k) in step_ms for k in n_flows_values if k) for f in families):
         return None
-    steps_per_epoch = math.ceil(cfg.data.n_train / cfg.train.batch_size)
+    steps_per_epoch = math.ceil(cfg.data.n_train / batch_size)
 
     def interpolate(table: dict, family: str, k: int) -> float:
         known = sorted([(0, table[("none", 0)])] + [(n, v) for (f, n), v in table.items() if f == family])
@@ -273,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     plain = rows[0]
     plain["gflops"] = matmul_flops(plain_model, batch_size) / plain["ms_per_step"] / 1e6
     plain["fraction_of_peak"] = plain["gflops"] / peak
-    _print_table(rows, ["flow", "n_flows", "ms_per_step", "iqr_ms", "ratio_to_plain", "target_ratio", "meets_target",
-                        "flop_ratio", "ms_test_loss"], "Training step (forward, backward, Adam)")
+    _print_table(rows, ["flow", "n_flows", "ms_per_step", "iqr_ms", "cpu_ms_per_step", "ratio_to_plain",
+                        "target_ratio", "meets_target", "flop_ratio", "ms_test_loss"],
+                 "Training step (forward, backward, Adam)")
     print(f"plain step: {matmul_flops(plain_model, batch_size) / 1e6:.0f} MFLOP in its Linear layers "
           f"(backward counted as 2x forward) -> {plain['gflops']:.0f} GFLOP/s = {plain['fraction_of_peak']:.0%} of "
           f"the {peak:.0f} GFLOP/s peak", flush=True)
@@ -289,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         sections["Per run, outside the training steps"] = [generation]
         _print_table([generation], list(generation), "Per run, outside the training steps (plain VAE)")
         seed_cfg = compose_config([*args.overrides, "+experiment=seed_table"])
-        cost = seed_table_cost(rows, seed_cfg, generation["per_run_s"], args.jobs)
+        cost = seed_table_cost(rows, seed_cfg, generation["per_run_s"], args.jobs, batch_size)
         if cost is not None:
             sections["Seed table estimate"] = [cost]
             _print_table([cost], list(cost), "Seed table (+experiment=seed_table), from these steps")
@@ -307,11 +314,13 @@ def _step_rows(measured: list[list[Cell]], cfg: DictConfig, threads: int, jobs: 
     rows = []
     for cells in zip(*measured, strict=True):
         blocks = [ms for cell in cells for ms in cell.block_ms]
+        cpu = [ms for cell in cells for ms in cell.block_cpu_ms]
         test = [ms for cell in cells for ms in cell.test_loss_ms]
         q1, _, q3 = statistics.quantiles(blocks, n=4) if len(blocks) > 1 else (blocks[0],) * 3
         rows.append({
             "flow": cells[0].flow, "n_flows": cells[0].n_flows, "ms_per_step": statistics.median(blocks),
-            "iqr_ms": q3 - q1, "batch_size": cells[0].batch_size, "latent_dim": cfg.model.latent_dim,
+            "iqr_ms": q3 - q1, "cpu_ms_per_step": statistics.median(cpu), "batch_size": cells[0].batch_size,
+            "latent_dim": cfg.model.latent_dim,
             "hidden": "x".join(str(h) for h in cfg.model.hidden), "threads": threads, "jobs": jobs,
             "ms_test_loss": statistics.median(test) if test else float("nan"), "mflop_linear": cells[0].mflop,
         })

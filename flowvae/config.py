@@ -94,7 +94,6 @@ class TrainConfig:
     checkpoint_every: int = 1
     device: str = "auto"
     threads: int = 0
-    compile: bool = False
     progress: str = "auto"
 
 

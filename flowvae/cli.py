@@ -38,6 +38,9 @@ exit codes: 0 ok or skipped, 1 a run failed or diverged, 2 bad configuration, 3 
 """
 
 register_configs()
+# OpenMP threads that spin while waiting stall a step 10-100x when other work shares the cores (a sweep's
+# parallel jobs, a busy node); passive waiting costs nothing measurable on a quiet machine. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Exit codes of the jobs this process ran (a single run, or a sweep on the basic launcher); sweeps on other
 # launchers are summed up from the jobs' status files by flowvae.callbacks.SweepSummary.

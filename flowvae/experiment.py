@@ -90,7 +90,9 @@ def train_and_score(cfg: DictConfig, events: Events, run_dir: Path, run_hash: st
     plot_histograms(generated, events.test, events.feature_names, run_dir / "histograms.png",
                     title=f"{cfg.flow.name}, n_flows={cfg.n_flows}, seed={cfg.seed}: kl_sum={values['kl_sum']:.4f}",
                     bins=cfg.eval.bins)
-    np.save(run_dir / "generated_sample.npy", generated[:1000])
+    sample_tmp = run_dir / ".generated_sample.tmp.npy"
+    np.save(sample_tmp, generated[:1000])
+    os.replace(sample_tmp, run_dir / "generated_sample.npy")
     return "ok", "", values
 
 

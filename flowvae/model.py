@@ -81,10 +81,13 @@ class FlowVAE(nn.Module):
         params = self.flow_head(h) if self.flow_head is not None else None
         return mean, log_var, params
 
-    def posterior_sample(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """z0 ~ q0(z0|x), z_K = flows(z0) and log q0(z0|x) - sum log|det|, i.e. log q_K(z_K|x): each (B, ...)."""
+    def posterior_sample(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """z0 ~ q0(z0|x), z_K = flows(z0) and log q0(z0|x) - sum log|det|, i.e. log q_K(z_K|x): each (B, ...).
+
+        The noise comes from ``generator`` when given (generation), else from torch's global stream (training).
+        """
         mean, log_var, params = self.encode(x)
-        eps = torch.randn_like(mean)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z0 = mean + torch.exp(0.5 * log_var) * eps
         log_q0 = -0.5 * (eps.pow(2) + log_var + LOG_2PI).sum(-1)
         if params is None:
@@ -95,10 +98,7 @@ class FlowVAE(nn.Module):
     @torch.no_grad()
     def posterior_latent(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """z_K for events x: one draw of q0(z0|x) (from ``generator``) pushed through the flows, (B, D)."""
-        mean, log_var, params = self.encode(x)
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        z0 = mean + torch.exp(0.5 * log_var) * eps
-        return z0 if params is None else self.flows(z0, params)[0]
+        return self.posterior_sample(x, generator)[1]
 
     def decode(self, z: Tensor) -> tuple[Tensor, Tensor | float]:
         """p(x|z)'s mean (B, n_in) and log-variance (a tensor, or one float when it is fixed)."""

@@ -92,6 +92,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     grad_clip: float | None = None
     checkpoint_every: int = 1
+    eval_every: int = 1
     device: str = "auto"
     threads: int = 0
     progress: str = "auto"
@@ -189,6 +190,7 @@ def _validate_train(cfg: DictConfig) -> None:
     _positive_int(cfg, "train.batch_size")
     _positive_int(cfg, "train.warmup_epochs", minimum=0)
     _positive_int(cfg, "train.checkpoint_every")
+    _positive_int(cfg, "train.eval_every")
     _positive_int(cfg, "train.threads", minimum=0)
     _require(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "a number > 0")
     _require(t.grad_clip is None or (math.isfinite(t.grad_clip) and t.grad_clip > 0), "train.grad_clip",

@@ -108,9 +108,12 @@ class FlowVAE(nn.Module):
             return mean, log_var
         return out, self.fixed_log_var
 
-    def loss(self, x: Tensor, beta: float = 1.0) -> LossTerms:
-        """The negative ELBO with a beta-weighted KL term, averaged over the batch."""
-        _, z_k, log_q_k = self.posterior_sample(x)
+    def loss(self, x: Tensor, beta: float = 1.0, generator: torch.Generator | None = None) -> LossTerms:
+        """The negative ELBO with a beta-weighted KL term, averaged over the batch.
+
+        z0's noise comes from ``generator`` when given (evaluation), else from the global stream (training).
+        """
+        _, z_k, log_q_k = self.posterior_sample(x, generator)
         mean, log_var = self.decode(z_k)
         if self.likelihood == "mse":
             recon = (x - mean).pow(2).sum(-1)

@@ -25,7 +25,9 @@ __all__ = ["config_hash", "append_row", "read_rows", "has_ok_row", "write_row_fi
 log = logging.getLogger(__name__)
 
 # Keys that say where or how a run writes, not what it computes: left out of the run's identity.
-IDENTITY_EXCLUDED = ("results_csv", "skip_existing", "train.threads", "train.progress", "train.checkpoint_every")
+# train.eval_every belongs here because the test loss has its own random stream: it changes no trained weight.
+IDENTITY_EXCLUDED = ("results_csv", "skip_existing", "train.threads", "train.progress", "train.checkpoint_every",
+                     "train.eval_every")
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -196,7 +196,8 @@ def seed_table_cost(rows: list[dict], cfg: DictConfig, per_run_s: float, jobs: i
                     batch_size: int) -> dict[str, float] | None:
     """Hours of the ``+experiment=seed_table`` sweep from the measured steps, interpolated linearly in n_flows.
 
-    A run costs epochs x (steps per epoch x step + test-loss pass) + ``per_run_s`` (data, generation, scoring,
+    A run costs epochs x steps per epoch x step + the test-loss passes (every ``train.eval_every`` epochs and
+    after the last) + ``per_run_s`` (data, generation, scoring,
     picture, checkpoints: the plain VAE's). n_flows = 0 is run once per seed (the preset's skip_existing); ``jobs``
     runs share the work evenly. Process start-up and the launcher are not counted.
     """
@@ -209,6 +210,8 @@ def seed_table_cost(rows: list[dict], cfg: DictConfig, per_run_s: float, jobs: i
     if ("none", 0) not in step_ms or not all(any((f, k) in step_ms for k in n_flows_values if k) for f in families):
         return None
     steps_per_epoch = math.ceil(cfg.data.n_train / batch_size)
+    epochs, every = cfg.train.epochs, cfg.train.eval_every
+    test_passes = epochs // every + (epochs % every != 0)
 
     def interpolate(table: dict, family: str, k: int) -> float:
         known = sorted([(0, table[("none", 0)])] + [(n, v) for (f, n), v in table.items() if f == family])
@@ -221,7 +224,7 @@ def seed_table_cost(rows: list[dict], cfg: DictConfig, per_run_s: float, jobs: i
     def run_s(family: str, k: int) -> float:
         step = step_ms[("none", 0)] if k == 0 else interpolate(step_ms, family, k)
         test = eval_ms[("none", 0)] if k == 0 else interpolate(eval_ms, family, k)
-        return (cfg.train.epochs * (steps_per_epoch * step + test)) / 1e3 + per_run_s
+        return (epochs * steps_per_epoch * step + test_passes * test) / 1e3 + per_run_s
 
     cells = [("none", 0)] + [(f, k) for f in families for k in n_flows_values if k > 0]
     train_s = sum(run_s(f, k) - per_run_s for f, k in cells) * seeds

@@ -42,7 +42,8 @@ def test_existing_header_is_kept(tmp_path):
 def test_config_hash_ignores_where_a_run_writes_but_not_what_it_computes():
     cfg = OmegaConf.create({"n_flows": 2, "seed": 0, "results_csv": "a.csv", "skip_existing": False,
                             "train": {"threads": 1, "lr": 0.001, "progress": "auto", "checkpoint_every": 1}})
-    same = OmegaConf.merge(cfg, {"results_csv": "b.csv", "skip_existing": True, "train": {"threads": 4}})
+    same = OmegaConf.merge(cfg, {"results_csv": "b.csv", "skip_existing": True,
+                                 "train": {"threads": 4, "eval_every": 5}})
     other = OmegaConf.merge(cfg, {"train": {"lr": 0.01}})
     assert config_hash(cfg) == config_hash(same)
     assert config_hash(cfg) != config_hash(other)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 
@@ -11,12 +12,12 @@ from omegaconf import OmegaConf
 
 from flowvae import train as train_module
 from flowvae.model import FlowVAE
-from flowvae.train import StopRequest, fit
+from flowvae.train import StopRequest, evaluate_loss, fit
 
 
 def _cfg(**overrides):
     base = {"epochs": 3, "batch_size": 20, "lr": 1e-3, "warmup_epochs": 1, "grad_clip": None, "checkpoint_every": 1,
-            "progress": "log"}
+            "eval_every": 1, "progress": "log"}
     return OmegaConf.create({**base, **overrides})
 
 
@@ -100,3 +101,25 @@ def test_warmup_raises_beta_linearly_to_one():
     train_x, test_x = _data()
     outcome = fit(_model(), train_x, test_x, _cfg(warmup_epochs=2), seed=0)
     assert [row["beta"] for row in outcome.history] == [0.5, 1.0, 1.0]
+
+
+def test_how_often_the_test_loss_is_evaluated_changes_no_weight():
+    train_x, test_x = _data()
+    every = _model()  # seeds torch's global stream, which training then draws from
+    fit(every, train_x, test_x, _cfg(epochs=4), seed=3)
+    sparse = _model()
+    outcome = fit(sparse, train_x, test_x, _cfg(epochs=4, eval_every=3), seed=3)
+    for a, b in zip(every.state_dict().values(), sparse.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    evaluated = [not math.isnan(row["test_loss"]) for row in outcome.history]
+    assert evaluated == [False, False, True, True]  # every 3rd epoch, and always the last
+
+
+def test_test_loss_is_a_function_of_the_weights():
+    model = _model()
+    _, test_x = _data()
+    state = torch.get_rng_state()
+    first, second = evaluate_loss(model, test_x, seed=5), evaluate_loss(model, test_x, seed=5)
+    assert first == second
+    assert torch.equal(torch.get_rng_state(), state)  # training's stream is untouched
+    assert evaluate_loss(model, test_x, seed=6)["loss"] != first["loss"]

@@ -64,8 +64,9 @@ def _parallel_jobs(hc) -> int:
     n_jobs = launcher.get("n_jobs") if launcher is not None else None
     if n_jobs is None:
         return 1
-    cores = os.cpu_count() or 1
-    return cores if n_jobs < 0 else max(1, int(n_jobs))
+    from flowvae.cores import usable_cores
+
+    return usable_cores() if n_jobs < 0 else max(1, int(n_jobs))
 
 
 def _run_train(args: list[str]) -> int:

@@ -15,11 +15,12 @@ import torch
 from omegaconf import DictConfig
 
 from flowvae import metrics
+from flowvae.cores import choose_threads
 from flowvae.data import Events, Scaler
 from flowvae.model import FlowVAE, build_model
 from flowvae.train import fit
 
-__all__ = ["metric_columns", "train_and_score", "generate_events", "choose_device", "choose_threads"]
+__all__ = ["metric_columns", "train_and_score", "generate_events", "choose_device", "configure_torch"]
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,17 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def choose_threads(requested: int, parallel_jobs: int) -> int:
-    """``train.threads``, or (0) this process's cores shared evenly among the jobs running side by side."""
-    if requested > 0:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, parallel_jobs))
+def configure_torch(threads: int) -> None:
+    """Threads, deterministic kernels, and subnormal floats flushed to zero, before any tensor work.
+
+    Flushing matters: once the unused latent path's gradients and Adam moments decay below 1e-38 (posterior
+    collapse, from about epoch 8 of the default run) every operation on them takes a slow microcode path on x86,
+    and a training step became twice as slow. Flushed, they are zero, which changes no result beyond rounding.
+    It is set before the thread pool exists, because threads inherit the floating-point mode of their creator.
+    """
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def train_and_score(cfg: DictConfig, events: Events, run_dir: Path, run_hash: str,
@@ -56,8 +62,7 @@ def train_and_score(cfg: DictConfig, events: Events, run_dir: Path, run_hash: st
     """
     device = choose_device(cfg.train.device)
     threads = choose_threads(cfg.train.threads, parallel_jobs)
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    configure_torch(threads)
     log.info("device %s, %d threads, %s x %d flows, seed %d", device, threads, cfg.flow.name, cfg.n_flows,
              cfg.seed)
 

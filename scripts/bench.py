@@ -38,8 +38,9 @@ from omegaconf import DictConfig
 
 from flowvae import metrics
 from flowvae.config import register_configs
+from flowvae.cores import choose_threads
 from flowvae.data import load_events
-from flowvae.experiment import choose_threads, generate_events
+from flowvae.experiment import configure_torch, generate_events
 from flowvae.model import FlowVAE, build_model
 from flowvae.train import _make_optimizer, _make_step, evaluate_loss, save_atomic
 
@@ -150,7 +151,7 @@ def measure_steps(cfg_overrides: list[str], cells: list[Cell], repeats: int, war
 
 def _worker(job: tuple[list[str], list[Cell], int, int, bool, int]) -> list[Cell]:
     overrides, cells, repeats, warmup, test_loss, threads = job
-    torch.set_num_threads(threads)
+    configure_torch(threads)
     measure_steps(overrides, cells, repeats, warmup, test_loss)
     return cells
 
@@ -264,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown flow(s) {', '.join(unknown)}; allowed: {', '.join(FAMILIES)}")
     n_flows_values = sorted({int(k) for k in args.n_flows.split(",") if k})
     cells = [Cell("none", 0, batch_size)] + [Cell(f, k, batch_size) for f in families for k in n_flows_values if k]
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)  # as a run sets it
+    configure_torch(threads)  # as a run sets it
 
     started = time.time()
     print(_machine(threads, args.jobs), flush=True)

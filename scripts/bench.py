@@ -198,9 +198,9 @@ def seed_table_cost(rows: list[dict], cfg: DictConfig, per_run_s: float, jobs: i
     """Hours of the ``+experiment=seed_table`` sweep from the measured steps, interpolated linearly in n_flows.
 
     A run costs epochs x steps per epoch x step + the test-loss passes (every ``train.eval_every`` epochs and
-    after the last) + ``per_run_s`` (data, generation, scoring,
-    picture, checkpoints: the plain VAE's). n_flows = 0 is run once per seed (the preset's skip_existing); ``jobs``
-    runs share the work evenly. Process start-up and the launcher are not counted.
+    after the last) + ``per_run_s`` (data, generation, scoring, picture, checkpoints: the plain VAE's).
+    n_flows = 0 is run once per seed (the preset's skip_existing); ``jobs`` runs share the work evenly.
+    Process start-up and the launcher are not counted.
     """
     sweep = cfg.hydra.sweeper.params
     families = str(sweep.flow).split(",")

@@ -14,7 +14,6 @@ events meet every flow type and every model seed of a sweep.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from flowvae.config import ConfigError, per_feature
+from flowvae.files import resolve_path
 
 __all__ = ["Events", "Scaler", "gaussian_events", "jet_events", "read_array", "split_events", "npy_events",
            "load_events"]
@@ -119,11 +119,6 @@ def jet_events(n: int, mu: list[float], sigma: list[float], offset_sigma: list[f
 # --- the users' own array -----------------------------------------------------------------------------------
 
 
-def _resolve(path: str, launch_dir: Path | None) -> Path:
-    resolved = Path(os.path.expanduser(path))
-    return resolved if resolved.is_absolute() else (launch_dir or Path.cwd()) / resolved
-
-
 def read_array(path: str, key: str | None = None, launch_dir: Path | None = None) -> np.ndarray:
     """The array of shape (N, features, particles) in a ``.npy`` (memory-mapped) or ``.npz`` file (array ``key``).
 
@@ -132,7 +127,7 @@ def read_array(path: str, key: str | None = None, launch_dir: Path | None = None
     ``data.key``) for a missing or unreadable file, a missing array, a non-numeric dtype, or a shape that is not
     (events, features, particles) with at least one feature and one particle.
     """
-    file = _resolve(path, launch_dir)
+    file = resolve_path(path, launch_dir)
     if not file.exists():
         raise ConfigError("data.path", path, f"an existing .npy or .npz file; {file} does not exist")
     if not file.is_file():

@@ -7,7 +7,6 @@ flows last), the batch order, and generation (its own generator), so one config 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from omegaconf import DictConfig
 from flowvae import metrics
 from flowvae.cores import choose_threads
 from flowvae.data import Events, Scaler
+from flowvae.files import replaced
 from flowvae.model import FlowVAE, build_model
 from flowvae.train import fit
 
@@ -95,9 +95,8 @@ def train_and_score(cfg: DictConfig, events: Events, run_dir: Path, run_hash: st
     plot_histograms(generated, events.test, events.feature_names, run_dir / "histograms.png",
                     title=f"{cfg.flow.name}, n_flows={cfg.n_flows}, seed={cfg.seed}: kl_sum={values['kl_sum']:.4f}",
                     bins=cfg.eval.bins)
-    sample_tmp = run_dir / ".generated_sample.tmp.npy"
-    np.save(sample_tmp, generated[:1000])
-    os.replace(sample_tmp, run_dir / "generated_sample.npy")
+    with replaced(run_dir / "generated_sample.npy") as tmp:
+        np.save(tmp, generated[:1000])
     return "ok", "", values
 
 
@@ -105,9 +104,8 @@ def _write_curves(path: Path, history: list[dict]) -> None:
     """The per-epoch losses so far, rewritten whole (temp file + rename) after every epoch."""
     import pandas as pd
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    pd.DataFrame(history).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with replaced(path) as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
 
 
 def _to_tensor(events: np.ndarray, device: torch.device) -> torch.Tensor:

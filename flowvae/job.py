@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
 import traceback
@@ -21,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from flowvae import __version__
 from flowvae.config import ConfigError, validate
 from flowvae.data import load_events
+from flowvae.files import replaced, resolve_path
 from flowvae.results import append_row, config_hash, has_ok_row, write_row_file
 
 __all__ = ["run", "EXIT_OK", "EXIT_FAILED", "EXIT_CONFIG", "EXIT_INTERRUPTED"]
@@ -37,7 +37,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1
 
     Returns the exit code and leaves ``status.json`` in the run directory for whoever launched it.
     """
-    results_csv = _resolve(cfg.results_csv, launch_dir)
+    results_csv = resolve_path(cfg.results_csv, launch_dir)
     try:
         validate(cfg)
     except ConfigError as err:
@@ -76,18 +76,12 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1
     return _finish(run_dir, status, message)
 
 
-def _resolve(path: str, launch_dir: Path) -> Path:
-    p = Path(os.path.expanduser(path))
-    return p if p.is_absolute() else launch_dir / p
-
-
 def _finish(run_dir: Path, status: str, message: str) -> int:
     code = EXIT_CODES[status]
     if message and status != "failed":
         (log.error if code else log.info)(message)
-    tmp = run_dir / ".status.json.tmp"
-    tmp.write_text(json.dumps({"status": status, "exit_code": code, "message": message}))
-    os.replace(tmp, run_dir / "status.json")
+    with replaced(run_dir / "status.json") as tmp:
+        tmp.write_text(json.dumps({"status": status, "exit_code": code, "message": message}))
     return code
 
 

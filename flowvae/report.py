@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flowvae.files import replaced
+
 __all__ = ["plot_histograms", "table_main"]
 
 
@@ -46,10 +48,9 @@ def plot_histograms(generated: np.ndarray, reference: np.ndarray, feature_names:
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    with replaced(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
 
 
 # --- flowvae table -----------------------------------------------------------------------------------------

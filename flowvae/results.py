@@ -20,6 +20,8 @@ from pathlib import Path
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
+from flowvae.files import replaced
+
 __all__ = ["config_hash", "append_row", "read_rows", "has_ok_row", "write_row_file", "IDENTITY_EXCLUDED"]
 
 log = logging.getLogger(__name__)
@@ -96,10 +98,8 @@ def append_row(path: str | os.PathLike, row: dict) -> None:
 
 def write_row_file(path: str | os.PathLike, row: dict) -> None:
     """A one-row CSV (the run's own ``result.csv``), written to a temporary file and renamed into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(_format(list(row), [row], header=True))
-    os.replace(tmp, path)
+    with replaced(path) as tmp:
+        tmp.write_text(_format(list(row), [row], header=True))
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from flowvae.files import replaced
 from flowvae.model import FlowVAE
 
 __all__ = ["TrainOutcome", "fit", "evaluate_loss", "save_atomic", "StopRequest"]
@@ -81,10 +81,9 @@ class StopRequest:
 
 
 def save_atomic(obj: object, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through a temporary file and a rename: a kill never leaves half a checkpoint."""
+    with replaced(path) as tmp:
+        torch.save(obj, tmp)
 
 
 @torch.no_grad()

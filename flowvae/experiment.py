@@ -92,7 +92,7 @@ def train_and_score(cfg: DictConfig, events: Events, run_dir: Path, run_hash: st
                   final_recon=last["test_recon"], final_kl_term=last["test_kl"])
     from flowvae.report import plot_histograms
 
-    plot_histograms(generated, events.test, events.feature_names, run_dir / "histograms.png",
+    plot_histograms(generated, events.test, events.feature_names, values, run_dir / "histograms.png",
                     title=f"{cfg.flow.name}, n_flows={cfg.n_flows}, seed={cfg.seed}: kl_sum={values['kl_sum']:.4f}",
                     bins=cfg.eval.bins)
     with replaced(run_dir / "generated_sample.npy") as tmp:

@@ -24,12 +24,11 @@ def _pyplot():
     return plt
 
 
-def plot_histograms(generated: np.ndarray, reference: np.ndarray, feature_names: list[str], path: Path,
-                    title: str = "", bins: int = 100) -> None:
+def plot_histograms(generated: np.ndarray, reference: np.ndarray, feature_names: list[str], scores: dict,
+                    path: Path, title: str = "", bins: int = 100) -> None:
     """One panel per feature: the pooled values of generated (N, F, P) and input (M, F, P) events, on the same
-    bins as the KL estimator (the pooled range), with each feature's KL and the two means and stds."""
-    from flowvae.metrics import kl_divergence
-
+    bins as the KL estimator (the pooled range), labelled with the feature's KL and the two means and stds
+    from ``scores`` (the row of :func:`flowvae.metrics.score`), so the picture shows the row's numbers."""
     plt = _pyplot()
     n_features = reference.shape[1]
     fig, axes = plt.subplots(1, n_features, figsize=(4.2 * n_features, 3.6), squeeze=False)
@@ -38,9 +37,9 @@ def plot_histograms(generated: np.ndarray, reference: np.ndarray, feature_names:
         edges = np.linspace(min(gen.min(), ref.min()), max(gen.max(), ref.max()), bins + 1)
         ax.hist(ref, bins=edges, density=True, histtype="stepfilled", alpha=0.35, color="C0", label="input")
         ax.hist(gen, bins=edges, density=True, histtype="step", lw=1.6, color="C3", label="generated")
-        kl = kl_divergence(gen, ref, bins=bins)
-        ax.set_title(f"{feature_names[i]}: KL={kl:.4f}", fontsize=10)
-        ax.text(0.02, 0.97, f"input  {ref.mean():.3f} ± {ref.std():.3f}\ngen    {gen.mean():.3f} ± {gen.std():.3f}",
+        ax.set_title(f"{feature_names[i]}: KL={scores[f'kl_{i}']:.4f}", fontsize=10)
+        ax.text(0.02, 0.97, f"input  {scores[f'input_mean_{i}']:.3f} ± {scores[f'input_std_{i}']:.3f}\n"
+                            f"gen    {scores[f'gen_mean_{i}']:.3f} ± {scores[f'gen_std_{i}']:.3f}",
                 transform=ax.transAxes, va="top", fontsize=8, family="monospace")
         ax.set_xlabel("value")
     axes[0][0].set_ylabel("density")

@@ -181,9 +181,9 @@ def measure_generation(cfg_overrides: list[str], repeats: int = 3) -> dict[str, 
         for _ in range(repeats):
             timed("data_s", load_events, cfg.data)
             generated = timed("generate_s", generate_events, model, cfg.eval, test_x, cfg.seed, events.test.shape[1:])
-            timed("score_s", metrics.score, generated, events.test, **kl_options)
+            scores = timed("score_s", metrics.score, generated, events.test, **kl_options)
             timed("noise_floor_s", metrics.noise_floor, events.test, seed=cfg.seed, **kl_options)
-            timed("plot_s", plot_histograms, generated, events.test, events.feature_names,
+            timed("plot_s", plot_histograms, generated, events.test, events.feature_names, scores,
                   Path(tmp) / "histograms.png", title="", bins=cfg.eval.bins)
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
             timed("checkpoint_s", save_atomic, state, Path(tmp) / "checkpoint.pt")

@@ -20,7 +20,8 @@ from flowvae.files import replaced
 from flowvae.model import FlowVAE, build_model
 from flowvae.train import fit
 
-__all__ = ["metric_columns", "train_and_score", "generate_events", "choose_device", "configure_torch"]
+__all__ = ["metric_columns", "train_and_score", "generate_events", "choose_device", "configure_torch",
+           "model_input"]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ def train_and_score(cfg: DictConfig, events: Events, run_dir: Path, run_hash: st
              cfg.seed)
 
     scaler = Scaler.fit(events.train) if cfg.data.standardize else Scaler.identity(events.n_features)
-    train_x = _to_tensor(scaler.transform(events.train), device)
-    test_x = _to_tensor(scaler.transform(events.test), device)
+    train_x = model_input(scaler.transform(events.train), device)
+    test_x = model_input(scaler.transform(events.test), device)
 
     torch.manual_seed(cfg.seed)
     model = build_model(train_x.shape[1], cfg.model, cfg.flow, cfg.n_flows).to(device)
@@ -108,7 +109,8 @@ def _write_curves(path: Path, history: list[dict]) -> None:
         pd.DataFrame(history).to_csv(tmp, index=False)
 
 
-def _to_tensor(events: np.ndarray, device: torch.device) -> torch.Tensor:
+def model_input(events: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Events (N, F, P) as the flattened (N, F·P) tensor the model takes, on ``device``."""
     return torch.from_numpy(np.ascontiguousarray(events.reshape(len(events), -1))).to(device)
 
 

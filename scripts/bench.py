@@ -40,7 +40,7 @@ from flowvae import metrics
 from flowvae.config import register_configs
 from flowvae.cores import choose_threads
 from flowvae.data import load_events
-from flowvae.experiment import configure_torch, generate_events
+from flowvae.experiment import configure_torch, generate_events, model_input
 from flowvae.model import FlowVAE, build_model
 from flowvae.train import _make_optimizer, _make_step, evaluate_loss, save_atomic
 
@@ -128,8 +128,7 @@ def measure_steps(cfg_overrides: list[str], cells: list[Cell], repeats: int, war
     """Fill each cell's ``block_ms`` (and ``test_loss_ms``), the cells taking turns."""
     base = compose_config(cfg_overrides)
     events = load_events(base.data)
-    train_x = torch.from_numpy(events.train.reshape(len(events.train), -1))
-    test_x = torch.from_numpy(events.test.reshape(len(events.test), -1))
+    train_x, test_x = model_input(events.train), model_input(events.test)
     runners, block_steps = [], []
     for cell in cells:
         cfg = compose_config([*cfg_overrides, f"flow={cell.flow}", f"n_flows={cell.n_flows}"])
@@ -163,7 +162,7 @@ def measure_generation(cfg_overrides: list[str], repeats: int = 3) -> dict[str, 
 
     cfg = compose_config(cfg_overrides)
     events = load_events(cfg.data)
-    test_x = torch.from_numpy(events.test.reshape(len(events.test), -1))
+    test_x = model_input(events.test)
     torch.manual_seed(cfg.seed)
     model = build_model(test_x.shape[1], cfg.model, cfg.flow, 0)
     optimizer = _make_optimizer(model, cfg.train)

@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from flowvae.config import register_configs
 
 # A run small enough for the default suite: 200 events of 3x10, two epochs, a narrow network.
 TINY = [
@@ -28,6 +32,13 @@ def run_flowvae(args: list[str], cwd: Path, env: dict | None = None, timeout: fl
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run([*flowvae_command(), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The config ``flowvae train OVERRIDES`` composes, without running anything."""
+    register_configs()
+    with initialize_config_module(config_module="flowvae.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.fixture

@@ -3,31 +3,25 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from flowvae.config import ConfigError, per_feature, register_configs, validate
+from flowvae.config import ConfigError, per_feature, validate
+from tests.conftest import compose_config
 
 FLOWS = ["none", "planar", "orthogonal", "householder", "triangular", "iaf"]
 DATA = ["gaussian", "jets"]
 
 
-def _compose(*overrides: str):
-    register_configs()
-    with initialize_config_module(config_module="flowvae.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
-
 @pytest.mark.parametrize("data", DATA)
 @pytest.mark.parametrize("flow", FLOWS)
 def test_every_flow_composes_with_every_data_group(flow, data):
-    cfg = _compose(f"flow={flow}", f"data={data}", "n_flows=3")
+    cfg = compose_config(f"flow={flow}", f"data={data}", "n_flows=3")
     validate(cfg)
     assert cfg.flow.name == flow and cfg.data.name == data and cfg.n_flows == 3
 
 
 def test_defaults_are_valid_and_typed():
-    cfg = _compose()
+    cfg = compose_config()
     validate(cfg)
     assert OmegaConf.get_type(cfg.train.epochs) is int
     assert cfg.model.likelihood == "gaussian" and cfg.eval.decode == "sample"
@@ -58,7 +52,7 @@ def test_defaults_are_valid_and_typed():
     ],
 )
 def test_each_bad_value_names_its_key(override, key):
-    cfg = _compose(override)
+    cfg = compose_config(override)
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     assert info.value.key == key
@@ -66,13 +60,13 @@ def test_each_bad_value_names_its_key(override, key):
 
 
 def test_sylvester_bottleneck_larger_than_latent_is_refused():
-    cfg = _compose("flow=orthogonal", "flow.num_ortho_vecs=9", "model.latent_dim=8")
+    cfg = compose_config("flow=orthogonal", "flow.num_ortho_vecs=9", "model.latent_dim=8")
     with pytest.raises(ConfigError, match="flow.num_ortho_vecs=9.*latent_dim=8"):
         validate(cfg)
 
 
 def test_sigma_x_with_mse_is_refused():
-    cfg = _compose("model.likelihood=mse", "model.sigma_x=0.5")
+    cfg = compose_config("model.likelihood=mse", "model.sigma_x=0.5")
     with pytest.raises(ConfigError, match="model.sigma_x"):
         validate(cfg)
 

@@ -6,11 +6,11 @@ import re
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from flowvae.config import ConfigError, register_configs, validate
+from flowvae.config import ConfigError, validate
 from flowvae.data import Scaler, load_events, read_array, split_events
+from tests.conftest import compose_config
 
 
 def _gaussian(**overrides):
@@ -228,12 +228,6 @@ def test_split_events_copies_and_needs_two_events_per_side():
 # --- the data groups' own keys ------------------------------------------------------------------------------
 
 
-def _compose(*overrides: str):
-    register_configs()
-    with initialize_config_module(config_module="flowvae.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
-
 @pytest.mark.parametrize(
     "overrides, key",
     [
@@ -252,15 +246,15 @@ def _compose(*overrides: str):
 )
 def test_data_group_keys_are_validated(overrides, key):
     with pytest.raises(ConfigError) as info:
-        validate(_compose(*overrides))
+        validate(compose_config(*overrides))
     assert info.value.key == key
 
 
 def test_jets_and_npy_groups_compose_with_their_defaults():
-    jets = _compose("data=jets")
+    jets = compose_config("data=jets")
     validate(jets)
     assert (jets.data.offset_sigma, jets.data.scale_sigma, jets.data.n_particles) == (0.5, 0.3, 100)
-    npy = _compose("data=npy", "data.path=events.npy", "data.feature_names=[pt,eta,phi]")
+    npy = compose_config("data=npy", "data.path=events.npy", "data.feature_names=[pt,eta,phi]")
     validate(npy)
     assert npy.data.test_fraction == 0.2 and npy.data.min_events == 10 and list(npy.data.feature_names) == [
         "pt", "eta", "phi"]

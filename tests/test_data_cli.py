@@ -13,12 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_module
 
 from flowvae.cli import main
-from flowvae.config import register_configs
 from flowvae.data import load_events
-from tests.conftest import TINY, run_flowvae
+from tests.conftest import TINY, compose_config, run_flowvae
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_particles.py"
 # TINY without the keys of the drawn toys: an npy run takes its sizes from its file.
@@ -67,12 +65,6 @@ def test_npy_example_runs_end_to_end_with_the_printed_command(tmp_path):
                                rtol=1e-5, atol=1e-6)
     assert abs(row["gen_mean_0"] - row["input_mean_0"]) < 0.5 * row["input_std_0"]
     assert (tmp_path / "run" / "histograms.png").exists()
-
-
-def compose_config(*overrides: str):
-    register_configs()
-    with initialize_config_module(config_module="flowvae.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def _bad_files(tmp_path: Path) -> None:

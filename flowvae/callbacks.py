@@ -16,6 +16,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from flowvae.files import RunFiles
+
 __all__ = ["SweepSummary", "count_jobs", "SWEEP_EXIT_CODE"]
 
 log = logging.getLogger("flowvae.sweep")
@@ -23,6 +25,7 @@ log = logging.getLogger("flowvae.sweep")
 # Set by on_multirun_end in the launching process: the sweep's exit code (the worst of its jobs').
 SWEEP_EXIT_CODE: int | None = None
 SWEEP_FILE = "sweep.json"
+STATUS_FILE = RunFiles(Path()).status.name
 
 
 def count_jobs(config: DictConfig) -> int:
@@ -39,7 +42,7 @@ def count_jobs(config: DictConfig) -> int:
 
 def _statuses(sweep_dir: Path) -> list[dict[str, Any]]:
     found = []
-    for path in sorted(sweep_dir.glob("*/status.json")):
+    for path in sorted(sweep_dir.glob(f"*/{STATUS_FILE}")):
         try:
             found.append({**json.loads(path.read_text()), "dir": path.parent.name})
         except (OSError, ValueError):  # a job writing it right now
@@ -55,7 +58,7 @@ class SweepSummary(Callback):
         SWEEP_EXIT_CODE = None
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        for stale in sweep_dir.glob("*/status.json"):  # a rerun of the sweep in the same directory
+        for stale in sweep_dir.glob(f"*/{STATUS_FILE}"):  # a rerun of the sweep in the same directory
             stale.unlink()
         try:
             total = count_jobs(config)

@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from flowvae import __version__
+from flowvae import __version__, stopping
 from flowvae.config import register_configs
 
 __all__ = ["main", "train"]
@@ -35,6 +35,7 @@ examples:
   flowvae table outputs/results.csv
 
 exit codes: 0 ok or skipped, 1 a run failed or diverged, 2 bad configuration, 3 interrupted (resumable)
+tab completion (bash): eval "$(flowvae train -sc install=bash)"
 """
 
 register_configs()
@@ -72,6 +73,7 @@ def _parallel_jobs(hc) -> int:
 def _run_train(args: list[str]) -> int:
     from flowvae import callbacks
 
+    stopping.install()  # from here on SIGTERM and Ctrl-C end the run (or sweep) with exit 3 and a status file
     sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
     comp_line = os.environ.get("COMP_LINE")
     if comp_line is not None:  # tab completion: Hydra must not see the word `train` as an override
@@ -80,6 +82,9 @@ def _run_train(args: list[str]) -> int:
     callbacks.SWEEP_EXIT_CODE = None
     try:
         train()
+    except KeyboardInterrupt:  # a second Ctrl-C in a sweep's parent: its jobs record their own status
+        print("flowvae train: stopped by a second Ctrl-C", file=sys.stderr)
+        return 3
     except SystemExit as exit_:
         # Hydra exits 1 when it cannot compose the config (a wrong type, an unknown option): a bad configuration.
         code = exit_.code if isinstance(exit_.code, int) else 1
@@ -87,6 +92,11 @@ def _run_train(args: list[str]) -> int:
     except ValueError as err:  # Hydra's own argument checks, e.g. -m together with --cfg
         print(f"flowvae train: {err}", file=sys.stderr)
         return 2
+    except Exception:
+        if stopping.requested():  # a launcher whose workers were stopped under it (e.g. joblib's loky)
+            print(f"flowvae train: stopped by {stopping.received()}", file=sys.stderr)
+            return 3
+        raise
     if callbacks.SWEEP_EXIT_CODE is not None:
         return callbacks.SWEEP_EXIT_CODE
     return max(_exit_codes, default=0)
@@ -103,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "train":
         return _run_train(rest)
+    if command in ("-sc", "--shell-completion"):  # the completion script Hydra installs calls `flowvae -sc ...`
+        return _run_train(args)
     if command == "table":
-        from flowvae.report import table_main
+        from flowvae.table import main as table_main
 
         return table_main(rest)
     print(f"flowvae: unknown command {command!r}; the commands are train and table (flowvae --help)",

@@ -9,15 +9,15 @@ Defaults live in ``conf/*.yaml``; the schema only fixes the types.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Dict  # noqa: UP035 - OmegaConf reads typing.Dict, not dict[...]
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 __all__ = ["ConfigError", "Config", "register_configs", "validate", "per_feature", "LIKELIHOODS"]
 
-FLOW_NAMES = ("none", "planar", "orthogonal", "householder", "triangular", "iaf")
 DATA_NAMES = ("gaussian", "npy", "jets")
 LIKELIHOODS = ("mse", "gaussian")
 DECODES = ("mean", "sample")
@@ -37,17 +37,6 @@ def _show(value: Any) -> str:
     if isinstance(value, (DictConfig, ListConfig)):
         value = OmegaConf.to_container(value)
     return str(value)
-
-
-@dataclass
-class FlowConfig:
-    """One flow family; only the options its own ``conf/flow/<name>.yaml`` sets are passed on."""
-
-    name: str = MISSING
-    num_ortho_vecs: int | None = None
-    num_householder: int | None = None
-    hidden: int | None = None
-    context: int | None = None
 
 
 @dataclass
@@ -109,7 +98,9 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    flow: FlowConfig = MISSING
+    # One family's ``name`` and its own options, as ``conf/flow/<name>.yaml`` sets them; the flow registry
+    # (flowvae.flows) is the one list of families and options, and validate() checks against it.
+    flow: Dict[str, Any] = MISSING  # noqa: UP006
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
     train: TrainConfig = MISSING
@@ -121,8 +112,12 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the top-level schema; ``conf/config.yaml`` names it first in its defaults list."""
+    """Register the top-level schema (``conf/config.yaml`` names it first in its defaults list) and the
+    ``${flowvae.uid:}`` resolver that makes run directories unique."""
     ConfigStore.instance().store(name="flowvae_schema", node=Config)
+    if not OmegaConf.has_resolver("flowvae.uid"):
+        # Cached per config, and Hydra copies the cache into each job of a sweep: one value per run or sweep.
+        OmegaConf.register_new_resolver("flowvae.uid", lambda: secrets.token_hex(3), use_cache=True)
 
 
 def per_feature(value: Any, n_features: int, key: str) -> list[float]:
@@ -151,22 +146,31 @@ def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check every value a user can set; raise :class:`ConfigError` on the first that is wrong."""
-    _require(cfg.flow.name in FLOW_NAMES, "flow", cfg.flow.name, f"one of {', '.join(FLOW_NAMES)}")
     _positive_int(cfg, "n_flows", minimum=0)
-    for key in ("num_ortho_vecs", "num_householder", "hidden", "context"):
-        value = cfg.flow[key]
-        _require(value is None or value >= 1, f"flow.{key}", value, "an integer >= 1")
-    m = cfg.flow.num_ortho_vecs
-    _require(
-        m is None or m <= cfg.model.latent_dim,
-        "flow.num_ortho_vecs",
-        m,
-        f"at most model.latent_dim={cfg.model.latent_dim} (Q has that many orthonormal columns at most)",
-    )
     _validate_model(cfg)
+    _validate_flow(cfg)
     _validate_train(cfg)
     _validate_eval(cfg)
     _validate_data(cfg)
+
+
+def _validate_flow(cfg: DictConfig) -> None:
+    """The family and its options against the flow registry (which imports torch: a run needs it anyway)."""
+    from flowvae import flows
+
+    name = cfg.flow.get("name")
+    _require(name in flows.FLOWS, "flow", name, f"one of {', '.join(flows.FLOWS)}")
+    allowed = flows.options(name)
+    for key, value in cfg.flow.items():
+        if key == "name":
+            continue
+        _require(key in allowed, f"flow.{key}", value,
+                 f"an option of flow {name}: {', '.join(allowed)}" if allowed else f"flow {name} takes no options")
+        if value is not None:
+            try:
+                flows.FLOWS[name].check_options(cfg.model.latent_dim, **{key: value})
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"flow.{key}", value, f"{err} (dim is model.latent_dim)") from None
 
 
 def _validate_model(cfg: DictConfig) -> None:

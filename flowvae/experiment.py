@@ -13,15 +13,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from flowvae import metrics
+from flowvae import metrics, stopping
+from flowvae.config import ConfigError
 from flowvae.cores import choose_threads
 from flowvae.data import Events, Scaler
-from flowvae.files import replaced
+from flowvae.files import RunFiles, replaced
 from flowvae.model import FlowVAE, build_model
-from flowvae.train import fit
+from flowvae.train import CheckpointMismatch, check_checkpoint, fit
 
-__all__ = ["metric_columns", "train_and_score", "generate_events", "choose_device", "configure_torch",
-           "model_input"]
+__all__ = ["metric_columns", "preflight", "train_and_score", "generate_events", "choose_device",
+           "configure_torch", "model_input"]
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,23 @@ def metric_columns(n_features: int) -> list[str]:
 
 
 def choose_device(name: str) -> torch.device:
+    """``train.device`` as a torch device; ``cuda`` without a CUDA device is a :class:`ConfigError`."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but torch sees no CUDA device; use train.device=cpu or auto")
+        raise ConfigError("train.device", name, "cpu or auto: torch sees no CUDA device here (a CPU build of "
+                                                "torch, or no GPU visible to this process)")
     return torch.device(name)
+
+
+def preflight(cfg: DictConfig, files: RunFiles, run_hash: str) -> None:
+    """The checks that need torch but no training: the device, and a checkpoint in the run directory that
+    belongs to another config. Raises :class:`ConfigError`, so the run is refused before any work."""
+    choose_device(cfg.train.device)
+    try:
+        check_checkpoint(files.checkpoint, {"config_hash": run_hash})
+    except CheckpointMismatch as err:
+        raise ConfigError("hydra.run.dir", str(files.root), str(err)) from None
 
 
 def configure_torch(threads: int) -> None:
@@ -55,11 +68,12 @@ def configure_torch(threads: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def train_and_score(cfg: DictConfig, events: Events, run_dir: Path, run_hash: str,
+def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, run_hash: str,
                     parallel_jobs: int = 1) -> tuple[str, str, dict]:
     """Train, generate, score; write the run's curves, checkpoint and histogram picture.
 
-    Returns (status, message, values for the result row).
+    Returns (status, message, values for the result row). A stop request ends training at a step boundary
+    (status ``interrupted``) and any later phase by :class:`flowvae.stopping.Interrupted`.
     """
     device = choose_device(cfg.train.device)
     threads = choose_threads(cfg.train.threads, parallel_jobs)
@@ -73,18 +87,19 @@ def train_and_score(cfg: DictConfig, events: Events, run_dir: Path, run_hash: st
 
     torch.manual_seed(cfg.seed)
     model = build_model(train_x.shape[1], cfg.model, cfg.flow, cfg.n_flows).to(device)
-    curves = run_dir / "training_curves.csv"
-    outcome = fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=run_dir / "checkpoint.pt",
+    outcome = fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=files.checkpoint,
                   extra_state={"config_hash": run_hash},
-                  on_epoch=lambda history: _write_curves(curves, history))
+                  on_epoch=lambda history: _write_curves(files.curves, history), should_stop=stopping.requested)
     if outcome.status == "interrupted":
         return outcome.status, outcome.message, {}
     values: dict = {"epochs_run": outcome.epochs_run, "resumed_from": outcome.resumed_from}
     if outcome.status == "diverged":
         return outcome.status, outcome.message, values
 
+    stopping.check("after training, before generating (training is saved: the rerun only scores)")
     generated = generate_events(model, cfg.eval, test_x, cfg.seed, events.test.shape[1:])
     generated = scaler.inverse(generated)
+    stopping.check("while generating (training is saved: the rerun only scores)")
     kl_options = {"bins": cfg.eval.bins, "eps": cfg.eval.eps}
     values.update(metrics.score(generated, events.test, **kl_options))
     values["noise_floor"] = metrics.noise_floor(events.test, seed=cfg.seed, **kl_options)
@@ -93,10 +108,10 @@ def train_and_score(cfg: DictConfig, events: Events, run_dir: Path, run_hash: st
                   final_recon=last["test_recon"], final_kl_term=last["test_kl"])
     from flowvae.report import plot_histograms
 
-    plot_histograms(generated, events.test, events.feature_names, values, run_dir / "histograms.png",
+    plot_histograms(generated, events.test, events.feature_names, values, files.histograms,
                     title=f"{cfg.flow.name}, n_flows={cfg.n_flows}, seed={cfg.seed}: kl_sum={values['kl_sum']:.4f}",
                     bins=cfg.eval.bins)
-    with replaced(run_dir / "generated_sample.npy") as tmp:
+    with replaced(files.sample) as tmp:
         np.save(tmp, generated[:1000])
     return "ok", "", values
 

@@ -5,9 +5,57 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["replaced", "resolve_path"]
+__all__ = ["replaced", "resolve_path", "RunFiles"]
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one run directory, named in this one place (the job, the experiment, the sweep summary and
+    the tests ask here). The run's log, ``train.log``, is named by Hydra's ``hydra.job.name``."""
+
+    root: Path
+
+    @property
+    def result(self) -> Path:
+        """The run's own one-row CSV, every column kept."""
+        return self.root / "result.csv"
+
+    @property
+    def status(self) -> Path:
+        """``{"status", "exit_code", "message"}``: how the run ended, for whoever launched it."""
+        return self.root / "status.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint.pt"
+
+    @property
+    def curves(self) -> Path:
+        """Per-epoch losses."""
+        return self.root / "training_curves.csv"
+
+    @property
+    def histograms(self) -> Path:
+        """Each feature's generated vs input histogram."""
+        return self.root / "histograms.png"
+
+    @property
+    def sample(self) -> Path:
+        """The first generated events, in the data's units."""
+        return self.root / "generated_sample.npy"
+
+    @property
+    def error(self) -> Path:
+        """The traceback of a run that failed."""
+        return self.root / "error.txt"
+
+    @property
+    def lock(self) -> Path:
+        """Held while a run works in this directory, so two runs never share it."""
+        return self.root / ".flowvae.lock"
 
 
 @contextmanager

@@ -15,13 +15,15 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from filelock import FileLock, Timeout
+from omegaconf import DictConfig
 
-from flowvae import __version__
+from flowvae import __version__, stopping
 from flowvae.config import ConfigError, validate
 from flowvae.data import load_events
-from flowvae.files import replaced, resolve_path
-from flowvae.results import append_row, config_hash, has_ok_row, write_row_file
+from flowvae.files import RunFiles, replaced, resolve_path
+from flowvae.identity import run_hash, run_settings
+from flowvae.results import ResultsError, append_row, check_writable, has_ok_row, write_row_file
 
 __all__ = ["run", "EXIT_OK", "EXIT_FAILED", "EXIT_CONFIG", "EXIT_INTERRUPTED"]
 
@@ -30,91 +32,91 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3
 EXIT_CODES = {"ok": EXIT_OK, "skipped": EXIT_OK, "failed": EXIT_FAILED, "diverged": EXIT_FAILED,
               "invalid": EXIT_CONFIG, "interrupted": EXIT_INTERRUPTED}
+RESUME = "rerun the same command in the same run directory to resume"
 
 
 def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1) -> int:
     """Run the experiment ``cfg`` in ``run_dir``; relative paths in the config are relative to ``launch_dir``.
 
-    Returns the exit code and leaves ``status.json`` in the run directory for whoever launched it.
+    Returns the exit code and leaves ``status.json`` in the run directory for whoever launched it. SIGTERM or
+    Ctrl-C at any point before the row is appended ends the run as ``interrupted`` (exit 3) with no row; once
+    the row is in the table the run is done.
     """
-    results_csv = resolve_path(cfg.results_csv, launch_dir)
+    stopping.install()
+    files = RunFiles(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(files.lock, timeout=0):
+            return _run(cfg, files, launch_dir, parallel_jobs)
+    except Timeout:
+        log.error("the run directory %s is in use by another run; give this one its own hydra.run.dir", run_dir)
+        return EXIT_CONFIG
+    except stopping.Interrupted as err:
+        return _finish(files, "interrupted", f"{err}; {RESUME}")
+    except KeyboardInterrupt:
+        return _finish(files, "interrupted", f"stopped at once by a second Ctrl-C; the last checkpoint is kept: "
+                                             f"{RESUME}")
+
+
+def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int) -> int:
+    stopping.check("before the run started")
     try:
         validate(cfg)
     except ConfigError as err:
-        return _finish(run_dir, "invalid", f"bad configuration: {err}")
-    run_hash = config_hash(cfg)
-    if cfg.skip_existing and has_ok_row(results_csv, run_hash):
-        log.info("skipped: %s already has an ok row for config %s", results_csv, run_hash)
-        return _finish(run_dir, "skipped", "")
+        return _finish(files, "invalid", f"bad configuration: {err}")
+    results_csv = resolve_path(cfg.results_csv, launch_dir)
+    try:
+        check_writable(results_csv)
+    except ResultsError as err:
+        return _finish(files, "invalid", f"bad configuration: results_csv={cfg.results_csv}: {err}")
+    identity = run_hash(cfg)
+    if cfg.skip_existing and has_ok_row(results_csv, identity):
+        log.info("skipped: %s already has an ok row for config %s", results_csv, identity)
+        return _finish(files, "skipped", "")
     started = time.time()
     try:
         events = load_events(cfg.data, launch_dir)  # numpy only: a bad data file is refused at once
-    except ConfigError as err:
-        return _finish(run_dir, "invalid", f"bad configuration: {err}")
-    from flowvae import experiment  # heavy imports (torch) only for real work
-    from flowvae.train import StopRequest
+        stopping.check("while loading the data")
+        from flowvae import experiment  # heavy imports (torch) only for real work
 
-    if StopRequest.received:  # an earlier job of this sweep was stopped: stop the sweep, not just that job
-        return _finish(run_dir, "interrupted", f"not started: {StopRequest.received} received earlier")
+        experiment.preflight(cfg, files, identity)
+    except ConfigError as err:
+        return _finish(files, "invalid", f"bad configuration: {err}")
+    stopping.check("before training")
     try:
-        status, message, values = experiment.train_and_score(cfg, events, run_dir, run_hash, parallel_jobs)
+        status, message, values = experiment.train_and_score(cfg, events, files, identity, parallel_jobs)
+    except (stopping.Interrupted, KeyboardInterrupt):
+        raise
     except Exception as err:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
-        (run_dir / "error.txt").write_text(traceback.format_exc())
+        files.error.write_text(traceback.format_exc())
         status, message, values = "failed", f"{type(err).__name__}: {err}", {}
-        log.error("run failed: %s (traceback in %s)", message, run_dir / "error.txt")
+        log.error("run failed: %s (traceback in %s)", message, files.error)
     if status == "interrupted":
-        return _finish(run_dir, status, message)
+        return _finish(files, status, f"stopped by {stopping.received()} {message}")
     # Every row has the same columns whatever the outcome: blanks where a failed run has no value.
     metric_values = {key: values.get(key, "") for key in experiment.metric_columns(events.n_features)}
-    row = {**_identity_columns(cfg), **metric_values, "status": status, "error": message,
+    settings = run_settings(cfg)
+    cell = {key: settings.pop(key) for key in ("flow", "n_flows", "seed")}
+    row = {**cell, **metric_values, "status": status, "error": message, **settings,
            "wall_seconds": round(time.time() - started, 3),
-           "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_dir": str(run_dir),
-           "config_hash": run_hash, "flowvae_version": __version__, "host": platform.node()}
-    write_row_file(run_dir / "result.csv", row)
-    append_row(results_csv, row)
+           "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_dir": str(files.root),
+           "config_hash": identity, "flowvae_version": __version__, "host": platform.node()}
+    stopping.check("before its row was written (training is saved: the rerun only scores)")
+    try:
+        append_row(results_csv, row)  # the run is done once its row is in the table
+    except ResultsError as err:
+        status, message = "failed", str(err)
+        row.update(status=status, error=message)
+        log.error("run finished but its row is not in the table: %s", message)
+    write_row_file(files.result, row)
     log.info("%s: kl_sum=%s, row appended to %s", status, row.get("kl_sum") or "n/a", results_csv)
-    return _finish(run_dir, status, message)
+    return _finish(files, status, message)
 
 
-def _finish(run_dir: Path, status: str, message: str) -> int:
+def _finish(files: RunFiles, status: str, message: str) -> int:
     code = EXIT_CODES[status]
     if message and status != "failed":
         (log.error if code else log.info)(message)
-    with replaced(run_dir / "status.json") as tmp:
+    with replaced(files.status) as tmp:
         tmp.write_text(json.dumps({"status": status, "exit_code": code, "message": message}))
     return code
-
-
-def _identity_columns(cfg: DictConfig) -> dict:
-    """The columns that say which experiment a row is: flow, K, seed and the setting it ran in."""
-    data = cfg.data
-
-    def plain(value):
-        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-        return "" if value is None else json.dumps(value)
-
-    return {
-        "flow": cfg.flow.name,
-        "n_flows": cfg.n_flows,
-        "seed": cfg.seed,
-        "data": data.name,
-        "data_mu": plain(data.mu),
-        "data_sigma": plain(data.sigma),
-        "data_offset_sigma": plain(data.offset_sigma),
-        "data_scale_sigma": "" if data.scale_sigma is None else data.scale_sigma,
-        "data_seed": data.seed,
-        "n_particles": data.n_particles or "",
-        "n_train": data.n_train or "",
-        "data_path": data.path or "",
-        "data_key": data.key or "",
-        "test_fraction": "" if data.test_fraction is None else data.test_fraction,
-        "standardize": data.standardize,
-        "likelihood": cfg.model.likelihood,
-        "sigma_x": "" if cfg.model.sigma_x is None else cfg.model.sigma_x,
-        "latent_dim": cfg.model.latent_dim,
-        "decode": cfg.eval.decode,
-        "source": cfg.eval.source,
-        "epochs": cfg.train.epochs,
-        "batch_size": cfg.train.batch_size,
-        "lr": cfg.train.lr,
-    }

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from torch import Tensor
 from flowvae.files import replaced
 from flowvae.model import FlowVAE
 
-__all__ = ["TrainOutcome", "fit", "evaluate_loss", "save_atomic", "StopRequest"]
+__all__ = ["TrainOutcome", "fit", "evaluate_loss", "save_atomic", "check_checkpoint", "CheckpointMismatch"]
 
 log = logging.getLogger(__name__)
 
@@ -33,51 +32,13 @@ EVAL_SEED_OFFSET = 2
 
 @dataclass
 class TrainOutcome:
-    """How training ended: ``ok``, ``diverged`` (a non-finite loss) or ``interrupted`` (SIGTERM)."""
+    """How training ended: ``ok``, ``diverged`` (a non-finite loss) or ``interrupted`` (asked to stop)."""
 
     status: str
     history: list[dict] = field(default_factory=list)
     epochs_run: int = 0  # epochs trained by this process (fewer than train.epochs after a resume)
     resumed_from: int = 0
     message: str = ""
-
-
-class StopRequest:
-    """Turns SIGTERM (what SLURM and cron timeouts send) and a first Ctrl-C into a flag the loop checks
-    between steps, so training stops at a step boundary with a checkpoint. A second Ctrl-C interrupts at once.
-    The flag outlives the run (``StopRequest.received``): a sweep's later jobs in this process do not start.
-    """
-
-    received: str | None = None  # the signal's name, once one arrived in this process
-
-    def __init__(self) -> None:
-        self._previous: dict[int, object] = {}
-
-    @property
-    def requested(self) -> bool:
-        return StopRequest.received is not None
-
-    @property
-    def signal_name(self) -> str:
-        return StopRequest.received or ""
-
-    def __enter__(self) -> StopRequest:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread (some launchers): the default behaviour applies
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        StopRequest.received = signal.Signals(signum).name
-        log.warning("%s received: stopping after this step and saving a checkpoint", StopRequest.received)
-        if signum == signal.SIGINT:  # a second Ctrl-C stops at once
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __exit__(self, *exc) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
 
 
 def save_atomic(obj: object, path: Path) -> None:
@@ -121,13 +82,16 @@ def _progress(total: int, initial: int, mode: str):
 
 def fit(model: FlowVAE, train_x: Tensor, test_x: Tensor, cfg_train, *, seed: int,
         checkpoint: Path | None = None, extra_state: dict | None = None,
-        on_epoch: Callable[[list[dict]], None] | None = None) -> TrainOutcome:
+        on_epoch: Callable[[list[dict]], None] | None = None,
+        should_stop: Callable[[], bool] = lambda: False) -> TrainOutcome:
     """Train ``model`` for ``cfg_train.epochs`` epochs, resuming from ``checkpoint`` when it exists.
 
-    A checkpoint is written every ``checkpoint_every`` epochs and, on SIGTERM or Ctrl-C, at the step where
-    training stopped (with the epoch's batch order and partial sums), so a resumed run continues exactly.
-    ``extra_state`` is stored in every checkpoint (the run's config hash); a checkpoint whose extra state
-    differs is refused with ValueError rather than silently mixing two configs.
+    A checkpoint is written every ``checkpoint_every`` epochs and, once ``should_stop()`` turns true (checked
+    after every step), at the step where training stopped (with the epoch's batch order and partial sums), so
+    a resumed run continues exactly. Training that completes its last epoch returns ``ok`` whatever
+    ``should_stop`` says: its checkpoint is the finished model. ``extra_state`` is stored in every checkpoint
+    (the run's config hash); a checkpoint whose extra state differs raises :class:`CheckpointMismatch` rather
+    than silently mixing two configs (:func:`check_checkpoint` asks before any work).
     """
     optimizer = _make_optimizer(model, cfg_train)
     shuffle = torch.Generator(device="cpu").manual_seed(seed)
@@ -147,54 +111,54 @@ def fit(model: FlowVAE, train_x: Tensor, test_x: Tensor, cfg_train, *, seed: int
     save = (lambda epoch, part=None: _save(checkpoint, model, optimizer, shuffle, outcome, epoch,
                                            extra_state or {}, part)) if checkpoint is not None else None
     model.train()
-    with StopRequest() as stop:
-        for epoch in range(start_epoch, cfg_train.epochs):
-            started = time.perf_counter()
-            if partial is not None:  # resuming inside an epoch: same order, same partial sums
-                order, first_step, sums = partial["order"].to(device), partial["step"], partial["sums"].to(device)
-                partial = None
-            else:
-                order = torch.randperm(len(train_x), generator=shuffle).to(device)
-                first_step, sums = 0, torch.zeros(3, device=device, dtype=torch.float64)
-            for i in range(first_step, steps_per_epoch):
-                batch = train_x[order[i * batch_size:(i + 1) * batch_size]]
-                sums += step_fn(batch, _beta(epoch * steps_per_epoch + i, warmup_steps)) * len(batch)
-                if stop.requested and i + 1 < steps_per_epoch:
-                    if save is not None:
-                        save(epoch, {"step": i + 1, "order": order.cpu(), "sums": sums.cpu()})
-                    outcome.status = "interrupted"
-                    outcome.message = (f"stopped by {stop.signal_name} in epoch {epoch + 1} after step {i + 1}; "
-                                       f"rerun the same command in the same run directory to resume")
-                    break
-            if outcome.status == "interrupted":
-                break
-            train_loss, train_recon, train_kl = (sums / len(train_x)).tolist()
-            row = {"epoch": epoch + 1, "beta": _beta((epoch + 1) * steps_per_epoch, warmup_steps),
-                   "train_loss": train_loss, "train_recon": train_recon, "train_kl": train_kl}
-            if not math.isfinite(train_loss):
-                outcome.status = "diverged"
-                outcome.message = (f"non-finite training loss ({train_loss}) in epoch {epoch + 1}; try a smaller "
-                                   f"train.lr (now {cfg_train.lr}) or train.grad_clip")
-                outcome.history.append(row)
-                break
-            last = epoch + 1 == cfg_train.epochs
-            if last or (epoch + 1) % cfg_train.eval_every == 0:
-                test = evaluate_loss(model, test_x, seed=seed + EVAL_SEED_OFFSET)
-            else:
-                test = dict.fromkeys(("loss", "recon", "kl"), math.nan)
-            row.update({f"test_{k}": v for k, v in test.items()}, seconds=time.perf_counter() - started)
-            outcome.history.append(row)
-            outcome.epochs_run += 1
-            _report(row, cfg_train.epochs, bar)
-            if on_epoch is not None:
-                on_epoch(outcome.history)
-            if save is not None and (last or stop.requested or (epoch + 1) % cfg_train.checkpoint_every == 0):
-                save(epoch + 1)
-            if stop.requested and not last:
+    for epoch in range(start_epoch, cfg_train.epochs):
+        started = time.perf_counter()
+        if partial is not None:  # resuming inside an epoch: same order, same partial sums
+            order, first_step, sums = partial["order"].to(device), partial["step"], partial["sums"].to(device)
+            partial = None
+        else:
+            order = torch.randperm(len(train_x), generator=shuffle).to(device)
+            first_step, sums = 0, torch.zeros(3, device=device, dtype=torch.float64)
+        for i in range(first_step, steps_per_epoch):
+            batch = train_x[order[i * batch_size:(i + 1) * batch_size]]
+            sums += step_fn(batch, _beta(epoch * steps_per_epoch + i, warmup_steps)) * len(batch)
+            if i + 1 < steps_per_epoch and should_stop():
+                if save is not None:
+                    save(epoch, {"step": i + 1, "order": order.cpu(), "sums": sums.cpu()})
                 outcome.status = "interrupted"
-                outcome.message = (f"stopped by {stop.signal_name} after epoch {epoch + 1}; rerun the same command "
-                                   f"in the same run directory to resume")
+                outcome.message = (f"in epoch {epoch + 1} after step {i + 1}; rerun the same command in the "
+                                   f"same run directory to resume")
                 break
+        if outcome.status == "interrupted":
+            break
+        train_loss, train_recon, train_kl = (sums / len(train_x)).tolist()
+        row = {"epoch": epoch + 1, "beta": _beta((epoch + 1) * steps_per_epoch, warmup_steps),
+               "train_loss": train_loss, "train_recon": train_recon, "train_kl": train_kl}
+        if not math.isfinite(train_loss):
+            outcome.status = "diverged"
+            outcome.message = (f"non-finite training loss ({train_loss}) in epoch {epoch + 1}; try a smaller "
+                               f"train.lr (now {cfg_train.lr}) or train.grad_clip")
+            outcome.history.append(row)
+            break
+        last = epoch + 1 == cfg_train.epochs
+        if last or (epoch + 1) % cfg_train.eval_every == 0:
+            test = evaluate_loss(model, test_x, seed=seed + EVAL_SEED_OFFSET)
+        else:
+            test = dict.fromkeys(("loss", "recon", "kl"), math.nan)
+        row.update({f"test_{k}": v for k, v in test.items()}, seconds=time.perf_counter() - started)
+        outcome.history.append(row)
+        outcome.epochs_run += 1
+        _report(row, cfg_train.epochs, bar)
+        if on_epoch is not None:
+            on_epoch(outcome.history)
+        stop = not last and should_stop()
+        if save is not None and (last or stop or (epoch + 1) % cfg_train.checkpoint_every == 0):
+            save(epoch + 1)
+        if stop:
+            outcome.status = "interrupted"
+            outcome.message = (f"after epoch {epoch + 1}; rerun the same command in the same run directory "
+                               f"to resume")
+            break
     if bar is not None:
         bar.close()
     return outcome
@@ -251,12 +215,31 @@ def _save(path: Path, model, optimizer, shuffle: torch.Generator, outcome: Train
     }, path)
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint in the run directory belongs to another config: resuming from it would mix two runs."""
+
+
+def _check_extra(path: Path, state: dict, extra_state: dict) -> None:
+    if state.get("extra") != extra_state:
+        raise CheckpointMismatch(f"the run directory holds a checkpoint ({path}) written by a different config "
+                                 f"({state.get('extra')} != {extra_state}); move it away or use another run "
+                                 f"directory")
+
+
+def check_checkpoint(path: Path, extra_state: dict) -> int | None:
+    """The epochs done in the checkpoint at ``path`` (None when there is none); raises
+    :class:`CheckpointMismatch` when it was written with other ``extra_state``. Loads no weights onto a device."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    _check_extra(path, state, extra_state)
+    return int(state["epoch"])
+
+
 def _restore(path: Path, model, optimizer, shuffle: torch.Generator, outcome: TrainOutcome,
              extra_state: dict) -> tuple[int, dict | None]:
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("extra") != extra_state:
-        raise ValueError(f"the checkpoint {path} was written by a different config "
-                         f"({state.get('extra')} != {extra_state}); move it away or use another run directory")
+    _check_extra(path, state, extra_state)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.random.set_rng_state(state["torch_rng"])

@@ -41,10 +41,11 @@ from flowvae.config import register_configs
 from flowvae.cores import choose_threads
 from flowvae.data import load_events
 from flowvae.experiment import configure_torch, generate_events, model_input
+from flowvae.flows import FLOWS
 from flowvae.model import FlowVAE, build_model
 from flowvae.train import _make_optimizer, _make_step, evaluate_loss, save_atomic
 
-FAMILIES = ("planar", "orthogonal", "householder", "triangular", "iaf")
+FAMILIES = tuple(name for name in FLOWS if name != "none")  # the flow registry's families
 # the targets for a family's step, as a multiple of the plain VAE's step
 TARGET_RATIO = {1: 2.0, 10: 2.0, 80: 8.0}
 BLOCK_SECONDS = 0.15  # each timed block of steps lasts about this long

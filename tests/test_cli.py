@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import entropy, wasserstein_distance
 
 from flowvae import __version__
 from flowvae.experiment import metric_columns
-from tests.conftest import run_flowvae
+from tests.conftest import TINY, run_flowvae
 
 
 def _train(tmp_path, tiny, *overrides, run_dir="run"):
@@ -64,6 +67,36 @@ def test_train_writes_row_outputs_and_is_deterministic(tmp_path, tiny):
     assert pd.read_csv(run_dir / "result.csv").iloc[0]["kl_sum"] == row["kl_sum"]
 
 
+def _histogram_kl(p: np.ndarray, q: np.ndarray, bins: int, eps: float = 1e-10) -> float:
+    """The README's KL definition, written independently: shared bins on the pooled range, eps, renormalised."""
+    edges = np.linspace(min(p.min(), q.min()), max(p.max(), q.max()), bins + 1)
+    p_prob = np.histogram(p, edges)[0] / p.size + eps
+    q_prob = np.histogram(q, edges)[0] / q.size + eps
+    return float(entropy(p_prob, q_prob))  # normalises both, sum p log(p/q)
+
+
+def test_default_run_row_equals_values_computed_independently_from_its_files(tmp_path):
+    """The default model path end to end: the row's metrics are D_KL(generated || input), W1 and moments of the
+    generated events it saved against the held-out events, recomputed here with numpy and scipy."""
+    out = run_flowvae(["train", *TINY, "hydra.run.dir=run", "results_csv=results.csv"], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    row = pd.read_csv(tmp_path / "results.csv").iloc[0]
+    generated = np.load(tmp_path / "run" / "generated_sample.npy").astype(np.float64)  # all 200 events
+    rng = np.random.default_rng(0)  # data.seed: the gaussian toy draws train, then held-out events
+    rng.standard_normal((200, 3, 10))
+    held_out = 1.0 + 0.5 * rng.standard_normal((200, 3, 10))
+    assert generated.shape == (200, 3, 10)
+    for i in range(3):
+        gen, ref = generated[:, i].ravel(), held_out[:, i].ravel()
+        assert row[f"kl_{i}"] == pytest.approx(_histogram_kl(gen, ref, bins=20), rel=1e-6)
+        assert row[f"kl_{i}"] != pytest.approx(_histogram_kl(ref, gen, bins=20), rel=1e-3)  # the order matters
+        assert row[f"w1_{i}"] == pytest.approx(wasserstein_distance(gen, ref), rel=1e-6)
+        assert row[f"gen_mean_{i}"] == pytest.approx(gen.mean(), rel=1e-6)
+        assert row[f"gen_std_{i}"] == pytest.approx(gen.std(), rel=1e-6)
+        assert row[f"input_std_{i}"] == pytest.approx(held_out[:, i].std(), rel=1e-5)
+    assert row["kl_sum"] == pytest.approx(sum(row[f"kl_{i}"] for i in range(3)), rel=1e-12)
+
+
 def test_zero_flows_is_the_same_plain_vae_for_every_flow_type(tmp_path, tiny):
     sums = []
     for flow in ("none", "iaf", "orthogonal"):
@@ -80,6 +113,55 @@ def test_bad_value_exits_2_with_one_line_and_no_row(tmp_path, tiny):
     text = out.stdout + out.stderr
     assert "n_flows=-1" in text and "Traceback" not in text
     assert not (tmp_path / "results.csv").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("results_csv=/proc/forbidden.csv", "cannot create the lock file"),
+    ("results_csv={tmp}/file/r.csv", "cannot make the folder"),
+    ("train.device=cuda", "train.device=cuda"),
+])
+def test_what_can_be_checked_without_training_is_refused_before_the_first_epoch(tmp_path, tiny, override,
+                                                                                  message):
+    (tmp_path / "file").write_text("x")
+    if override == "train.device=cuda":
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    out = _train(tmp_path, tiny, override.format(tmp=tmp_path))
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text
+    assert message in text and "Traceback" not in text and "epoch 1" not in text
+    assert not (tmp_path / "results.csv").exists()
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["exit_code"] == 2
+
+
+def test_tab_completion_works_as_the_readme_says(tmp_path):
+    out = run_flowvae(["train", "-sc", "install=bash"], cwd=tmp_path)
+    assert out.returncode == 0 and "-sc query=bash" in out.stdout
+    # What Tab runs: the executable's name, then -sc query=bash, with the typed line in COMP_LINE.
+    line = "flowvae train flow=pl"
+    out = run_flowvae(["-sc", "query=bash"], cwd=tmp_path, env={"COMP_LINE": line, "COMP_POINT": str(len(line))})
+    assert out.returncode == 0, out.stderr
+    assert "flow=planar" in out.stdout.split()
+    line = "flowvae train train.l"
+    out = run_flowvae(["-sc", "query=bash"], cwd=tmp_path, env={"COMP_LINE": line, "COMP_POINT": str(len(line))})
+    assert "train.lr=" in out.stdout.split()
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from flowvae.config import register_configs
+
+    register_configs()
+    dirs = set()
+    for _ in range(20):
+        with initialize_config_module(config_module="flowvae.conf", version_base="1.3"):
+            cfg = compose("config", overrides=["train.lr=0.01"], return_hydra_config=True)
+            dirs.add((cfg.hydra.run.dir, cfg.hydra.sweep.dir))
+    assert len({d[0] for d in dirs}) == 20 and len({d[1] for d in dirs}) == 20
 
 
 def test_wrong_type_is_refused_by_hydra(tmp_path, tiny):

@@ -6,9 +6,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from flowvae.config import ConfigError, per_feature, validate
+from flowvae.flows import FLOWS
 from tests.conftest import compose_config
 
-FLOWS = ["none", "planar", "orthogonal", "householder", "triangular", "iaf"]
 DATA = ["gaussian", "jets"]
 
 
@@ -61,8 +61,21 @@ def test_each_bad_value_names_its_key(override, key):
 
 def test_sylvester_bottleneck_larger_than_latent_is_refused():
     cfg = compose_config("flow=orthogonal", "flow.num_ortho_vecs=9", "model.latent_dim=8")
-    with pytest.raises(ConfigError, match="flow.num_ortho_vecs=9.*latent_dim=8"):
+    with pytest.raises(ConfigError, match="flow.num_ortho_vecs=9.*dim=8.*model.latent_dim"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    (["flow=iaf", "+flow.hiden=3"], "flow.hiden", "an option of flow iaf: hidden, context"),
+    (["flow=planar", "+flow.hidden=3"], "flow.hidden", "flow planar takes no options"),
+    (["flow=iaf", "flow.hidden=abc"], "flow.hidden", "integer"),
+    (["flow=householder", "flow.num_householder=0"], "flow.num_householder", "integer >= 1"),
+    (["flow=none", "flow.name=bogus"], "flow", "one of none, planar"),
+])
+def test_flow_options_are_checked_against_the_registry(overrides, key, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        validate(compose_config(*overrides))
+    assert info.value.key == key
 
 
 def test_sigma_x_with_mse_is_refused():

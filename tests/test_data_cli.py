@@ -16,12 +16,14 @@ import pytest
 
 from flowvae.cli import main
 from flowvae.data import load_events
+from flowvae.files import RunFiles
+from flowvae.flows import FLOWS
 from tests.conftest import TINY, compose_config, run_flowvae
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_particles.py"
 # TINY without the keys of the drawn toys: an npy run takes its sizes from its file.
 SIZES = [o for o in TINY if not o.startswith("data.")]
-FLOW_FAMILIES = ["planar", "orthogonal", "householder", "triangular", "iaf"]
+FLOW_FAMILIES = [name for name in FLOWS if name != "none"]
 
 
 def _make_particles_module():
@@ -55,8 +57,8 @@ def test_npy_example_runs_end_to_end_with_the_printed_command(tmp_path):
     out = run_flowvae(["train", *overrides, *SIZES, "hydra.run.dir=run", "results_csv=results.csv"], cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     row = pd.read_csv(tmp_path / "results.csv").iloc[0]
-    assert row["status"] == "ok" and row["data"] == "npy" and row["data_path"] == "particles.npy"
-    assert bool(row["standardize"]) and math.isfinite(row["kl_sum"])
+    assert row["status"] == "ok" and row["data.name"] == "npy" and row["data.path"] == "particles.npy"
+    assert bool(row["data.standardize"]) and math.isfinite(row["kl_sum"])
     # Scored in the file's own units: the input columns are the held-out split's moments, and the generated
     # events (trained standardized) are mapped back near them.
     events = load_events(compose_config(*overrides).data, launch_dir=tmp_path)
@@ -124,7 +126,7 @@ def test_jets_run_from_the_command_line(tmp_path):
                        "hydra.run.dir=run", "results_csv=results.csv"], cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     row = pd.read_csv(tmp_path / "results.csv").iloc[0]
-    assert row["status"] == "ok" and row["data"] == "jets" and row["source"] == "posterior"
+    assert row["status"] == "ok" and row["data.name"] == "jets" and row["eval.source"] == "posterior"
     assert math.isfinite(row["kl_sum"]) and row["input_std_0"] > 0.6  # offsets and scales widen the marginal
 
 
@@ -136,7 +138,7 @@ def test_posterior_source_runs_on_jets_for_every_flow_family(tmp_path, flow):
     tiny += ["train.epochs=1", "model.hidden=[16]"]
     cfg = compose_config("data=jets", *tiny, f"flow={flow}", "n_flows=1", "eval.source=posterior")
     events = load_events(cfg.data)
-    status, message, values = train_and_score(cfg, events, tmp_path, run_hash="test")
+    status, message, values = train_and_score(cfg, events, RunFiles(tmp_path), run_hash="test")
     assert status == "ok", message
     assert all(math.isfinite(values[c]) for c in ("kl_sum", "w1_sum", "js_sum", "gen_std_0"))
     assert values["gen_std_0"] > 0

@@ -1,13 +1,14 @@
-"""The results table: locked appends from many processes, run identity, skip lookups."""
+"""The results table: locked appends from many processes, widening, checks before work, skip lookups."""
 
 from __future__ import annotations
 
 import csv
 import multiprocessing as mp
+import os
 
-from omegaconf import OmegaConf
+import pytest
 
-from flowvae.results import append_row, config_hash, has_ok_row, read_rows, write_row_file
+from flowvae.results import ResultsError, append_row, check_writable, has_ok_row, read_rows, write_row_file
 
 
 def _append_many(path: str, worker: int, n: int) -> None:
@@ -32,29 +33,59 @@ def test_concurrent_appends_keep_every_row_whole(tmp_path):
     assert sorted((int(r[0]), int(r[1])) for r in rows) == [(w, i) for w in range(8) for i in range(20)]
 
 
-def test_existing_header_is_kept(tmp_path):
+def test_a_row_with_new_columns_widens_the_table_and_keeps_every_value(tmp_path):
     path = tmp_path / "r.csv"
     append_row(path, {"a": 1, "b": 2})
     append_row(path, {"b": 3, "a": 4, "c": 5})
-    assert read_rows(path) == [{"a": "1", "b": "2"}, {"a": "4", "b": "3"}]
+    append_row(path, {"a": 6, "b": 7})
+    assert read_rows(path) == [{"a": "1", "b": "2", "c": ""}, {"a": "4", "b": "3", "c": "5"},
+                               {"a": "6", "b": "7", "c": ""}]
+    assert path.read_text().splitlines()[0] == "a,b,c"
 
 
-def test_config_hash_ignores_where_a_run_writes_but_not_what_it_computes():
-    cfg = OmegaConf.create({"n_flows": 2, "seed": 0, "results_csv": "a.csv", "skip_existing": False,
-                            "train": {"threads": 1, "lr": 0.001, "progress": "auto", "checkpoint_every": 1}})
-    same = OmegaConf.merge(cfg, {"results_csv": "b.csv", "skip_existing": True,
-                                 "train": {"threads": 4, "eval_every": 5}})
-    other = OmegaConf.merge(cfg, {"train": {"lr": 0.01}})
-    assert config_hash(cfg) == config_hash(same)
-    assert config_hash(cfg) != config_hash(other)
-    assert len(config_hash(cfg)) == 12
+def test_check_writable_refuses_what_cannot_take_a_row(tmp_path):
+    check_writable(tmp_path / "new" / "results.csv")  # a folder that can be made
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ResultsError, match="cannot make the folder"):
+        check_writable(tmp_path / "file" / "results.csv")
+    with pytest.raises(ResultsError, match="is a directory"):
+        check_writable(tmp_path)
+    with pytest.raises(ResultsError, match="cannot create the lock file"):
+        check_writable("/proc/forbidden.csv")
+    other = tmp_path / "passwd"
+    other.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(ResultsError, match="not a flowvae results table"):
+        check_writable(other)
 
 
-def test_zero_flows_of_any_type_is_one_run():
-    plain = OmegaConf.create({"n_flows": 0, "flow": {"name": "none"}})
-    iaf = OmegaConf.create({"n_flows": 0, "flow": {"name": "iaf", "hidden": 64}})
-    assert config_hash(plain) == config_hash(iaf)
-    assert config_hash(OmegaConf.merge(iaf, {"n_flows": 1})) != config_hash(OmegaConf.merge(plain, {"n_flows": 1}))
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_check_writable_refuses_a_read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    with pytest.raises(ResultsError):
+        check_writable(folder / "results.csv")
+
+
+def test_a_held_lock_times_out_with_a_message_instead_of_hanging(tmp_path):
+    from filelock import FileLock
+
+    path = tmp_path / "r.csv"
+    ctx = mp.get_context("spawn")
+    with FileLock(str(path) + ".lock"):  # held by this process; another process must give up
+        proc = ctx.Process(target=_append_with_timeout, args=(str(path),))
+        proc.start()
+        proc.join(30)
+    assert proc.exitcode == 7
+    assert not path.exists()
+
+
+def _append_with_timeout(path: str) -> None:
+    try:
+        append_row(path, {"a": 1}, timeout=0.2)
+    except ResultsError as err:
+        assert "could not take the lock" in str(err)
+        raise SystemExit(7) from None
 
 
 def test_has_ok_row_and_row_file(tmp_path):

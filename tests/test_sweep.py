@@ -10,7 +10,6 @@ from hydra import compose, initialize_config_module
 
 from flowvae.callbacks import count_jobs
 from flowvae.config import register_configs
-from flowvae.report import load_results, seed_table
 from tests.conftest import run_flowvae
 
 
@@ -63,43 +62,6 @@ def test_a_failing_job_does_not_sink_the_sweep(tmp_path, tiny):
     assert "2 ok" in text and "1 invalid" in text and "n_flows=-1" in text
     results = pd.read_csv(tmp_path / "results.csv")
     assert sorted(results["n_flows"]) == [1, 2]
-
-
-def test_table_mean_std_over_seeds_and_zero_flows_in_every_column(tmp_path):
-    rows = []
-    for seed, (p1, i1, plain) in enumerate([(0.10, 0.30, 0.24), (0.14, 0.34, 0.26), (0.12, 0.32, 0.25)]):
-        common = {"seed": seed, "status": "ok", "data_mu": "1.0"}
-        rows += [{**common, "flow": "planar", "n_flows": 1, "kl_sum": p1, "config_hash": f"p{seed}"},
-                 {**common, "flow": "iaf", "n_flows": 1, "kl_sum": i1, "config_hash": f"i{seed}"},
-                 {**common, "flow": "planar", "n_flows": 0, "kl_sum": plain, "config_hash": f"z{seed}"}]
-    rows.append({"seed": 9, "status": "failed", "flow": "iaf", "n_flows": 1, "kl_sum": None, "config_hash": "f"})
-    path = tmp_path / "r.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
-    table, not_ok = load_results(path)
-    assert not_ok == 1 and len(table) == 9
-    cells, flows = seed_table(table, "kl_sum")
-    assert flows == ["planar", "iaf"]
-    assert cells.loc[(1, "planar"), "mean"] == pytest.approx(0.12)
-    assert cells.loc[(1, "planar"), "std"] == pytest.approx(0.02)
-    assert cells.loc[(0, "iaf"), "mean"] == pytest.approx(0.25) and cells.loc[(0, "iaf"), "count"] == 3
-    out = run_flowvae(["table", str(path), "--no-plot"], cwd=tmp_path)
-    assert out.returncode == 0 and "1 failed or unfinished rows left out" in out.stdout
-    assert "0.1200 ± 0.0200 (n=3)" in out.stdout
-
-
-def test_table_refuses_mixed_settings_and_unknown_metrics(tmp_path):
-    path = tmp_path / "r.csv"
-    pd.DataFrame([{"flow": "planar", "n_flows": 1, "seed": 0, "status": "ok", "kl_sum": 0.1, "data_mu": "1.0"},
-                  {"flow": "planar", "n_flows": 1, "seed": 0, "status": "ok", "kl_sum": 0.2, "data_mu": "2.0"}]
-                 ).to_csv(path, index=False)
-    out = run_flowvae(["table", str(path)], cwd=tmp_path)
-    assert out.returncode == 2 and "--filter data_mu=1.0" in out.stderr
-    out = run_flowvae(["table", str(path), "--filter", "data_mu=2.0", "--no-plot"], cwd=tmp_path)
-    assert out.returncode == 0 and "0.2000 (n=1)" in out.stdout
-    out = run_flowvae(["table", str(path), "--metric", "nope", "--filter", "data_mu=1.0"], cwd=tmp_path)
-    assert out.returncode == 2 and "--metric nope" in out.stderr
-    out = run_flowvae(["table", str(tmp_path / "missing.csv")], cwd=tmp_path)
-    assert out.returncode == 2 and "does not exist" in out.stderr
 
 
 @pytest.mark.slow

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ from omegaconf import OmegaConf
 
 from flowvae import train as train_module
 from flowvae.model import FlowVAE
-from flowvae.train import StopRequest, evaluate_loss, fit
+from flowvae.train import CheckpointMismatch, check_checkpoint, evaluate_loss, fit
 
 
 def _cfg(**overrides):
@@ -31,46 +29,36 @@ def _data():
     return torch.randn(100, 30, generator=g), torch.randn(40, 30, generator=g)
 
 
-@pytest.fixture(autouse=True)
-def _no_stop_left_over():
-    StopRequest.received = None
-    yield
-    StopRequest.received = None
-
-
-def _signal_at_step(monkeypatch, at_step: int) -> None:
-    """Make the training step send SIGTERM to this process on its ``at_step``-th call (counting from 1)."""
+def _stop_after_step(monkeypatch, at_step: int):
+    """A ``should_stop`` that turns true once the training step has run ``at_step`` times (counting from 1)."""
     make_step = train_module._make_step
     calls = {"n": 0}
 
     def patched(*args, **kwargs):
         step = make_step(*args, **kwargs)
 
-        def signalling(batch, beta):
-            out = step(batch, beta)
+        def counting(batch, beta):
             calls["n"] += 1
-            if calls["n"] == at_step:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return out
+            return step(batch, beta)
 
-        return signalling
+        return counting
 
     monkeypatch.setattr(train_module, "_make_step", patched)
+    return lambda: calls["n"] >= at_step
 
 
 @pytest.mark.parametrize("stop_at", [7, 10])  # inside epoch 2 (5 steps an epoch), and at its end
-def test_resume_after_sigterm_gives_the_uninterrupted_numbers(tmp_path, monkeypatch, stop_at):
+def test_resume_after_a_stop_gives_the_uninterrupted_numbers(tmp_path, monkeypatch, stop_at):
     train_x, test_x = _data()
     reference = _model()
     fit(reference, train_x, test_x, _cfg(), seed=0)
 
     model, checkpoint = _model(), tmp_path / "checkpoint.pt"
     with monkeypatch.context() as patch:
-        _signal_at_step(patch, stop_at)
-        outcome = fit(model, train_x, test_x, _cfg(), seed=0, checkpoint=checkpoint)
-    assert outcome.status == "interrupted" and "SIGTERM" in outcome.message
-    assert checkpoint.exists()
-    StopRequest.received = None
+        should_stop = _stop_after_step(patch, stop_at)
+        outcome = fit(model, train_x, test_x, _cfg(), seed=0, checkpoint=checkpoint, should_stop=should_stop)
+    assert outcome.status == "interrupted" and f"epoch {stop_at // 5 + (stop_at % 5 > 0)}" in outcome.message
+    assert check_checkpoint(checkpoint, {}) == stop_at // 5
 
     resumed = _model()
     torch.manual_seed(123)  # whatever the global RNG holds now, the checkpoint's state wins
@@ -86,8 +74,23 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
     train_x, test_x = _data()
     checkpoint = tmp_path / "checkpoint.pt"
     fit(_model(), train_x, test_x, _cfg(epochs=1), seed=0, checkpoint=checkpoint, extra_state={"config_hash": "a"})
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(CheckpointMismatch, match="different config"):
         fit(_model(), train_x, test_x, _cfg(epochs=2), seed=0, checkpoint=checkpoint, extra_state={"config_hash": "b"})
+    with pytest.raises(CheckpointMismatch, match="different config"):
+        check_checkpoint(checkpoint, {"config_hash": "b"})
+    assert check_checkpoint(checkpoint, {"config_hash": "a"}) == 1
+    assert check_checkpoint(tmp_path / "none.pt", {"config_hash": "a"}) is None
+
+
+def test_a_stop_in_the_last_epoch_finishes_training(tmp_path):
+    """The last epoch's end is the finished model: training reports ok and the caller decides what stops."""
+    train_x, test_x = _data()
+    outcome = fit(_model(), train_x, test_x, _cfg(epochs=1), seed=0, checkpoint=tmp_path / "c.pt",
+                  should_stop=lambda: True)
+    assert outcome.status == "interrupted"  # stopped after its first step: 5 steps an epoch
+    outcome = fit(_model(), train_x, test_x, _cfg(epochs=1, batch_size=100), seed=0, checkpoint=tmp_path / "d.pt",
+                  should_stop=lambda: True)
+    assert outcome.status == "ok" and check_checkpoint(tmp_path / "d.pt", {}) == 1
 
 
 def test_huge_learning_rate_diverges_with_the_epoch_named():

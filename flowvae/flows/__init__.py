@@ -28,6 +28,7 @@ __all__ = [
     "TriangularSylvester",
     "build",
     "options",
+    "table_order",
 ]
 
 FLOWS: dict[str, type[Flow]] = {
@@ -38,6 +39,12 @@ FLOWS: dict[str, type[Flow]] = {
     "triangular": TriangularSylvester,
     "iaf": IAF,
 }
+
+
+def table_order() -> list[str]:
+    """The families in the seed slides' column order (then the rest alphabetically): how tables show them."""
+    slides = ["planar", "iaf", "householder", "triangular", "orthogonal"]
+    return [*slides, *sorted(set(FLOWS) - set(slides) - {"none"})]
 
 
 def options(name: str) -> dict[str, Any]:

@@ -1,0 +1,115 @@
+"""What a run *is*: the settings that make its numbers what they are, defined once.
+
+The config hash, the result row's setting columns, ``skip_existing`` and ``flowvae table``'s mixed-settings
+check all come from :func:`run_settings`, so a config key added to the schema is part of a run's identity
+without anyone listing it: only the keys below, which say where or how a run writes (not what it computes),
+are left out, and with ``n_flows = 0`` the flow is left out (every flow type then trains the bit-identical
+plain VAE, so they are one run).
+
+Setting columns are the config's dotted keys (``train.lr``, ``data.mu``), named as on the command line, plus
+``flow`` (the family), ``n_flows`` and ``seed``. Standard library and omegaconf only: the CLI imports this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["NOT_IDENTITY", "CELL_COLUMNS", "SEED_COLUMN", "run_settings", "run_hash", "setting_columns",
+           "is_setting_column", "same_value"]
+
+# Where or how a run writes, how fast it goes: these change no number of the row, so they are not its identity.
+# train.eval_every belongs here because the test loss has its own random stream: it changes no trained weight.
+NOT_IDENTITY = ("results_csv", "skip_existing", "train.threads", "train.progress", "train.checkpoint_every",
+                "train.eval_every", "hydra")
+# A table's cells: one per (flow, n_flows); the seeds inside a cell are what its mean and std are over.
+CELL_COLUMNS = ("flow", "n_flows")
+SEED_COLUMN = "seed"
+# Besides the config's keys, the code's version decides the numbers (a release that changes numbers says so).
+VERSION_COLUMN = "flowvae_version"
+
+
+def _plain(cfg: DictConfig | dict) -> dict:
+    data = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else json.loads(json.dumps(cfg))
+    for key in NOT_IDENTITY:
+        node = data
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return data
+
+
+def _identity(cfg: DictConfig | dict) -> dict:
+    """The nested identity: the resolved config without NOT_IDENTITY, the flow's unset options dropped, and
+    the flow replaced by ``none`` when n_flows is 0."""
+    data = _plain(cfg)
+    flow = data.get("flow") or {}
+    if data.get("n_flows") == 0:
+        flow = {"name": "none"}
+    data["flow"] = {key: value for key, value in flow.items() if value is not None}
+    return data
+
+
+def run_hash(cfg: DictConfig | dict) -> str:
+    """12 hex digits of sha256 over the run's identity: equal configs up to NOT_IDENTITY give equal hashes."""
+    text = json.dumps(_identity(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _cell(value: Any) -> Any:
+    """A setting as one CSV cell: numbers and text as they are, lists as JSON, unset as blank."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return value
+
+
+def run_settings(cfg: DictConfig | dict) -> dict[str, Any]:
+    """The identity as flat columns: ``flow``, ``n_flows``, ``seed``, then every other key dotted.
+
+    ``{"flow": "planar", "n_flows": 10, "seed": 0, "data.name": "gaussian", "data.mu": 1.0, ...,
+    "train.lr": 0.001, ...}``. The flow's own options come as ``flow.<option>``.
+    """
+    data = _identity(cfg)
+    flow = data.pop("flow")
+    columns: dict[str, Any] = {"flow": flow.pop("name", "none"), "n_flows": data.pop("n_flows", 0),
+                               SEED_COLUMN: data.pop(SEED_COLUMN, 0)}
+    columns.update({f"flow.{key}": _cell(value) for key, value in sorted(flow.items())})
+
+    def flatten(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                flatten(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            columns[prefix] = _cell(node)
+
+    flatten("", data)
+    return columns
+
+
+def is_setting_column(name: str) -> bool:
+    """Whether a results-table column is one of a run's settings (as :func:`run_settings` names them)."""
+    return "." in name or name in (*CELL_COLUMNS, SEED_COLUMN, VERSION_COLUMN)
+
+
+def setting_columns(columns) -> list[str]:
+    """The setting columns among ``columns``, in their order."""
+    return [c for c in columns if is_setting_column(c)]
+
+
+def same_value(cell: str, wanted: str) -> bool:
+    """Whether a CSV cell equals a value a user typed, by type: ``1000`` matches ``1000.0``, ``1e-3`` matches
+    ``0.001``, ``true`` matches ``True``; otherwise the text must be equal."""
+    if cell == wanted:
+        return True
+    try:
+        a, b = float(cell), float(wanted)
+    except ValueError:
+        return cell.lower() == wanted.lower() and cell.lower() in ("true", "false")
+    return a == b or (math.isnan(a) and math.isnan(b))

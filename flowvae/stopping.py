@@ -1,0 +1,91 @@
+"""Stop requests for the whole process: SIGTERM and Ctrl-C become a flag that long work checks at safe points.
+
+SIGTERM is what SLURM, ``timeout`` and ``kill`` send; a first Ctrl-C (SIGINT) means the same. Neither kills the
+process: :func:`requested` turns true, training stops at the next step boundary with a checkpoint, the other
+phases of a run stop at their next :func:`check`, and the run ends with exit code 3 and a ``status.json`` that
+says so. A second Ctrl-C raises KeyboardInterrupt at once (the last checkpoint stays). A process that gets
+SIGTERM passes it on to its child processes (a joblib sweep's workers), so a sweep signalled in its parent
+leaves no orphans behind. The flag outlives a run: a sweep's later jobs in the same process do not start.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+__all__ = ["Interrupted", "install", "requested", "received", "check", "reset"]
+
+log = logging.getLogger(__name__)
+
+_received: str | None = None
+_installed = False
+
+
+class Interrupted(Exception):
+    """Raised by :func:`check` once a stop was requested: the run ends as ``interrupted`` (exit code 3)."""
+
+
+def received() -> str | None:
+    """The name of the first stop signal this process got (``SIGTERM``, ``SIGINT``), or None."""
+    return _received
+
+
+def requested() -> bool:
+    """Whether this process was asked to stop."""
+    return _received is not None
+
+
+def check(where: str) -> None:
+    """Raise :class:`Interrupted` if a stop was requested; ``where`` names the phase for the message."""
+    if _received is not None:
+        raise Interrupted(f"stopped by {_received} {where}")
+
+
+def _children_terminate() -> None:
+    """SIGTERM to this process's descendants (a launcher's worker processes)."""
+    try:
+        import psutil
+
+        children = psutil.Process().children(recursive=True)
+    except Exception:  # noqa: BLE001 - a process table we cannot read: nothing to pass on
+        return
+    for child in children:
+        try:
+            child.send_signal(signal.SIGTERM)
+        except Exception:  # noqa: BLE001 - gone already
+            pass
+
+
+def _handle(signum, frame) -> None:
+    global _received
+    name = signal.Signals(signum).name
+    if signum == signal.SIGINT and _received == "SIGINT":
+        raise KeyboardInterrupt  # the second Ctrl-C: stop now
+    if _received is None:
+        _received = name
+        log.warning("%s received: stopping at the next safe point (Ctrl-C again to stop at once)", name)
+    if signum == signal.SIGTERM:
+        _children_terminate()
+    elif _received != "SIGINT":
+        _received = "SIGINT"  # a Ctrl-C after a SIGTERM: the next one stops at once
+
+
+def install() -> None:
+    """Catch SIGTERM and SIGINT in this process from now on (idempotent; a no-op outside the main thread)."""
+    global _installed
+    if _installed or threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _handle)
+    signal.signal(signal.SIGINT, _handle)
+    _installed = True
+
+
+def reset() -> None:
+    """Forget a received stop and restore the default handlers (tests, and a process that starts over)."""
+    global _received, _installed
+    _received = None
+    if _installed and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    _installed = False

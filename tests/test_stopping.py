@@ -1,0 +1,131 @@
+"""Stop requests at every phase of a run: exit 3, a status.json that says so, no row, a checkpoint to resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from flowvae import experiment, job, stopping
+from flowvae.files import RunFiles
+from tests.conftest import TINY, compose_config
+
+
+@pytest.fixture(autouse=True)
+def _fresh_stop_state():
+    stopping.reset()
+    yield
+    stopping.reset()
+
+
+def test_sigterm_and_a_first_ctrl_c_set_the_flag_a_second_ctrl_c_stops_at_once():
+    stopping.install()
+    assert not stopping.requested()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stopping.received() == "SIGTERM"
+    with pytest.raises(stopping.Interrupted, match="stopped by SIGTERM while testing"):
+        stopping.check("while testing")
+    stopping.reset()
+    stopping.install()
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stopping.received() == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs between bytecodes; it must have raised by now
+
+
+def test_sigterm_is_passed_on_to_child_processes():
+    stopping.install()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert child.wait(10) == -signal.SIGTERM
+    finally:
+        child.kill()
+
+
+def _run(tmp_path, name="run", *overrides):
+    cfg = compose_config(*TINY, f"results_csv={tmp_path / 'results.csv'}", *overrides)
+    return job.run(cfg, tmp_path / name, tmp_path), RunFiles(tmp_path / name)
+
+
+def _status(files: RunFiles) -> dict:
+    return json.loads(files.status.read_text())
+
+
+def _sigterm_during(monkeypatch, module, name):
+    """Make ``module.name`` send SIGTERM to this process before it returns."""
+    original = getattr(module, name)
+
+    def signalling(*args, **kwargs):
+        out = original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(module, name, signalling)
+
+
+def test_sigterm_before_training_is_exit_3_with_a_status_and_no_row(tmp_path, monkeypatch):
+    _sigterm_during(monkeypatch, job, "load_events")
+    code, files = _run(tmp_path)
+    assert code == job.EXIT_INTERRUPTED
+    assert _status(files) == {"status": "interrupted", "exit_code": 3,
+                              "message": f"stopped by SIGTERM while loading the data; {job.RESUME}"}
+    assert not (tmp_path / "results.csv").exists() and not files.checkpoint.exists()
+
+
+@pytest.mark.parametrize("phase", ["generate_events", "metrics_score"])
+def test_sigterm_while_scoring_is_exit_3_and_the_rerun_only_scores(tmp_path, monkeypatch, phase):
+    with monkeypatch.context() as patch:
+        if phase == "metrics_score":
+            _sigterm_during(patch, experiment.metrics, "score")
+        else:
+            _sigterm_during(patch, experiment, phase)
+        code, files = _run(tmp_path)
+    assert code == 3 and _status(files)["status"] == "interrupted" and _status(files)["exit_code"] == 3
+    assert "training is saved" in _status(files)["message"]
+    assert not (tmp_path / "results.csv").exists() and files.checkpoint.exists()
+    stopping.reset()
+    code, files = _run(tmp_path)
+    assert code == 0 and _status(files)["status"] == "ok"
+    row = pd.read_csv(tmp_path / "results.csv").iloc[0]
+    assert row["resumed_from"] == 2 and row["epochs_run"] == 0  # trained before: only scored
+
+
+def test_sigterm_in_the_last_epoch_is_exit_3_not_a_finished_run(tmp_path, monkeypatch):
+    _sigterm_during(monkeypatch, experiment, "_write_curves")  # after every epoch, the last one included
+    code, files = _run(tmp_path, "run", "train.epochs=1")
+    assert code == 3 and _status(files)["exit_code"] == 3
+    assert not (tmp_path / "results.csv").exists() and files.checkpoint.exists()
+
+
+def test_a_second_ctrl_c_is_exit_3_and_the_status_agrees(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "train_and_score", interrupted)
+    code, files = _run(tmp_path)
+    assert code == 3 and _status(files)["exit_code"] == 3 and "second Ctrl-C" in _status(files)["message"]
+
+
+def test_a_sweeps_later_jobs_do_not_start_after_a_stop(tmp_path):
+    stopping.install()
+    os.kill(os.getpid(), signal.SIGTERM)  # an earlier job of this process's sweep was stopped
+    code, files = _run(tmp_path)
+    assert code == 3 and "before the run started" in _status(files)["message"]
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path):
+    from filelock import FileLock
+
+    (tmp_path / "run").mkdir()
+    with FileLock(RunFiles(tmp_path / "run").lock):
+        code, files = _run(tmp_path)
+    assert code == 2 and not files.status.exists()

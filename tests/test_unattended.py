@@ -101,3 +101,30 @@ def test_sigterm_saves_a_checkpoint_and_exits_3(tmp_path, tiny):
     assert proc.returncode == 3, output
     assert "SIGTERM" in output and "resume" in output
     assert checkpoint.exists() and not (tmp_path / "results.csv").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_joblib_sweeps_parent_stops_its_workers(tmp_path, tiny):
+    """Only the parent is signalled (as `kill PID` does): it passes SIGTERM on, no worker outlives it, and the
+    interrupted jobs say so in their status files."""
+    import json
+
+    import psutil
+
+    args = ["train", "-m", *tiny, "train.epochs=400", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"results_csv={tmp_path / 'results.csv'}", "seed=0,1,2,3"]
+    proc = subprocess.Popen([*flowvae_command(), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while len(list((tmp_path / "sweep").glob("*/checkpoint.pt"))) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, output
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    statuses = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/status.json")]
+    assert statuses and all(s["status"] == "interrupted" and s["exit_code"] == 3 for s in statuses)
+    assert not (tmp_path / "results.csv").exists()

@@ -26,6 +26,7 @@ flowvae {__version__}: train a VAE with a normalizing-flow posterior and score g
 usage:
   flowvae train [HYDRA ARGS/OVERRIDES]   one run, or a sweep with -m   (flowvae train --help for the config)
   flowvae table [RESULTS_CSV] [OPTIONS]  the seed-style table of a results CSV   (flowvae table --help)
+  flowvae score GENERATED REFERENCE [OPTIONS]   score two event files, e.g. from any generator (--help)
   flowvae --version
 
 examples:
@@ -33,6 +34,8 @@ examples:
   flowvae train -m flow=planar,iaf n_flows=0,1,2,5,10 seed=0,1,2
   flowvae train -m +experiment=seed_table hydra/launcher=joblib
   flowvae table outputs/results.csv
+  flowvae score gen.npy jets.npz --key particle_features --layout particles_first --mask-feature 3 \\
+      --jet-kinematics 0,1,2
 
 exit codes: 0 ok or skipped, 1 a run failed or diverged, 2 bad configuration, 3 interrupted (resumable)
 tab completion (bash): eval "$(flowvae train -sc install=bash)"
@@ -119,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         from flowvae.table import main as table_main
 
         return table_main(rest)
-    print(f"flowvae: unknown command {command!r}; the commands are train and table (flowvae --help)",
+    if command == "score":
+        from flowvae.score import main as score_main
+
+        return score_main(rest)
+    print(f"flowvae: unknown command {command!r}; the commands are train, table and score (flowvae --help)",
           file=sys.stderr)
     return 2
 

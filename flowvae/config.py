@@ -21,6 +21,8 @@ __all__ = ["ConfigError", "Config", "register_configs", "validate", "per_feature
 DATA_NAMES = ("gaussian", "npy", "jets")
 LIKELIHOODS = ("mse", "gaussian")
 DECODES = ("mean", "sample")
+LAYOUTS = ("features_first", "particles_first")
+TRANSFORMS = ("none", "log", "logit")
 SOURCES = ("prior", "posterior")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -55,13 +57,17 @@ class DataConfig:
     # jets: each event draws its own offset per feature and one scale (the event-level latent)
     offset_sigma: Any = None
     scale_sigma: float | None = None
-    # npy: the users' own array of shape (N, features, particles)
+    # npy: the users' own array of shape (N, features, particles), or (N, particles, features)
     path: str | None = None
     key: str | None = None
     test_fraction: float | None = None
     min_events: int | None = None
-    # any kind
+    layout: str = "features_first"
+    mask_feature: int | None = None  # index on the file's feature axis of the 0/1 particle mask
+    # any kind; indices on the file's feature axis
+    jet_kinematics: list[int] | None = None  # [i_eta, i_phi, i_pt]: jet mass, w1m, jet-level FPD/KPD
     feature_names: list[str] | None = None
+    transforms: list[str] | None = None  # one per feature: none, log, logit (then standardize, if set)
     standardize: bool = False
 
 
@@ -238,3 +244,21 @@ def _validate_data(cfg: DictConfig) -> None:
     if d.feature_names is not None and d.name != "npy":
         _require(len(d.feature_names) == d.n_features, "data.feature_names", d.feature_names,
                  f"one name per feature ({d.n_features})")
+    _require(d.layout in LAYOUTS, "data.layout", d.layout, f"one of {', '.join(LAYOUTS)}")
+    _require(d.layout == "features_first" or d.name == "npy", "data.layout", d.layout,
+             "features_first for drawn data (particles_first describes a file: data=npy)")
+    mask = d.mask_feature
+    _require(mask is None or (d.name == "npy" and mask >= 0), "data.mask_feature", mask,
+             "null, or (data=npy) the index of the 0/1 mask on the file's feature axis, e.g. 3")
+    kinematics = d.jet_kinematics
+    if kinematics is not None:
+        kinematics = list(kinematics)
+        _require(len(kinematics) == 3 and len(set(kinematics)) == 3 and min(kinematics) >= 0
+                 and mask not in kinematics, "data.jet_kinematics", kinematics,
+                 "null, or three different feature indices [i_eta, i_phi, i_pt] (not the mask's)")
+    if d.transforms is not None:
+        _require(all(t in TRANSFORMS for t in d.transforms), "data.transforms", d.transforms,
+                 f"one per feature, each one of {', '.join(TRANSFORMS)}, e.g. [none,none,log]")
+        if d.name != "npy":
+            _require(len(d.transforms) == d.n_features, "data.transforms", d.transforms,
+                     f"one per feature ({d.n_features})")

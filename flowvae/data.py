@@ -23,8 +23,8 @@ from omegaconf import DictConfig
 from flowvae.config import ConfigError, per_feature
 from flowvae.files import resolve_path
 
-__all__ = ["Events", "Scaler", "gaussian_events", "jet_events", "read_array", "split_events", "npy_events",
-           "load_events"]
+__all__ = ["Events", "Scaler", "gaussian_events", "jet_events", "read_array", "split_events", "split_mask",
+           "file_array", "npy_events", "load_events"]
 
 NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
 # Values per chunk when counting non-finite values, so a large array needs no full-size boolean mask.
@@ -33,11 +33,20 @@ _CHUNK_VALUES = 1 << 22
 
 @dataclass
 class Events:
-    """Train and held-out events, each (N, F, P), and the names of the F features."""
+    """Train and held-out events, each (N, F, P), and the names of the F features.
+
+    With a particle mask (``data.mask_feature``) the masks are (N, P) booleans, True for a real particle; the
+    mask is not one of the F features, and padded particles hold 0. ``kinematics`` are the indices among the F
+    features of the particles' relative (eta, phi, pT), when known.
+    """
 
     train: np.ndarray
     test: np.ndarray
     feature_names: list[str]
+    train_mask: np.ndarray | None = None
+    test_mask: np.ndarray | None = None
+    kinematics: tuple[int, int, int] | None = None
+    transforms: list[str] | None = None  # one per feature (none, log, logit); None: all none
 
     @property
     def n_features(self) -> int:
@@ -65,10 +74,15 @@ class Scaler:
         return cls(np.zeros(n_features), np.ones(n_features))
 
     @classmethod
-    def fit(cls, events: np.ndarray) -> Scaler:
-        """Mean and std of each feature, pooled over events and particles; a constant feature keeps scale 1."""
-        shift = events.mean(axis=(0, 2), dtype=np.float64)
-        scale = events.std(axis=(0, 2), dtype=np.float64)
+    def fit(cls, events: np.ndarray, mask: np.ndarray | None = None) -> Scaler:
+        """Mean and std of each feature, pooled over events and (real, where ``mask`` (N, P) says) particles;
+        a constant feature keeps scale 1."""
+        if mask is None:
+            shift = events.mean(axis=(0, 2), dtype=np.float64)
+            scale = events.std(axis=(0, 2), dtype=np.float64)
+        else:
+            pooled = np.moveaxis(np.asarray(events, dtype=np.float64), 1, 0)[:, mask]  # (F, real particles)
+            shift, scale = pooled.mean(axis=1), pooled.std(axis=1)
         return cls(shift, np.where(scale > 0, scale, 1.0))
 
     def transform(self, events: np.ndarray) -> np.ndarray:
@@ -119,8 +133,12 @@ def jet_events(n: int, mu: list[float], sigma: list[float], offset_sigma: list[f
 # --- the users' own array -----------------------------------------------------------------------------------
 
 
-def read_array(path: str, key: str | None = None, launch_dir: Path | None = None) -> np.ndarray:
+def read_array(path: str, key: str | None = None, launch_dir: Path | None = None,
+               layout: str = "features_first") -> np.ndarray:
     """The array of shape (N, features, particles) in a ``.npy`` (memory-mapped) or ``.npz`` file (array ``key``).
+
+    ``layout="particles_first"`` reads a file of shape (N, particles, features), JetNet's ``particle_features``,
+    and returns it transposed (a view, no copy).
 
     ``path`` may start with ``~``; a relative one is taken from ``launch_dir`` (default: the working directory).
     A ``.npz`` holding one array needs no ``key``. Raises :class:`ConfigError` (key ``data.path`` or
@@ -162,7 +180,7 @@ def read_array(path: str, key: str | None = None, launch_dir: Path | None = None
     if 0 in array.shape[1:]:
         raise ConfigError("data.path", path, f"at least one feature and one particle per event; {where} has shape "
                                              f"{array.shape}")
-    return array
+    return array.transpose(0, 2, 1) if layout == "particles_first" else array
 
 
 def _npz_key(archive: np.lib.npyio.NpzFile, key: str | None, file: Path) -> str:
@@ -215,9 +233,57 @@ def _count_nonfinite(events: np.ndarray) -> tuple[int, int]:
     return n_nan, n_inf
 
 
+def split_mask(events: np.ndarray, mask_feature: int | None, source: str = "data.mask_feature"
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(features without the mask (N, F-1, P), mask (N, P) bool), or (events, None) without a mask feature.
+
+    Refuses (ConfigError on ``source``) a mask that is not 0/1, padded particles (mask 0) with values other than
+    0, and real particles after a padded one: padded slots must come last, as in JetNet (sort each event's
+    particles, e.g. by pT, so that they do).
+    """
+    if mask_feature is None:
+        return events, None
+    n_features = events.shape[1]
+    if not 0 <= mask_feature < n_features:
+        raise ConfigError(source, mask_feature, f"a feature index in [0, {n_features - 1}] (the file has "
+                                                f"{n_features} features)")
+    mask_values = np.asarray(events[:, mask_feature])
+    bad = ~np.isin(mask_values, (0, 1))
+    if bad.any():
+        raise ConfigError(source, mask_feature, f"the index of a 0/1 mask; feature {mask_feature} has "
+                                                f"{int(bad.sum())} values that are neither 0 nor 1 (e.g. "
+                                                f"{mask_values[bad][0]:g})")
+    mask = mask_values == 1
+    features = np.delete(np.asarray(events), mask_feature, axis=1)
+    padded_values = np.abs(features).max(axis=1)[~mask] if (~mask).any() else np.zeros(0)
+    if (padded_values != 0).any():
+        raise ConfigError(source, mask_feature, f"a mask that matches the data: {int((padded_values != 0).sum())} "
+                                                f"padded particles (mask 0) have non-zero features")
+    if (np.diff(mask.astype(np.int8), axis=1) > 0).any():
+        raise ConfigError(source, mask_feature, "a mask whose padded particles come last in each event (as in "
+                                                "JetNet); sort each event's particles, e.g. by pT, first")
+    return features, mask
+
+
+def file_array(events: np.ndarray, mask: np.ndarray | None, mask_feature: int | None, layout: str) -> np.ndarray:
+    """Events (N, F, P) and their mask as a file of the data holds them: the mask back at ``mask_feature`` on the
+    feature axis, and (N, P, F) for ``particles_first``. The inverse of reading a file and :func:`split_mask`."""
+    if mask is not None:
+        events = np.insert(events, mask_feature if mask_feature is not None else events.shape[1], mask, axis=1)
+    return np.ascontiguousarray(events.transpose(0, 2, 1) if layout == "particles_first" else events)
+
+
+def _modelled(indices, mask_feature: int | None):
+    """File feature indices as indices among the modelled features (the mask's slot removed)."""
+    if indices is None:
+        return None
+    return tuple(i - (mask_feature is not None and i > mask_feature) for i in indices)
+
+
 def npy_events(cfg: DictConfig, launch_dir: Path | None = None) -> Events:
-    """The events of ``data=npy``: the array at ``data.path``, checked and split by ``data.test_fraction``."""
-    array = read_array(cfg.path, cfg.get("key"), launch_dir)
+    """The events of ``data=npy``: the array at ``data.path``, checked and split by ``data.test_fraction``; the
+    mask feature, when named, split off."""
+    array = read_array(cfg.path, cfg.get("key"), launch_dir, cfg.get("layout") or "features_first")
     n_events, n_features = array.shape[:2]
     names = cfg.get("feature_names")
     if names is not None and len(names) != n_features:
@@ -231,7 +297,33 @@ def npy_events(cfg: DictConfig, launch_dir: Path | None = None) -> Events:
     if n_nan or n_inf:
         raise ConfigError("data.path", cfg.path, f"finite values only; it has {n_nan} NaN and {n_inf} infinite "
                                                  f"(or beyond float32's range) of {array.size} values")
-    return Events(train, test, _feature_names(cfg, n_features))
+    mask_feature = cfg.get("mask_feature")
+    _check_indices(cfg, n_features)
+    names = _feature_names(cfg, n_features)
+    train, train_mask = split_mask(train, mask_feature)
+    test, test_mask = split_mask(test, mask_feature)
+    if mask_feature is not None:
+        names = [n for i, n in enumerate(names) if i != mask_feature]
+    transforms = cfg.get("transforms")
+    if transforms is not None:
+        transforms = [t for i, t in enumerate(transforms) if i != mask_feature]
+    return Events(train, test, names, train_mask, test_mask, _modelled(cfg.get("jet_kinematics"), mask_feature),
+                  transforms)
+
+
+def _check_indices(cfg: DictConfig, n_features: int) -> None:
+    """Feature indices and per-feature lists in the config against the file's feature count."""
+    kinematics = cfg.get("jet_kinematics")
+    if kinematics is not None and max(kinematics) >= n_features:
+        raise ConfigError("data.jet_kinematics", list(kinematics), f"feature indices in [0, {n_features - 1}] (the "
+                                                                   f"file has {n_features} features)")
+    transforms = cfg.get("transforms")
+    if transforms is not None:
+        if len(transforms) != n_features:
+            raise ConfigError("data.transforms", list(transforms), f"one per feature of the file ({n_features})")
+        mask = cfg.get("mask_feature")
+        if mask is not None and mask < n_features and transforms[mask] != "none":
+            raise ConfigError("data.transforms", list(transforms), f"none for the mask (feature {mask})")
 
 
 def load_events(cfg: DictConfig, launch_dir: Path | None = None) -> Events:
@@ -250,4 +342,10 @@ def load_events(cfg: DictConfig, launch_dir: Path | None = None) -> Events:
         offset_sigma = per_feature(cfg.offset_sigma, cfg.n_features, "data.offset_sigma")
         draw = (mu, sigma, offset_sigma, float(cfg.scale_sigma), cfg.n_particles, rng)
         train, test = jet_events(cfg.n_train, *draw), jet_events(cfg.n_test, *draw)
-    return Events(train, test, _feature_names(cfg, cfg.n_features))
+    kinematics = cfg.get("jet_kinematics")
+    if kinematics is not None:
+        _check_indices(cfg, cfg.n_features)
+    transforms = cfg.get("transforms")
+    return Events(train, test, _feature_names(cfg, cfg.n_features),
+                  kinematics=tuple(kinematics) if kinematics is not None else None,
+                  transforms=list(transforms) if transforms is not None else None)

@@ -16,10 +16,11 @@ from omegaconf import DictConfig
 from flowvae import metrics, stopping
 from flowvae.config import ConfigError
 from flowvae.cores import choose_threads
-from flowvae.data import Events, Scaler
+from flowvae.data import Events, file_array
 from flowvae.files import RunFiles, replaced
 from flowvae.model import FlowVAE, build_model
 from flowvae.train import CheckpointMismatch, check_checkpoint, fit
+from flowvae.transforms import FeatureMap
 
 __all__ = ["metric_columns", "preflight", "train_and_score", "generate_events", "choose_device",
            "configure_torch", "model_input"]
@@ -29,9 +30,14 @@ log = logging.getLogger(__name__)
 GENERATE_BATCH = 2000
 
 
-def metric_columns(n_features: int) -> list[str]:
-    """The result row's metric columns for events with ``n_features`` features, in their order."""
-    return [*metrics.score_columns(n_features), "noise_floor", "final_train_loss", "final_test_loss",
+def metric_columns(n_features: int, kinematics: bool = False, mask: bool = False) -> list[str]:
+    """The result row's metric columns for events of ``n_features`` features, with jet kinematics and a
+    particle mask or not, in their order."""
+    from flowvae import jet_metrics
+
+    jet_columns = jet_metrics.jet_score_columns(kinematics, mask)
+    return [*metrics.score_columns(n_features), "noise_floor", *jet_columns,
+            *[f"{c}_floor" for c in jet_columns if not c.endswith("_err")], "final_train_loss", "final_test_loss",
             "final_recon", "final_kl_term", "epochs_run", "resumed_from"]
 
 
@@ -69,7 +75,7 @@ def configure_torch(threads: int) -> None:
 
 
 def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, run_hash: str,
-                    parallel_jobs: int = 1) -> tuple[str, str, dict]:
+                    parallel_jobs: int = 1, feature_map: FeatureMap | None = None) -> tuple[str, str, dict]:
     """Train, generate, score; write the run's curves, checkpoint and histogram picture.
 
     Returns (status, message, values for the result row). A stop request ends training at a step boundary
@@ -81,12 +87,14 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, run_hash: 
     log.info("device %s, %d threads, %s x %d flows, seed %d", device, threads, cfg.flow.name, cfg.n_flows,
              cfg.seed)
 
-    scaler = Scaler.fit(events.train) if cfg.data.standardize else Scaler.identity(events.n_features)
-    train_x = model_input(scaler.transform(events.train), device)
-    test_x = model_input(scaler.transform(events.test), device)
+    if feature_map is None:
+        feature_map = fit_feature_map(cfg, events)
+    train_x = model_input(feature_map.forward(events.train, events.train_mask), device, events.train_mask)
+    test_x = model_input(feature_map.forward(events.test, events.test_mask), device, events.test_mask)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(train_x.shape[1], cfg.model, cfg.flow, cfg.n_flows).to(device)
+    n_mask = events.n_particles if events.train_mask is not None else 0
+    model = build_model(events.n_features * events.n_particles, cfg.model, cfg.flow, cfg.n_flows, n_mask).to(device)
     outcome = fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=files.checkpoint,
                   extra_state={"config_hash": run_hash},
                   on_epoch=lambda history: _write_curves(files.curves, history), should_stop=stopping.requested)
@@ -97,12 +105,10 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, run_hash: 
         return outcome.status, outcome.message, values
 
     stopping.check("after training, before generating (training is saved: the rerun only scores)")
-    generated = generate_events(model, cfg.eval, test_x, cfg.seed, events.test.shape[1:])
-    generated = scaler.inverse(generated)
+    generated, gen_mask = generate_events(model, cfg.eval, test_x, cfg.seed, events.test.shape[1:])
+    generated = feature_map.inverse(generated, gen_mask)
     stopping.check("while generating (training is saved: the rerun only scores)")
-    kl_options = {"bins": cfg.eval.bins, "eps": cfg.eval.eps}
-    values.update(metrics.score(generated, events.test, **kl_options))
-    values["noise_floor"] = metrics.noise_floor(events.test, seed=cfg.seed, **kl_options)
+    values.update(score_events(cfg, events, generated, gen_mask))
     last = outcome.history[-1]
     values.update(final_train_loss=last["train_loss"], final_test_loss=last["test_loss"],
                   final_recon=last["test_recon"], final_kl_term=last["test_kl"])
@@ -110,10 +116,31 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, run_hash: 
 
     plot_histograms(generated, events.test, events.feature_names, values, files.histograms,
                     title=f"{cfg.flow.name}, n_flows={cfg.n_flows}, seed={cfg.seed}: kl_sum={values['kl_sum']:.4f}",
-                    bins=cfg.eval.bins)
-    with replaced(files.sample) as tmp:
-        np.save(tmp, generated[:1000])
+                    bins=cfg.eval.bins, gen_mask=gen_mask, ref_mask=events.test_mask)
+    sample = file_array(generated[:1000], None if gen_mask is None else gen_mask[:1000].astype(generated.dtype),
+                        cfg.data.get("mask_feature"), cfg.data.get("layout") or "features_first")
+    with replaced(files.sample) as tmp:  # in the data's own units and layout, the mask where the file has it
+        np.save(tmp, sample)
     return "ok", "", values
+
+
+def fit_feature_map(cfg: DictConfig, events: Events) -> FeatureMap:
+    """The run's per-feature transforms and scaler, fitted on its training events (numpy only: a value outside
+    a transform's domain is a ConfigError before any training)."""
+    return FeatureMap.fit(events.train, events.train_mask, events.transforms, cfg.data.standardize,
+                          events.feature_names)
+
+
+def score_events(cfg: DictConfig, events: Events, generated: np.ndarray, gen_mask: np.ndarray | None) -> dict:
+    """The row's metrics of generated against held-out events (:func:`flowvae.score.score_row`)."""
+    from threadpoolctl import threadpool_limits
+
+    from flowvae.score import score_row
+
+    # numpy's BLAS takes every core by default: beside a sweep's other jobs that made scoring 10x slower
+    with threadpool_limits(limits=torch.get_num_threads()):
+        return score_row(generated, gen_mask, events.test, events.test_mask, events.kinematics,
+                         bins=cfg.eval.bins, eps=cfg.eval.eps, seed=cfg.seed)
 
 
 def _write_curves(path: Path, history: list[dict]) -> None:
@@ -124,15 +151,21 @@ def _write_curves(path: Path, history: list[dict]) -> None:
         pd.DataFrame(history).to_csv(tmp, index=False)
 
 
-def model_input(events: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Events (N, F, P) as the flattened (N, F·P) tensor the model takes, on ``device``."""
-    return torch.from_numpy(np.ascontiguousarray(events.reshape(len(events), -1))).to(device)
+def model_input(events: np.ndarray, device: torch.device | str = "cpu", mask: np.ndarray | None = None
+                ) -> torch.Tensor:
+    """Events (N, F, P) as the flattened (N, F·P) tensor the model takes, on ``device``; with a mask (N, P),
+    the mask follows the values: (N, F·P + P)."""
+    flat = events.reshape(len(events), -1)
+    if mask is not None:
+        flat = np.concatenate([flat, mask.astype(flat.dtype)], axis=1)
+    return torch.from_numpy(np.ascontiguousarray(flat)).to(device)
 
 
 @torch.no_grad()
 def generate_events(model: FlowVAE, cfg_eval: DictConfig, test_x: torch.Tensor, seed: int,
-                    event_shape: tuple[int, int]) -> np.ndarray:
-    """``eval.n_samples`` events (N, F, P) from the prior, or from the posterior of held-out events.
+                    event_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """``eval.n_samples`` events (N, F, P) in model space from the prior, or from the posterior of held-out
+    events, and their mask (N, P) bool when the model generates one (else None).
 
     Uses its own generator seeded by ``seed``, so generation never shifts the training's random stream.
     """
@@ -148,4 +181,6 @@ def generate_events(model: FlowVAE, cfg_eval: DictConfig, test_x: torch.Tensor, 
             index = torch.arange(start, start + n, device=device) % len(test_x)
             z = model.posterior_latent(test_x[index], generator)
         chunks.append(model.generate(z, cfg_eval.decode, generator).cpu())
-    return torch.cat(chunks).numpy().reshape(-1, *event_shape)
+    flat = torch.cat(chunks).numpy()
+    values, mask = flat[:, :model.n_in], (flat[:, model.n_in:] > 0.5 if model.n_mask else None)
+    return values.reshape(-1, *event_shape), mask

@@ -79,12 +79,14 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int)
         stopping.check("while loading the data")
         from flowvae import experiment  # heavy imports (torch) only for real work
 
+        feature_map = experiment.fit_feature_map(cfg, events)  # a value outside a transform's domain
         experiment.preflight(cfg, files, identity)
     except ConfigError as err:
         return _finish(files, "invalid", f"bad configuration: {err}")
     stopping.check("before training")
     try:
-        status, message, values = experiment.train_and_score(cfg, events, files, identity, parallel_jobs)
+        status, message, values = experiment.train_and_score(cfg, events, files, identity, parallel_jobs,
+                                                             feature_map)
     except (stopping.Interrupted, KeyboardInterrupt):
         raise
     except Exception as err:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
@@ -94,7 +96,8 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int)
     if status == "interrupted":
         return _finish(files, status, f"stopped by {stopping.received()} {message}")
     # Every row has the same columns whatever the outcome: blanks where a failed run has no value.
-    metric_values = {key: values.get(key, "") for key in experiment.metric_columns(events.n_features)}
+    metric_values = {key: values.get(key, "") for key in experiment.metric_columns(
+        events.n_features, events.kinematics is not None, events.train_mask is not None)}
     settings = run_settings(cfg)
     cell = {key: settings.pop(key) for key in ("flow", "n_flows", "seed")}
     row = {**cell, **metric_values, "status": status, "error": message, **settings,

@@ -85,9 +85,20 @@ def _event_pair(generated: ArrayLike, reference: ArrayLike) -> tuple[np.ndarray,
     return gen, ref
 
 
-def _pooled(events: np.ndarray) -> np.ndarray:
-    """(N, F, P) → (F, N·P): each row holds one feature's values over all events and particles."""
-    return np.moveaxis(events, 1, 0).reshape(events.shape[1], -1)
+def _pooled(events: np.ndarray, mask: ArrayLike | None = None) -> np.ndarray:
+    """(N, F, P) → (F, n): each row holds one feature's values over all events and (real) particles.
+
+    ``mask`` (N, P), true for a real particle, leaves padded particles out of every metric.
+    """
+    if mask is None:
+        return np.moveaxis(events, 1, 0).reshape(events.shape[1], -1)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (events.shape[0], events.shape[2]):
+        raise ValueError(f"a mask must have shape (events, particles) = {(events.shape[0], events.shape[2])}, "
+                         f"got {mask.shape}")
+    if not mask.any():
+        raise ValueError("the mask leaves no real particle")
+    return np.moveaxis(events, 1, 0)[:, mask]
 
 
 # ---------------------------------------------------------------- binning
@@ -204,39 +215,43 @@ def wasserstein_1(p: ArrayLike, q: ArrayLike) -> float:
 
 
 def _per_feature(
-    metric: Callable[..., float], generated: ArrayLike, reference: ArrayLike, **options: Any
+    metric: Callable[..., float], generated: ArrayLike, reference: ArrayLike, gen_mask: ArrayLike | None = None,
+    ref_mask: ArrayLike | None = None, **options: Any
 ) -> np.ndarray:
     gen, ref = _event_pair(generated, reference)
-    gen_pooled, ref_pooled = _pooled(gen), _pooled(ref)
+    gen_pooled, ref_pooled = _pooled(gen, gen_mask), _pooled(ref, ref_mask)
     return np.array([metric(g, r, **options) for g, r in zip(gen_pooled, ref_pooled, strict=True)])
 
 
-def feature_kl(generated: ArrayLike, reference: ArrayLike, **options: Any) -> np.ndarray:
+def feature_kl(generated: ArrayLike, reference: ArrayLike, gen_mask: ArrayLike | None = None,
+               ref_mask: ArrayLike | None = None, **options: Any) -> np.ndarray:
     """D_KL(generated || reference) per feature, shape (F,), from (N, F, P) and (M, F, P) events.
 
-    Values are pooled over events and particles; ``options`` (bins, range, eps) go to
-    :func:`kl_divergence`, and a given ``range`` applies to every feature.
+    Values are pooled over events and (real, where a mask (N, P) is given) particles; ``options`` (bins,
+    range, eps) go to :func:`kl_divergence`, and a given ``range`` applies to every feature.
     """
-    return _per_feature(kl_divergence, generated, reference, **options)
+    return _per_feature(kl_divergence, generated, reference, gen_mask, ref_mask, **options)
 
 
-def feature_js(generated: ArrayLike, reference: ArrayLike, **options: Any) -> np.ndarray:
+def feature_js(generated: ArrayLike, reference: ArrayLike, gen_mask: ArrayLike | None = None,
+               ref_mask: ArrayLike | None = None, **options: Any) -> np.ndarray:
     """Jensen–Shannon divergence per feature, shape (F,); ``options`` (bins, range) go to js_divergence."""
-    return _per_feature(js_divergence, generated, reference, **options)
+    return _per_feature(js_divergence, generated, reference, gen_mask, ref_mask, **options)
 
 
-def feature_w1(generated: ArrayLike, reference: ArrayLike) -> np.ndarray:
-    """Wasserstein-1 distance per feature, shape (F,), values pooled over events and particles."""
-    return _per_feature(wasserstein_1, generated, reference)
+def feature_w1(generated: ArrayLike, reference: ArrayLike, gen_mask: ArrayLike | None = None,
+               ref_mask: ArrayLike | None = None) -> np.ndarray:
+    """Wasserstein-1 distance per feature, shape (F,), values pooled over events and (real) particles."""
+    return _per_feature(wasserstein_1, generated, reference, gen_mask, ref_mask)
 
 
-def feature_moments(x: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation (ddof = 0) of each feature over events and particles, each shape (F,)."""
-    events = _events(x, "x")
-    return events.mean(axis=(0, 2)), events.std(axis=(0, 2))
+def feature_moments(x: ArrayLike, mask: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (ddof = 0) of each feature over events and (real) particles, each (F,)."""
+    pooled = _pooled(_events(x, "x"), mask)
+    return pooled.mean(axis=1), pooled.std(axis=1)
 
 
-def noise_floor(reference: ArrayLike, *, seed: int = 0, **options: Any) -> float:
+def noise_floor(reference: ArrayLike, mask: ArrayLike | None = None, *, seed: int = 0, **options: Any) -> float:
     """The KL estimator's own floor for this reference: summed :func:`feature_kl` between two random halves.
 
     The events (axis 0, never particles within an event, so event-level correlations are kept) are split
@@ -250,8 +265,11 @@ def noise_floor(reference: ArrayLike, *, seed: int = 0, **options: Any) -> float
     if n_half == 0:
         raise ValueError(f"noise_floor needs at least 2 reference events, got shape {events.shape}")
     order = np.random.default_rng(seed).permutation(events.shape[0])
-    first, second = events[order[:n_half]], events[order[n_half : 2 * n_half]]
-    return float(feature_kl(first, second, **options).sum())
+    first, second = order[:n_half], order[n_half : 2 * n_half]
+    if mask is None:
+        return float(feature_kl(events[first], events[second], **options).sum())
+    mask = np.asarray(mask, dtype=bool)
+    return float(feature_kl(events[first], events[second], mask[first], mask[second], **options).sum())
 
 
 # ---------------------------------------------------------------- results row
@@ -268,7 +286,8 @@ def score_columns(n_features: int) -> list[str]:
     return columns
 
 
-def score(generated: ArrayLike, reference: ArrayLike, **kl_options: Any) -> dict[str, float]:
+def score(generated: ArrayLike, reference: ArrayLike, gen_mask: ArrayLike | None = None,
+          ref_mask: ArrayLike | None = None, **kl_options: Any) -> dict[str, float]:
     """Every metric of generated vs reference (input) events as one flat results row.
 
     Columns (i = feature index): kl_i, kl_sum, w1_i, w1_sum, js_i, js_sum, then gen_mean_i, gen_std_i,
@@ -278,11 +297,11 @@ def score(generated: ArrayLike, reference: ArrayLike, **kl_options: Any) -> dict
     gen, ref = _event_pair(generated, reference)
     js_options = {key: kl_options[key] for key in ("bins", "range") if key in kl_options}
     per_metric = {
-        "kl": feature_kl(gen, ref, **kl_options),
-        "w1": feature_w1(gen, ref),
-        "js": feature_js(gen, ref, **js_options),
+        "kl": feature_kl(gen, ref, gen_mask, ref_mask, **kl_options),
+        "w1": feature_w1(gen, ref, gen_mask, ref_mask),
+        "js": feature_js(gen, ref, gen_mask, ref_mask, **js_options),
     }
-    (gen_mean, gen_std), (input_mean, input_std) = feature_moments(gen), feature_moments(ref)
+    (gen_mean, gen_std), (input_mean, input_std) = feature_moments(gen, gen_mask), feature_moments(ref, ref_mask)
     values: list[float] = []
     for per_feature in per_metric.values():
         values += per_feature.tolist() + [float(per_feature.sum())]

@@ -6,6 +6,15 @@ Loss (the slides', after Rezende & Mohamed 2015), per event, averaged over the b
     L = -log p(x|z_K) + beta * [log q0(z0|x) - log p(z_K) - sum_k log|det df_k/dz_{k-1}|],  z0 ~ q0(z0|x)
 
 The bracket is a one-sample estimate of KL(q_K(z_K|x) || p(z)); ``beta`` is the KL warm-up weight.
+
+Events with a particle mask (jets with fewer particles than slots, padded slots last): the model's input is the
+flattened event followed by its mask (P values of 0/1), the encoder sees both, and the decoder also gives
+logits of a categorical over the multiplicity n = 0 … P. Then
+
+    -log p(x|z_K) = -sum over real particles of log N(x; mean, var) - log Cat(n; softmax(logits)),
+
+padded particles enter no term, and a generated event has n ~ Cat(softmax(logits)) real particles (the first n
+slots).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowvae import flows
@@ -41,11 +51,16 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _gaussian_log_prob(x: Tensor, mean: Tensor, log_var: Tensor | float) -> Tensor:
-    """log N(x; mean, exp(log_var)) summed over the last dimension: shape (B,)."""
+def _sum(terms: Tensor, weight: Tensor | None) -> Tensor:
+    """Sum over the last dimension, of the entries where ``weight`` (0/1) is 1 when given: shape (B,)."""
+    return terms.sum(-1) if weight is None else (terms * weight).sum(-1)
+
+
+def _gaussian_log_prob(x: Tensor, mean: Tensor, log_var: Tensor | float, weight: Tensor | None = None) -> Tensor:
+    """log N(x; mean, exp(log_var)) summed over the last dimension (over the entries ``weight`` keeps): (B,)."""
     if isinstance(log_var, float):
-        return -0.5 * ((x - mean).pow(2) * math.exp(-log_var) + log_var + LOG_2PI).sum(-1)
-    return -0.5 * ((x - mean).pow(2) * torch.exp(-log_var) + log_var + LOG_2PI).sum(-1)
+        return -0.5 * _sum((x - mean).pow(2) * math.exp(-log_var) + log_var + LOG_2PI, weight)
+    return -0.5 * _sum((x - mean).pow(2) * torch.exp(-log_var) + log_var + LOG_2PI, weight)
 
 
 class FlowVAE(nn.Module):
@@ -56,19 +71,22 @@ class FlowVAE(nn.Module):
     """
 
     def __init__(self, n_in: int, hidden: list[int], latent_dim: int, flow: str = "none", n_flows: int = 0,
-                 flow_options: dict | None = None, likelihood: str = "gaussian", sigma_x: float | None = None):
+                 flow_options: dict | None = None, likelihood: str = "gaussian", sigma_x: float | None = None,
+                 n_mask: int = 0):
         super().__init__()
         self.n_in, self.latent_dim, self.likelihood = n_in, latent_dim, likelihood
+        self.n_mask = n_mask  # P when events carry a particle mask (appended to the input), else 0
         self.learned_variance = likelihood == "gaussian" and sigma_x is None
         if likelihood == "mse":
             sigma_x = MSE_SIGMA
         self.fixed_log_var = None if self.learned_variance else 2 * math.log(sigma_x)
         # Base network first, flows last: with K = 0 the flows draw nothing from the RNG, so every flow type
         # starts from the bit-identical plain VAE.
-        self.encoder = _mlp([n_in, *hidden])
+        self.encoder = _mlp([n_in + n_mask, *hidden])
         self.q0_head = nn.Linear(hidden[-1], 2 * latent_dim)
         self.decoder = _mlp([latent_dim, *reversed(hidden)])
         self.decoder_head = nn.Linear(hidden[0], 2 * n_in if self.learned_variance else n_in)
+        self.multiplicity_head = nn.Linear(hidden[0], n_mask + 1) if n_mask else None
         self.flows = flows.build(flow, latent_dim, n_flows, **(flow_options or {}))
         # One matmul gives every flow's amortized parameters at once.
         n_params = self.flows.num_params
@@ -102,11 +120,20 @@ class FlowVAE(nn.Module):
 
     def decode(self, z: Tensor) -> tuple[Tensor, Tensor | float]:
         """p(x|z)'s mean (B, n_in) and log-variance (a tensor, or one float when it is fixed)."""
-        out = self.decoder_head(self.decoder(z))
+        return self._decode(self.decoder(z))
+
+    def _decode(self, h: Tensor) -> tuple[Tensor, Tensor | float]:
+        out = self.decoder_head(h)
         if self.learned_variance:
             mean, log_var = out.chunk(2, dim=-1)
             return mean, log_var
         return out, self.fixed_log_var
+
+    def split_input(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The model's input (B, n_in + n_mask) as the flattened event (B, n_in) and its mask (B, P) or None."""
+        if not self.n_mask:
+            return x, None
+        return x[:, :self.n_in], x[:, self.n_in:]
 
     def loss(self, x: Tensor, beta: float = 1.0, generator: torch.Generator | None = None) -> LossTerms:
         """The negative ELBO with a beta-weighted KL term, averaged over the batch.
@@ -114,11 +141,17 @@ class FlowVAE(nn.Module):
         z0's noise comes from ``generator`` when given (evaluation), else from the global stream (training).
         """
         _, z_k, log_q_k = self.posterior_sample(x, generator)
-        mean, log_var = self.decode(z_k)
+        h = self.decoder(z_k)
+        mean, log_var = self._decode(h)
+        values, mask = self.split_input(x)
+        weight = None if mask is None else mask.repeat(1, self.n_in // self.n_mask)  # (B, F·P), features first
         if self.likelihood == "mse":
-            recon = (x - mean).pow(2).sum(-1)
+            recon = _sum((values - mean).pow(2), weight)
         else:
-            recon = -_gaussian_log_prob(x, mean, log_var)
+            recon = -_gaussian_log_prob(values, mean, log_var, weight)
+        if mask is not None:
+            multiplicity = mask.sum(-1).round().long()
+            recon = recon + F.cross_entropy(self.multiplicity_head(h), multiplicity, reduction="none")
         log_p_z = -0.5 * (z_k.pow(2) + LOG_2PI).sum(-1)
         kl = log_q_k - log_p_z
         recon, kl = recon.mean(), kl.mean()
@@ -126,17 +159,34 @@ class FlowVAE(nn.Module):
 
     @torch.no_grad()
     def generate(self, z: Tensor, decode: str, generator: torch.Generator | None = None) -> Tensor:
-        """Events (B, n_in) from latents z: the decoder mean, or one sample of p(x|z) (``decode='sample'``)."""
-        mean, log_var = self.decode(z)
+        """Events (B, n_in) from latents z: the decoder mean, or one sample of p(x|z) (``decode='sample'``).
+
+        With a mask, (B, n_in + P): the multiplicity is drawn from its categorical (its mode when
+        ``decode='mean'``), the first n slots are real and the padded ones 0.
+        """
+        h = self.decoder(z)
+        mean, log_var = self._decode(h)
         if decode == "mean":
-            return mean
-        std = torch.exp(0.5 * log_var) if isinstance(log_var, Tensor) else math.exp(0.5 * log_var)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + std * noise
+            events = mean
+        else:
+            std = torch.exp(0.5 * log_var) if isinstance(log_var, Tensor) else math.exp(0.5 * log_var)
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            events = mean + std * noise
+        if not self.n_mask:
+            return events
+        logits = self.multiplicity_head(h)
+        if decode == "mean":
+            multiplicity = logits.argmax(-1)
+        else:
+            multiplicity = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+        slots = torch.arange(self.n_mask, device=z.device)
+        mask = (slots < multiplicity[:, None]).to(events.dtype)
+        return torch.cat([events * mask.repeat(1, self.n_in // self.n_mask), mask], dim=-1)
 
 
-def build_model(n_in: int, cfg_model, cfg_flow, n_flows: int) -> FlowVAE:
-    """The VAE of the ``model.*`` config with the flow stack of ``flow.*`` and ``n_flows``."""
+def build_model(n_in: int, cfg_model, cfg_flow, n_flows: int, n_mask: int = 0) -> FlowVAE:
+    """The VAE of the ``model.*`` config with the flow stack of ``flow.*`` and ``n_flows``; ``n_mask`` = P for
+    events with a particle mask."""
     options = {k: v for k, v in cfg_flow.items() if k != "name" and v is not None}
     return FlowVAE(n_in, list(cfg_model.hidden), cfg_model.latent_dim, cfg_flow.name, n_flows, options,
-                   cfg_model.likelihood, cfg_model.sigma_x)
+                   cfg_model.likelihood, cfg_model.sigma_x, n_mask)

@@ -26,15 +26,18 @@ def pyplot():
 
 
 def plot_histograms(generated: np.ndarray, reference: np.ndarray, feature_names: list[str], scores: dict,
-                    path: Path, title: str = "", bins: int = 100) -> None:
+                    path: Path, title: str = "", bins: int = 100, gen_mask: np.ndarray | None = None,
+                    ref_mask: np.ndarray | None = None) -> None:
     """One panel per feature: the pooled values of generated (N, F, P) and input (M, F, P) events, on the same
     bins as the KL estimator (the pooled range), labelled with the feature's KL and the two means and stds
-    from ``scores`` (the row of :func:`flowvae.metrics.score`), so the picture shows the row's numbers."""
+    from ``scores`` (the row of :func:`flowvae.metrics.score`), so the picture shows the row's numbers. Masks
+    (N, P) leave padded particles out, as the metrics do."""
     plt = pyplot()
     n_features = reference.shape[1]
     fig, axes = plt.subplots(1, n_features, figsize=(4.2 * n_features, 3.6), squeeze=False)
     for i, ax in enumerate(axes[0]):
-        gen, ref = generated[:, i].ravel(), reference[:, i].ravel()
+        gen = generated[:, i][gen_mask] if gen_mask is not None else generated[:, i].ravel()
+        ref = reference[:, i][ref_mask] if ref_mask is not None else reference[:, i].ravel()
         edges = np.linspace(min(gen.min(), ref.min()), max(gen.max(), ref.max()), bins + 1)
         ax.hist(ref, bins=edges, density=True, histtype="stepfilled", alpha=0.35, color="C0", label="input")
         ax.hist(gen, bins=edges, density=True, histtype="step", lw=1.6, color="C3", label="generated")

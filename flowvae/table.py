@@ -70,6 +70,7 @@ def load_results(path: Path, filters: dict[str, str] | None = None):
             settings = ", ".join(setting_columns(table.columns))
             raise TableError(f"--filter {key}={value}: no column {key!r}; setting columns: {settings}")
         table = table[[same_value(cell, value) for cell in table[key]]]
+    table = table[table["n_flows"] != ""]  # rows of `flowvae score` have no cell of the table
     not_ok = int((table["status"] != "ok").sum())
     table = table[table["status"] == "ok"].drop_duplicates("config_hash", keep="last")
     bad = [v for v in table["n_flows"] if not v.isdigit()]

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
+import operator
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from fractions import Fraction
+
 import pytest
 import torch
 from torch import Tensor
 from torch.autograd.functional import jacobian
 
-from flowvae.flows import FLOWS, IAF, FlowStack, Planar, TriangularSylvester, base, build, options
+from flowvae.flows import FLOWS, IAF, FlowStack, Planar, TriangularSylvester, base, build, iaf, options
 from flowvae.flows.base import tanh_chain
 from flowvae.flows.sylvester import Sylvester
 
@@ -98,16 +105,6 @@ def test_log_det_finite_for_extreme_params(name: str, dtype: torch.dtype) -> Non
     assert torch.isfinite(z_k).all() and torch.isfinite(log_det).all()
 
 
-def test_planar_constraint_holds_for_random_params() -> None:
-    torch.manual_seed(0)
-    u, w = torch.randn(2, 10_000, 5, dtype=torch.float64) * 10
-    u_hat, slack = Planar.reparametrize(u, w)
-    assert (slack > 0).all()
-    # w·û = slack - 1 > -1 up to rounding of the sum w·u + (…) ‖w‖², whose terms reach ~1e3 here
-    assert ((w * u_hat).sum(-1) >= -1 - 1e-12).all()
-    torch.testing.assert_close((w * u_hat).sum(-1), slack - 1, atol=1e-12, rtol=0)
-
-
 def test_planar_with_zero_w_is_the_identity() -> None:
     flow = Planar(3)
     z = torch.randn(4, 3)
@@ -190,6 +187,303 @@ def test_iaf_context_reaches_every_output() -> None:
     rows = jacobian(lambda p: stack(z, p)[0], params)  # (B, D, B, context)
     per_output = rows.diagonal(dim1=0, dim2=2).abs().sum((1, 2))  # (D,)
     assert (per_output > 0).all()
+
+
+# invertibility in the dtype the flow runs in
+
+
+SCALES = [1, 10, 100, 1000]
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def gamma(n: int, dtype: torch.dtype) -> float:
+    """Higham's γ_n = n u / (1 - n u): the relative error bound of an n-term dot product or sum."""
+    return n * unit_roundoff(dtype) / (1 - n * unit_roundoff(dtype))
+
+
+def exact_matmul(x: Tensor, y: Tensor) -> list[list[list[Fraction]]]:
+    """x @ y for (B, M, N) and (B, N, P), exactly: (B, M, P) nested lists of Fractions."""
+    out = []
+    for matrix, other in zip(x.tolist(), y.mT.tolist(), strict=True):
+        columns = [[Fraction(v) for v in column] for column in other]
+        out.append([[sum(map(operator.mul, map(Fraction, row), columns[j])) for j in range(len(columns))]
+                    for row in matrix])
+    return out
+
+
+def exact_slogdet(matrix: list[list[Fraction]]) -> tuple[float, float]:
+    """Sign and log|det| of a square matrix of Fractions, by exact elimination."""
+    rows, det = [list(row) for row in matrix], Fraction(1)
+    for k in range(len(rows)):
+        pivot = next((i for i in range(k, len(rows)) if rows[i][k] != 0), None)
+        if pivot is None:
+            return 0.0, -math.inf
+        if pivot != k:
+            rows[k], rows[pivot], det = rows[pivot], rows[k], -det
+        det *= rows[k][k]
+        for i in range(k + 1, len(rows)):
+            ratio = rows[i][k] / rows[k][k]
+            rows[i] = [value - ratio * top for value, top in zip(rows[i], rows[k], strict=True)]
+    if det == 0:
+        return 0.0, -math.inf
+    exponent = abs(det.numerator).bit_length() - det.denominator.bit_length()  # |det| = mantissa 2^exponent
+    mantissa = float(abs(det) / Fraction(2) ** exponent)
+    return float(det > 0) - float(det < 0), math.log(mantissa) + exponent * math.log(2)
+
+
+@contextmanager
+def captured_tanh_chains() -> Iterator[list[tuple[Tensor, ...]]]:
+    """Record the (z, A, C, b) of every :func:`tanh_chain` a flow module calls: the map it really applies."""
+    calls: list[tuple[Tensor, ...]] = []
+
+    def spy(z: Tensor, a: Tensor, c: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        calls.append((z.detach(), a.detach(), c.detach(), b.detach()))
+        return tanh_chain(z, a, c, b)
+
+    modules = [module for name, module in sys.modules.items()
+               if name.startswith("flowvae.flows.") and getattr(module, "tanh_chain", None) is tanh_chain]
+    with pytest.MonkeyPatch.context() as patch:
+        for module in modules:
+            patch.setattr(module, "tanh_chain", spy)
+        yield calls
+
+
+def batch_jacobian(f, z: Tensor) -> Tensor:
+    """∂f(z)_b/∂z_b (B, D, D) for a map f acting on each row of z separately, by autograd (D backward passes)."""
+    z = z.detach().requires_grad_()
+    out = f(z)
+    rows = [torch.autograd.grad(out[:, i].sum(), z, retain_graph=True)[0] for i in range(out.shape[1])]
+    return torch.stack(rows, 1)
+
+
+def exact_log_det(flow: torch.nn.Module, z: Tensor, params: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""The flow's reported log-det, the sign and log|det| of its actual map's Jacobian, and the rounding bound.
+
+    A flow that runs as one :func:`tanh_chain` applies f(z) = z + C tanh(A z + b) with the rounded A, C, b it
+    passes; the D×D Jacobian autograd gives for it in its dtype is checked to be this map's. That Jacobian,
+    I + C diag(h'(a)) A with a = A z + b, has det(I_M + diag(h') G), G = A C. Here a = A z + b is formed
+    exactly and rounded once, and G and the determinant are exact (Fractions), so only h' is rounded (to float64)
+    however much A z, A C and 1 + h' G_mm cancel. Any other flow (IAF) must have an exactly
+    triangular Jacobian: its det is the product of the diagonal autograd gives in the flow's dtype, exact since
+    nothing cancels.
+
+    The bound, with u the flow's unit roundoff plus float64's (the reference's own rounding):
+    - the flow's pre-activation ã is the exact one at a z moved by γ_{D+1} (D products and D sums), so
+      |ã_m - a_m| <= γ_{D+1} (|A||z| + |b|)_m; the reported term is the exact one at some such ã_m, and
+      ℓ_m(ξ) = log(tanh² ξ + sech² ξ (1 + G_mm)) is monotone in |ξ|, so the two ends of that interval bound it;
+    - its h' is off by ~8 ulps relative (sech² from e^{-2|a|}, or 1 - h̃² near h' = 1), moving ℓ_m by
+      8u h' |∂ℓ_m/∂h'| = 8u h' |G_mm| / (1 + h' G_mm), plus, for 1 - h̃² from a rounded tanh, <= 5u absolute, which
+      moves ℓ_m by <= 5u since |∂ℓ_m/∂h'| (1 - h') <= 1 when |G_mm| <= 1 (Sylvester's diagonals);
+    - each log and product, and the sum over m: 8u per term and (M + 2) u Σ|ℓ_m|.
+    The terms are those of the triangular Jacobian the flow's formula assumes; off-triangle entries of G
+    (a Q that is orthonormal only to rounding) are not rounding of the log-det and are not allowed for.
+    """
+    u = unit_roundoff(params.dtype) + unit_roundoff(torch.float64)
+    jac_run = batch_jacobian(lambda x: flow(x, params)[0], z).double()
+    with captured_tanh_chains() as calls:
+        reported = flow(z, params)[1].double()
+    assert len(calls) <= 1, "one flow is one tanh chain"
+    if not calls:  # triangular: exactly zero on one side of the diagonal, det = product of the diagonal
+        lower, upper = strict_triangles(jac_run)
+        assert (lower == 0).all() or (upper == 0).all(), "a flow that is no tanh chain must be triangular"
+        diagonal = jac_run.diagonal(dim1=-2, dim2=-1)
+        terms = diagonal.abs().log()
+        bound = 8 * u * terms.shape[-1] + (terms.shape[-1] + 2) * u * terms.abs().sum(-1)
+        return reported, diagonal.sign().prod(-1), terms.sum(-1), bound
+    ((z_in, a, c, b),) = calls
+    assert torch.equal(z_in, z)
+    a, c, b = a.squeeze(1), c.squeeze(1), b.squeeze(1)  # one flow: (B, M, D), (B, D, M), (B, M)
+    with_bias = torch.cat([a, b.unsqueeze(-1)], -1)
+    ones = torch.ones_like(z[:, :1])
+    pre = torch.tensor(exact_matmul(with_bias, torch.cat([z, ones], -1).unsqueeze(-1)), dtype=torch.float64)[..., 0]
+    gram = exact_matmul(a, c)  # G = A C, exact
+    diagonal = torch.tensor([[1 + g[m][m] for m in range(len(g))] for g in gram], dtype=torch.float64)  # 1 + G_mm
+    shift = gamma(z.shape[1] + 1, params.dtype) * (with_bias.abs().double() @ torch.cat([z.abs(), ones], -1)
+                                                   .double().unsqueeze(-1)).squeeze(-1)  # >= the flow's |ã - a|
+
+    def squares(x: Tensor) -> tuple[Tensor, Tensor]:
+        e = torch.exp(-2 * x.abs())
+        return ((1 - e) / (1 + e)).square(), 4 * e / (1 + e).square()  # tanh², sech²
+
+    tanh2, slope = squares(pre)
+    # autograd's Jacobian in the flow's dtype is this map's: its h' is off by <= min(0.77 shift, 1) + 8u (0.77 the
+    # largest |d sech²/da|), and each entry by a few roundings
+    jac_ref = torch.eye(z.shape[1], dtype=torch.float64) + c.double() @ (slope.unsqueeze(-1) * a.double())
+    slope_error = (0.8 * shift).clamp(max=1) + 8 * u
+    jac_error = c.double().abs() @ (slope_error.unsqueeze(-1) * a.double().abs()) + 4 * u * (1 + jac_ref.abs())
+    assert ((jac_run - jac_ref).abs() <= jac_error).all()
+    # det(I_M + diag(h') G) with only h' rounded (to float64)
+    sign, log_abs_det = torch.tensor([exact_slogdet([[(i == j) + Fraction(h[i]) * g[i][j] for j in range(len(g))]
+                                                     for i in range(len(g))])
+                                      for h, g in zip(slope.tolist(), gram, strict=True)], dtype=torch.float64).T
+
+    def term(x: Tensor) -> Tensor:
+        tanh2, slope = squares(x)
+        return torch.log(tanh2 + slope * diagonal)
+
+    terms = term(pre)
+    nearer, further = term((pre.abs() - shift).clamp(min=0)), term(pre.abs() + shift)  # ℓ_m is monotone in |a|
+    moved = torch.maximum((nearer - terms).abs(), (further - terms).abs())
+    slope_part = 8 * u * slope * (diagonal - 1).abs() / (tanh2 + slope * diagonal)
+    bound = (moved + slope_part + 8 * u).sum(-1) + (terms.shape[-1] + 2) * u * terms.abs().sum(-1)
+    return reported, sign, log_abs_det, bound
+
+
+def probe(flow: torch.nn.Module, z: Tensor, params: Tensor) -> Tensor:
+    """z with its second half moved (least squares, in float64) to where a tanh-chain flow's pre-activations
+    A z + b are 0 (every other row: there h' = 1 and det = det(I + A C), the flow's worst case) or ~N(0, 1/4):
+    with large params they are large at a random z, and the flow is the identity to rounding there."""
+    with captured_tanh_chains() as calls:
+        flow(z, params)
+    if not calls:
+        return z
+    ((_, a, _, b),) = calls
+    a, b, half = a[:, 0].double(), b[:, 0].double(), z.shape[0] // 2
+    target = torch.randn(b.shape, dtype=torch.float64) / 2 * (torch.arange(len(b)) % 2).unsqueeze(-1)
+    miss = (target - b - (a @ z.double().unsqueeze(-1)).squeeze(-1))[half:]
+    moved = z.double()[half:] + (torch.linalg.pinv(a[half:]) @ miss.unsqueeze(-1)).squeeze(-1)
+    return torch.cat([z[:half], moved.to(z.dtype)])
+
+
+def per_flow(name: str, dtype: torch.dtype, scale: float, batch: int = 8, dim: int = 4, seed: int = 0):
+    """Each flow of a 2-flow stack (both orders for alternating families), params × scale, at a probed input."""
+    torch.manual_seed(seed)
+    stack = build(name, dim, 2, **({"hidden": 16} if name == "iaf" else {})).to(dtype)
+    z = torch.randn(batch, dim, dtype=dtype)
+    params = torch.randn(batch, stack.num_params, dtype=dtype) * scale
+    for flow, flow_params in zip(stack.flows, params.split(stack.sizes, dim=1), strict=True):
+        z = probe(flow, z, flow_params)
+        yield flow, z, flow_params
+        with torch.no_grad():
+            z = flow(z, flow_params)[0]
+
+
+# Orthogonal and householder Sylvester flows miss in every dtype. Their Q is orthonormal only to rounding, so the
+# map's Jacobian I + Q R1 H R2 Q^T is not the triangular one the log-det assumes: G = A C = R2 (Q^T Q) R1 + rounding
+# is off by ~eps |R2||R1| below its diagonal and on it, and the determinant's sensitivity to that grows as
+# |R|^2 / (product of the diagonal factors), which no diagonal margin absorbs. Measured (10 draws x 16 samples x 2
+# flows at the probed points, half at pre-activation 0): log-dets off by up to 3e-4 nats at params x1 in float32
+# (1e-13 in float64), by up to 20-50 nats from x10 on, and negative determinants in up to 7 % of the samples from
+# x10 on, in float32 and float64 alike.
+Q_ROUNDING = "Q orthonormal only to rounding: the Jacobian leaves the triangular form the log-det assumes"
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", [name for name in FLOWS if name != "none"])
+def test_every_flow_is_invertible_in_its_dtype(name: str, dtype: torch.dtype, scale: float,
+                                               request: pytest.FixtureRequest) -> None:
+    """The actual map's Jacobian (the rounded parameters it uses, exact arithmetic) has det > 0, and the log-det
+    the flow reports is its log|det| up to the rounding bound of :func:`exact_log_det`."""
+    if name in ("orthogonal", "householder"):
+        request.applymarker(pytest.mark.xfail(reason=Q_ROUNDING, strict=False))
+    for flow, z, params in per_flow(name, dtype, scale):
+        reported, sign, log_abs_det, bound = exact_log_det(flow, z, params)
+        assert (sign > 0).all()
+        error = (reported - log_abs_det).abs()
+        assert (error <= bound).all(), f"log-det off by {error.max().item():.3g} (bound {bound.max().item():.3g})"
+
+
+@pytest.mark.parametrize("dtype, draws", [(torch.float32, 200_000), (torch.float64, 2_000)])
+def test_planar_constraint_holds_for_the_rounded_u_hat(dtype: torch.dtype, draws: int) -> None:
+    """1 + wᵀû > 0 for the rounded û the map uses, by the documented margin, and the reported t is that value.
+
+    The exact dot product of the rounded û and w: in float64 for float32 (products exact, the sum off by at most
+    5 ε64 Σ|w_i û_i|, ~1e-9 of the margin), with Fractions for float64.
+    """
+    torch.manual_seed(0)
+    scales = torch.tensor([1.0, 10.0, 100.0, 1000.0], dtype=dtype).repeat_interleave(draws // 4).unsqueeze(-1)
+    u, w = torch.randn(2, draws, 5, dtype=dtype) * scales
+    w[:8] *= torch.logspace(-12, -3, 8, dtype=dtype).unsqueeze(-1)  # tiny w: r < 1, the guard acts
+    u[8:16] = -w[8:16] * torch.logspace(0, 3, 8, dtype=dtype).unsqueeze(-1)  # u = -c w: wᵀu << 0, the floor acts
+    u_hat, t = Planar.reparametrize(u, w)
+    if dtype == torch.float32:
+        exact = 1 + (w.double() * u_hat.double()).sum(-1)
+    else:
+        exact = torch.tensor([float(1 + sum(map(operator.mul, map(Fraction, row), map(Fraction, other))))
+                              for row, other in zip(w.tolist(), u_hat.tolist(), strict=True)], dtype=torch.float64)
+    floor = 2 * torch.finfo(dtype).eps * ((5 + 4) * (w * u).abs().sum(-1).double() + 3)
+    assert (exact >= floor / 2).all(), f"1 + wᵀû down to {(exact / floor).min().item():.3g} of the floor"
+    assert ((t.double() - exact).abs() <= 2 * torch.finfo(dtype).eps * exact).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_planar_log_det_where_tanh_saturates(dtype: torch.dtype) -> None:
+    """wᵀû = 1e6 and pre-activations a = b from 0 to 12 (z = 0, so a is exact): sech²(a) wᵀû crosses 1 where
+    tanh(a) rounds to within ε of 1, so a log-det read from the rounded h would be off by ~ε wᵀû."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 4, dtype=dtype)
+    u = w * (1e6 / (w * w).sum(-1, keepdim=True))
+    b = torch.linspace(0, 12, 64, dtype=dtype).unsqueeze(-1)
+    reported, sign, log_abs_det, bound = exact_log_det(Planar(4), torch.zeros(64, 4, dtype=dtype),
+                                                       torch.cat([u, w, b], -1))
+    assert (sign > 0).all() and ((reported - log_abs_det).abs() <= bound).all()
+    assert (log_abs_det > 1).any() and (log_abs_det < 1).any()  # the crossing is in range
+
+
+def test_iaf_gates_keep_their_margin_with_subnormals_flushed() -> None:
+    """Gate logits far below the floor (params x1e4) in float32 with subnormals flushed, as in training: every gate
+    σ the map uses (the Jacobian's diagonal) stays at sqrt(eps) or above, and the log-det is Σ log σ."""
+    flushing = (torch.tensor([1e-39]) * 1.0).item() == 0.0
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormal floats")
+    try:
+        stack, z, params = make("iaf", 4, 2, dtype=torch.float32, batch=32, scale=1e4, hidden=16)
+        margin = torch.finfo(torch.float32).eps ** 0.5
+        for flow, flow_params in zip(stack.flows, params.split(stack.sizes, dim=1), strict=True):
+            jac = batch_jacobian(lambda x, flow=flow, p=flow_params: flow(x, p)[0], z)
+            gates = jac.diagonal(dim1=-2, dim2=-1)
+            assert (gates >= margin * (1 - 1e-5)).all() and (gates <= margin * (1 + 1e-5)).any()
+            z_new, log_det = flow(z, flow_params)
+            assert torch.isfinite(z_new).all()
+            torch.testing.assert_close(log_det.double(), gates.double().log().sum(-1), rtol=0, atol=1e-5)
+            z = z_new.detach()
+    finally:
+        torch.set_flush_denormal(flushing)
+
+
+def made_gate_logits(stack: FlowStack, z: Tensor, params: Tensor, floored: bool = True) -> Tensor:
+    """The gate logits (B, K, D) an IAF stack's MADEs compute, with or without their floor."""
+    logits, apply = [], iaf._MadeChain.apply
+
+    def spy(*args: Tensor) -> tuple[Tensor, Tensor]:
+        out = apply(*args)
+        logits.append(out[1].detach())
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(iaf._MadeChain, "apply", spy)
+        if not floored:
+            patch.setattr(iaf, "gate_floor", lambda dtype: -math.inf)
+        stack(z, params)
+    return torch.cat(logits, 1)
+
+
+def test_iaf_gradients_with_gates_at_the_floor() -> None:
+    """The written-out backward passes no gradient through a floored gate: gradcheck where some gates are far
+    below the floor and the rest clear of it."""
+    stack, z, params = make("iaf", 3, 2, batch=4, scale=1000.0, hidden=6)
+    raw, floor = made_gate_logits(stack, z, params, floored=False), iaf.gate_floor(torch.float64)
+    assert (raw < floor - 1).any() and (raw > floor + 1).any() and ((raw - floor).abs() > 1e-3).all()
+    assert (made_gate_logits(stack, z, params)[:, 0] == raw[:, 0].clamp(min=floor)).all()  # flow 1's input differs
+    assert torch.autograd.gradcheck(stack, (z.requires_grad_(), params.requires_grad_()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sylvester_diagonal_factors_keep_their_margin(dtype: torch.dtype) -> None:
+    """Params x1000 saturate tanh: the diagonals the map uses (R1_mm R2_mm, exactly the diagonal of A C for the
+    triangular family) keep 1 + R1_mm R2_mm >= sqrt(eps), far above its rounding, and reach the clamp."""
+    stack, z, params = make("triangular", 4, 2, dtype=dtype, batch=64, scale=1000.0)
+    margin = torch.finfo(dtype).eps ** 0.5
+    for flow, flow_params in zip(stack.flows, params.split(stack.sizes, dim=1), strict=True):
+        with captured_tanh_chains() as calls:
+            flow(z, flow_params)
+        ((_, a, c, _),) = calls
+        factors = 1 + (a.double() @ c.double()).diagonal(dim1=-2, dim2=-1)  # one product each: within an ulp
+        assert (factors >= margin).all() and (factors < 3 * margin).any()
 
 
 # shapes, dtypes, params

@@ -165,7 +165,7 @@ def _validate_flow(cfg: DictConfig) -> None:
     from flowvae import flows
 
     name = cfg.flow.get("name")
-    _require(name in flows.FLOWS, "flow", name, f"one of {', '.join(flows.FLOWS)}")
+    _require(name in flows.FLOWS, "flow", name, f"one of {', '.join(flows.names())}")
     allowed = flows.options(name)
     for key, value in cfg.flow.items():
         if key == "name":

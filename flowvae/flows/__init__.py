@@ -11,10 +11,17 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from flowvae.flows.base import Flow, FlowStack, Identity, check_int
+import importlib
+import pkgutil
+
+from flowvae.flows.base import FLOWS, Flow, FlowStack, Identity, check_int
 from flowvae.flows.iaf import IAF
 from flowvae.flows.planar import Planar
 from flowvae.flows.sylvester import HouseholderSylvester, OrthogonalSylvester, TriangularSylvester
+
+# Every module of this package registers its families on import: a new family needs no line here.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "FLOWS",
@@ -27,30 +34,26 @@ __all__ = [
     "Planar",
     "TriangularSylvester",
     "build",
+    "names",
     "options",
     "table_order",
 ]
 
-FLOWS: dict[str, type[Flow]] = {
-    "none": Identity,
-    "planar": Planar,
-    "orthogonal": OrthogonalSylvester,
-    "householder": HouseholderSylvester,
-    "triangular": TriangularSylvester,
-    "iaf": IAF,
-}
+def names() -> list[str]:
+    """Every family's name: ``none``, then the table's order."""
+    return ["none", *table_order()]
 
 
 def table_order() -> list[str]:
-    """The families in the seed slides' column order (then the rest alphabetically): how tables show them."""
-    slides = ["planar", "iaf", "householder", "triangular", "orthogonal"]
-    return [*slides, *sorted(set(FLOWS) - set(slides) - {"none"})]
+    """The families in their tables' column order (the seed slides': planar, iaf, householder, triangular,
+    orthogonal; then any other by name), ``none`` left out."""
+    return sorted((name for name in FLOWS if name != "none"), key=lambda name: (FLOWS[name].table_rank, name))
 
 
 def options(name: str) -> dict[str, Any]:
     """Return the options of flow family ``name`` with their defaults (its constructor's keyword-only args)."""
     if name not in FLOWS:
-        raise ValueError(f"unknown flow {name!r}; allowed: {', '.join(FLOWS)}")
+        raise ValueError(f"unknown flow {name!r}; allowed: {', '.join(names())}")
     parameters = inspect.signature(FLOWS[name]).parameters.values()
     return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Flow", "FlowStack", "Identity", "chunks", "tanh_chain"]
+__all__ = ["FLOWS", "Flow", "FlowStack", "Identity", "chunks", "register", "tanh_chain"]
 
 # A chain's batched tensors hold (batch x flows) small matrices; past about this many the flows go in groups, so
 # that each group's tensors stay in the CPU's cache (the test-loss pass: batch 1000 x 80 flows, 2x faster).
@@ -35,6 +35,26 @@ def check_int(name: str, value: Any, low: int, high: int | None = None, extra: s
         raise ValueError(f"{name} must be {allowed}{extra}, got {value!r}")
 
 
+# The flow registry: every family by its name, in registration order. A family registers itself in its own
+# module (``@register("name")``); flowvae.flows imports every module of the package, so adding a family touches
+# its module and its ``conf/flow/<name>.yaml`` only.
+FLOWS: dict[str, type[Flow]] = {}
+
+
+def register(name: str, table_rank: int = 1000):
+    """Class decorator: make a Flow subclass buildable as ``name``; ``table_rank`` orders the families' columns
+    in tables (the seed slides' order; families without a rank follow alphabetically)."""
+
+    def add(cls: type[Flow]) -> type[Flow]:
+        if name in FLOWS and FLOWS[name] is not cls:
+            raise ValueError(f"flow {name!r} is registered twice ({FLOWS[name].__name__}, {cls.__name__})")
+        cls.name, cls.table_rank = name, table_rank
+        FLOWS[name] = cls
+        return cls
+
+    return add
+
+
 class Flow(nn.Module, ABC):
     r"""An invertible map :math:`z \mapsto f(z; \lambda)` with per-sample parameters :math:`\lambda`.
 
@@ -46,6 +66,10 @@ class Flow(nn.Module, ABC):
     """
 
     num_params: int
+    #: the family's name in the registry and in configs (set by :func:`register`)
+    name: ClassVar[str] = ""
+    #: the family's column in tables (set by :func:`register`)
+    table_rank: ClassVar[int] = 1000
     #: whether consecutive flows of this family reverse the variable order (the k-th gets reverse=k odd)
     alternates: ClassVar[bool] = False
 
@@ -81,6 +105,7 @@ class Flow(nn.Module, ABC):
         return z, log_det
 
 
+@register("none", table_rank=0)
 class Identity(Flow):
     r"""The identity :math:`f(z) = z`, with :math:`\log|\det| = 0` and no parameters."""
 

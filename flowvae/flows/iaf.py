@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from flowvae.flows.base import Flow, check_int, chunks
+from flowvae.flows.base import Flow, check_int, chunks, register
 
 __all__ = ["IAF", "MaskedLinear", "gate_floor", "made_masks"]
 
@@ -54,6 +54,7 @@ class MaskedLinear(nn.Linear):
         return F.linear(x, self.weight * self.mask, self.bias)
 
 
+@register("iaf", table_rank=2)
 class IAF(Flow):
     r"""Gated IAF step :math:`f(z) = \sigma \odot z + (1 - \sigma) \odot m`, :math:`\sigma = \mathrm{sigmoid}(g)`,
     :math:`g = \max(s + 1, g_{\min})`.

@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowvae.flows.base import Flow, tanh_chain
+from flowvae.flows.base import Flow, register, tanh_chain
 
 __all__ = ["Planar"]
 
 
+@register("planar", table_rank=1)
 class Planar(Flow):
     r"""Planar flow :math:`f(z) = z + \hat u\, h(w^\top z + b)` with :math:`h = \tanh`.
 

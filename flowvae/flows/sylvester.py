@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowvae.flows.base import Flow, check_int, chunks, tanh_chain
+from flowvae.flows.base import Flow, check_int, chunks, register, tanh_chain
 
 __all__ = ["HouseholderProduct", "HouseholderSylvester", "OrthogonalSylvester", "Sylvester", "TriangularSylvester"]
 
@@ -145,6 +145,7 @@ def _r_indices(rank: int) -> tuple[Tensor, Tensor]:
     return r1, r2
 
 
+@register("orthogonal", table_rank=5)
 class OrthogonalSylvester(Sylvester):
     r"""Orthogonal Sylvester flow: Q (D, M) with M = ``num_ortho_vecs`` orthonormal columns.
 
@@ -183,6 +184,7 @@ class OrthogonalSylvester(Sylvester):
         return self.householder_product(v)
 
 
+@register("householder", table_rank=3)
 class HouseholderSylvester(Sylvester):
     r"""Householder Sylvester flow: :math:`Q = H_1 \cdots H_T` (D, D), T = ``num_householder``, M = D.
 
@@ -210,6 +212,7 @@ class HouseholderSylvester(Sylvester):
         return self.householder_product(v, eps=torch.finfo(v.dtype).tiny ** 0.5)
 
 
+@register("triangular", table_rank=4)
 class TriangularSylvester(Sylvester):
     r"""Triangular Sylvester flow: Q is the identity, or the reversal permutation when ``reverse``.
 

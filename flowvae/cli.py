@@ -27,6 +27,7 @@ usage:
   flowvae train [HYDRA ARGS/OVERRIDES]   one run, or a sweep with -m   (flowvae train --help for the config)
   flowvae table [RESULTS_CSV] [OPTIONS]  the seed-style table of a results CSV   (flowvae table --help)
   flowvae score GENERATED REFERENCE [OPTIONS]   score two event files, e.g. from any generator (--help)
+  flowvae generate RUN_DIR --n N --out FILE     N events from a trained run, in the data's units (--help)
   flowvae --version
 
 examples:
@@ -126,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         from flowvae.score import main as score_main
 
         return score_main(rest)
-    print(f"flowvae: unknown command {command!r}; the commands are train, table and score (flowvae --help)",
+    if command == "generate":
+        from flowvae.generate import main as generate_main
+
+        return generate_main(rest)
+    print(f"flowvae: unknown command {command!r}; the commands are train, table, score and generate (flowvae --help)",
           file=sys.stderr)
     return 2
 

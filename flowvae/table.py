@@ -18,7 +18,7 @@ from flowvae.report import pyplot
 from flowvae.results import REQUIRED_COLUMNS
 
 __all__ = ["TableError", "load_results", "check_one_setting", "seed_table", "format_table", "plot_table",
-           "upgrade_results", "main"]
+           "noise_floor", "upgrade_results", "main"]
 
 # The 0.2 format's setting columns, replaced by the dotted ones of flowvae.identity (read only by --upgrade).
 _OLD_SETTING_COLUMNS = ["data", "data_mu", "data_sigma", "data_offset_sigma", "data_scale_sigma", "data_seed",
@@ -127,6 +127,18 @@ def seed_table(table, metric: str):
     parts += [plain.assign(flow=f) for f in flows]
     cells = pd.concat(parts).groupby(["n_flows", "flow"])[metric].agg(["mean", "std", "count"])
     return cells, flows
+
+
+def noise_floor(table, metric: str) -> float | None:
+    """The mean noise floor of ``metric`` over the table's rows (``noise_floor`` for kl_sum, ``<metric>_floor``
+    for the jet-level metrics), or None when the rows carry none."""
+    import pandas as pd
+
+    column = "noise_floor" if metric == "kl_sum" else f"{metric}_floor"
+    if column not in table.columns:
+        return None
+    values = pd.to_numeric(table[column], errors="coerce").dropna()
+    return float(values.mean()) if len(values) else None
 
 
 def _cell(stats) -> str:
@@ -261,6 +273,10 @@ def main(args: list[str]) -> int:
     version = table[VERSION_COLUMN].iloc[0] if VERSION_COLUMN in table.columns else "?"
     print(f"{options.metric}: mean ± std over seeds (n = runs); {len(table)} ok rows of flowvae {version}"
           + (f", {not_ok} failed or unfinished rows left out" if not_ok else ""))
+    floor = noise_floor(table, options.metric)
+    if floor is not None:
+        print(f"noise floor of {options.metric} (the metric between two halves of the held-out events): "
+              f"{floor:.4g}")
     print(formatted.to_string())
     written = [out / f"{stem}.csv", out / f"{stem}.md"]
     if not options.no_plot:

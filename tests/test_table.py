@@ -43,7 +43,7 @@ def table(capsys):
 def test_table_mean_std_over_seeds_and_zero_flows_in_every_column(tmp_path):
     rows = []
     for seed, (p1, i1, plain) in enumerate([(0.10, 0.30, 0.24), (0.14, 0.34, 0.26), (0.12, 0.32, 0.25)]):
-        rows += [_row(p1, "flow=planar", "n_flows=1", f"seed={seed}"),
+        rows += [{**_row(p1, "flow=planar", "n_flows=1", f"seed={seed}"), "noise_floor": 0.001 * (seed + 1)},
                  _row(i1, "flow=iaf", "n_flows=1", f"seed={seed}"),
                  _row(plain, "flow=planar", "n_flows=0", f"seed={seed}")]
     rows.append(_row("", "flow=iaf", "n_flows=1", "seed=9", status="failed"))
@@ -58,6 +58,7 @@ def test_table_mean_std_over_seeds_and_zero_flows_in_every_column(tmp_path):
     out = run_flowvae(["table", str(path)], cwd=tmp_path)  # the console script, with its picture
     assert out.returncode == 0 and "1 failed or unfinished rows left out" in out.stdout
     assert "0.1200 ± 0.0200 (n=3)" in out.stdout and (tmp_path / "r_kl_sum.png").stat().st_size > 0
+    assert "noise floor of kl_sum (the metric between two halves of the held-out events): 0.002" in out.stdout
 
 
 @pytest.mark.parametrize("other", ["train.grad_clip=1.0", "train.warmup_epochs=2", "model.hidden=[64]",

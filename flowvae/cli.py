@@ -28,6 +28,7 @@ usage:
   flowvae table [RESULTS_CSV] [OPTIONS]  the seed-style table of a results CSV   (flowvae table --help)
   flowvae score GENERATED REFERENCE [OPTIONS]   score two event files, e.g. from any generator (--help)
   flowvae generate RUN_DIR --n N --out FILE     N events from a trained run, in the data's units (--help)
+  flowvae evaluate RUN_DIR... [eval.KEY=VALUE]  score trained runs again with other eval settings (--help)
   flowvae --version
 
 examples:
@@ -46,6 +47,10 @@ register_configs()
 # OpenMP threads that spin while waiting stall a step 10-100x when other work shares the cores (a sweep's
 # parallel jobs, a busy node); passive waiting costs nothing measurable on a quiet machine. Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# The commands besides `train`, each a module with main(args) -> exit code; imported only when called.
+COMMANDS = {"table": "flowvae.table", "score": "flowvae.score", "generate": "flowvae.generate",
+            "evaluate": "flowvae.evaluate"}
 
 # Exit codes of the jobs this process ran (a single run, or a sweep on the basic launcher); sweeps on other
 # launchers are summed up from the jobs' status files by flowvae.callbacks.SweepSummary.
@@ -119,19 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         return _run_train(rest)
     if command in ("-sc", "--shell-completion"):  # the completion script Hydra installs calls `flowvae -sc ...`
         return _run_train(args)
-    if command == "table":
-        from flowvae.table import main as table_main
+    if command in COMMANDS:  # each command is one module with a main(args) -> exit code
+        from importlib import import_module
 
-        return table_main(rest)
-    if command == "score":
-        from flowvae.score import main as score_main
-
-        return score_main(rest)
-    if command == "generate":
-        from flowvae.generate import main as generate_main
-
-        return generate_main(rest)
-    print(f"flowvae: unknown command {command!r}; the commands are train, table, score and generate (flowvae --help)",
+        return import_module(COMMANDS[command]).main(rest)
+    print(f"flowvae: unknown command {command!r}; the commands are train, {', '.join(COMMANDS)} (flowvae --help)",
           file=sys.stderr)
     return 2
 

@@ -7,6 +7,7 @@ flows last), the batch order, and generation (its own generator), so one config 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,12 @@ from flowvae.config import ConfigError
 from flowvae.cores import choose_threads
 from flowvae.data import Events, file_array
 from flowvae.files import RunFiles, replaced
+from flowvae.identity import train_hash
 from flowvae.model import FlowVAE, build_model
 from flowvae.train import CheckpointMismatch, check_checkpoint, fit
 from flowvae.transforms import FeatureMap
 
-__all__ = ["metric_columns", "preflight", "train_and_score", "generate_events", "choose_device",
+__all__ = ["metric_columns", "preflight", "train_and_score", "generate_blocks", "generate_events", "choose_device",
            "configure_torch", "model_input"]
 
 log = logging.getLogger(__name__)
@@ -51,12 +53,17 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def preflight(cfg: DictConfig, files: RunFiles, run_hash: str) -> None:
+def checkpoint_key(cfg: DictConfig) -> dict:
+    """What a checkpoint records of its run: the hash of what trains the model (not of how it is scored)."""
+    return {"train_hash": train_hash(cfg)}
+
+
+def preflight(cfg: DictConfig, files: RunFiles) -> None:
     """The checks that need torch but no training: the device, and a checkpoint in the run directory that
     belongs to another config. Raises :class:`ConfigError`, so the run is refused before any work."""
     choose_device(cfg.train.device)
     try:
-        check_checkpoint(files.checkpoint, {"config_hash": run_hash})
+        check_checkpoint(files.checkpoint, checkpoint_key(cfg))
     except CheckpointMismatch as err:
         raise ConfigError("hydra.run.dir", str(files.root), str(err)) from None
 
@@ -74,8 +81,8 @@ def configure_torch(threads: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, run_hash: str,
-                    parallel_jobs: int = 1, feature_map: FeatureMap | None = None) -> tuple[str, str, dict]:
+def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_jobs: int = 1,
+                    feature_map: FeatureMap | None = None) -> tuple[str, str, dict]:
     """Train, generate, score; write the run's curves, checkpoint and histogram picture.
 
     Returns (status, message, values for the result row). A stop request ends training at a step boundary
@@ -96,7 +103,7 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, run_hash: 
     n_mask = events.n_particles if events.train_mask is not None else 0
     model = build_model(events.n_features * events.n_particles, cfg.model, cfg.flow, cfg.n_flows, n_mask).to(device)
     outcome = fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=files.checkpoint,
-                  extra_state={"config_hash": run_hash},
+                  extra_state=checkpoint_key(cfg),
                   on_epoch=lambda history: _write_curves(files.curves, history), should_stop=stopping.requested)
     if outcome.status == "interrupted":
         return outcome.status, outcome.message, {}
@@ -161,26 +168,39 @@ def model_input(events: np.ndarray, device: torch.device | str = "cpu", mask: np
     return torch.from_numpy(np.ascontiguousarray(flat)).to(device)
 
 
-@torch.no_grad()
-def generate_events(model: FlowVAE, cfg_eval: DictConfig, test_x: torch.Tensor, seed: int,
-                    event_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
-    """``eval.n_samples`` events (N, F, P) in model space from the prior, or from the posterior of held-out
-    events, and their mask (N, P) bool when the model generates one (else None).
+def generate_blocks(model: FlowVAE, n: int, source: str, decode: str, test_x: torch.Tensor, seed: int,
+                    event_shape: tuple[int, int], block: int | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """N events in model space from the prior (``source="prior"``) or the posterior of held-out events
+    ``test_x`` (cycled), block by block: (values (b, F, P) float32, mask (b, P) bool or None).
 
-    Uses its own generator seeded by ``seed``, so generation never shifts the training's random stream.
+    One generator seeded ``seed + 1`` on the device, so generation never shifts the training's random stream;
+    per block of ``block`` (default :data:`GENERATE_BATCH`, read at call time) events it draws the latents,
+    then the decoder's sample noise, then the multiplicity. The block size is part of the stream.
     """
+    block = GENERATE_BATCH if block is None else block
     model.eval()
     device = test_x.device
     generator = torch.Generator(device=device).manual_seed(seed + 1)
-    chunks = []
-    for start in range(0, cfg_eval.n_samples, GENERATE_BATCH):
-        n = min(GENERATE_BATCH, cfg_eval.n_samples - start)
-        if cfg_eval.source == "prior":
-            z = torch.randn(n, model.latent_dim, generator=generator, device=device)
-        else:
-            index = torch.arange(start, start + n, device=device) % len(test_x)
-            z = model.posterior_latent(test_x[index], generator)
-        chunks.append(model.generate(z, cfg_eval.decode, generator).cpu())
-    flat = torch.cat(chunks).numpy()
-    values, mask = flat[:, :model.n_in], (flat[:, model.n_in:] > 0.5 if model.n_mask else None)
-    return values.reshape(-1, *event_shape), mask
+    with torch.no_grad():
+        for start in range(0, n, block):
+            size = min(block, n - start)
+            if source == "prior":
+                z = torch.randn(size, model.latent_dim, generator=generator, device=device)
+            else:
+                index = torch.arange(start, start + size, device=device) % len(test_x)
+                z = model.posterior_latent(test_x[index], generator)
+            flat = model.generate(z, decode, generator).cpu().numpy()
+            mask = flat[:, model.n_in:] > 0.5 if model.n_mask else None
+            yield flat[:, :model.n_in].reshape(size, *event_shape), mask
+
+
+def generate_events(model: FlowVAE, cfg_eval: DictConfig, test_x: torch.Tensor, seed: int,
+                    event_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """``eval.n_samples`` events (N, F, P) in model space and their mask (N, P) bool or None, all at once
+    (:func:`generate_blocks` concatenated)."""
+    blocks = list(generate_blocks(model, cfg_eval.n_samples, cfg_eval.source, cfg_eval.decode, test_x, seed,
+                                  event_shape))
+    values = np.concatenate([values for values, _ in blocks])
+    mask = None if blocks[0][1] is None else np.concatenate([mask for _, mask in blocks])
+    return values, mask

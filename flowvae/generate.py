@@ -63,7 +63,7 @@ from flowvae import stopping
 from flowvae.config import DECODES, DEVICES, SOURCES, ConfigError
 from flowvae.files import RunFiles, replaced, resolve_path
 
-__all__ = ["main", "GenerateError", "Run", "load_run", "generate_blocks", "file_blocks", "write_events",
+__all__ = ["main", "GenerateError", "Run", "load_run", "run_launch_dir", "file_blocks", "write_events",
            "SUFFIXES", "NPZ_EVENTS", "NPZ_MASK"]
 
 SUFFIXES = (".npy", ".npz")
@@ -158,6 +158,8 @@ class Run:
     model: Any  # flowvae.model.FlowVAE, in eval mode
     device: Any  # torch.device
     epoch: int  # epochs in the checkpoint
+    root: Path  # the run directory
+    history: list  # the checkpoint's per-epoch losses
 
     @property
     def has_mask(self) -> bool:
@@ -180,7 +182,7 @@ def _run_config(files: RunFiles):
     from omegaconf import OmegaConf
 
     from flowvae.config import Config
-    from flowvae.identity import run_hash
+    from flowvae.experiment import checkpoint_key
 
     path = files.root / ".hydra" / "config.yaml"
     if not path.is_file():
@@ -192,9 +194,14 @@ def _run_config(files: RunFiles):
     try:
         written = OmegaConf.load(path)
         cfg = OmegaConf.merge(OmegaConf.structured(Config), written)
-        return cfg, run_hash(written)
+        return cfg, checkpoint_key(written)
     except Exception as err:  # noqa: BLE001 - any unreadable config is the user's directory, not a bug
         raise GenerateError(f"{path}: not a readable run config ({type(err).__name__}: {err})") from None
+
+
+def run_launch_dir(root: Path) -> Path:
+    """Where the run in ``root`` was launched: its relative paths (data, results_csv) are taken from there."""
+    return _launch_dir(RunFiles(root))
 
 
 def _launch_dir(files: RunFiles) -> Path:
@@ -212,7 +219,7 @@ def _launch_dir(files: RunFiles) -> Path:
     return Path.cwd()
 
 
-def _load_checkpoint(files: RunFiles, config_hash: str, epochs: int, allow_unfinished: bool) -> dict:
+def _load_checkpoint(files: RunFiles, key: dict, epochs: int, allow_unfinished: bool) -> dict:
     import torch
 
     if not files.checkpoint.is_file():
@@ -222,16 +229,16 @@ def _load_checkpoint(files: RunFiles, config_hash: str, epochs: int, allow_unfin
         weights, epoch = state["model"], int(state["epoch"])
     except Exception as err:  # noqa: BLE001 - a damaged or foreign file
         raise GenerateError(f"{files.checkpoint}: not a flowvae checkpoint ({type(err).__name__}: {err})") from None
-    recorded = (state.get("extra") or {}).get("config_hash")
-    if recorded is not None and recorded != config_hash:
+    recorded = state.get("extra") or {}
+    if recorded != key:
         raise GenerateError(f"{files.checkpoint} was written by another config ({recorded}) than the run's "
-                            f".hydra/config.yaml ({config_hash}); was the config edited or the checkpoint copied?")
+                            f".hydra/config.yaml ({key}); was the config edited or the checkpoint copied?")
     unfinished = epoch < epochs or state.get("partial") is not None
     if unfinished and not allow_unfinished:
         status = _status(files)
         raise GenerateError(f"{files.root}: training did not finish (checkpoint after epoch {epoch} of {epochs}"
                             f"{status}); pass --allow-unfinished to generate from this checkpoint anyway")
-    return {"model": weights, "epoch": epoch}
+    return {"model": weights, "epoch": epoch, "history": list(state.get("history") or [])}
 
 
 def _status(files: RunFiles) -> str:
@@ -257,12 +264,12 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto", allow_unfinished:
         raise GenerateError(f"{run_dir}: no such run directory" if not root.exists() else
                             f"{run_dir}: not a directory (a run directory of `flowvae train` is)")
     files = RunFiles(root)
-    cfg, config_hash = _run_config(files)
+    cfg, key = _run_config(files)
     try:
         torch_device = choose_device(device)
     except ConfigError as err:
         raise GenerateError(f"--device {device}: {err.allowed}") from None
-    state = _load_checkpoint(files, config_hash, int(cfg.train.epochs), allow_unfinished)
+    state = _load_checkpoint(files, key, int(cfg.train.epochs), allow_unfinished)
     try:
         events = load_events(cfg.data, _launch_dir(files))
         feature_map = fit_feature_map(cfg, events)
@@ -276,50 +283,21 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto", allow_unfinished:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise GenerateError(f"{files.checkpoint} does not fit the model of the run's config: {first}") from None
     model.to(torch_device).eval()
-    return Run(cfg, events, feature_map, model, torch_device, state["epoch"])
+    return Run(cfg, events, feature_map, model, torch_device, state["epoch"], root, state["history"])
 
 
 # --- generation ----------------------------------------------------------------------------------------------
 
 
-def generate_blocks(model, n: int, source: str, decode: str, test_x, seed: int, event_shape: tuple[int, int],
-                    block: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """N events in model space, block by block: (values (b, F, P) float32, mask (b, P) bool or None).
-
-    The same random stream and blocks as :func:`flowvae.experiment.generate_events` (which returns them all at
-    once): concatenated, the blocks are its events, bit for bit. ``block`` defaults to
-    :data:`flowvae.experiment.GENERATE_BATCH`, read at call time.
-    """
-    import torch
-
-    from flowvae import experiment
-
-    block = experiment.GENERATE_BATCH if block is None else block
-    model.eval()
-    device = test_x.device
-    generator = torch.Generator(device=device).manual_seed(seed + 1)
-    with torch.no_grad():
-        for start in range(0, n, block):
-            size = min(block, n - start)
-            if source == "prior":
-                z = torch.randn(size, model.latent_dim, generator=generator, device=device)
-            else:
-                index = torch.arange(start, start + size, device=device) % len(test_x)
-                z = model.posterior_latent(test_x[index], generator)
-            flat = model.generate(z, decode, generator).cpu().numpy()
-            values = flat[:, :model.n_in].reshape(size, *event_shape)
-            mask = flat[:, model.n_in:] > 0.5 if model.n_mask else None
-            yield values, mask
-
-
-def file_blocks(run: Run, n: int, source: str, decode: str, seed: int
+def file_blocks(run: Run, n: int, source: str, decode: str, seed: int, layout: bool = True
                 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """N events as the data's file holds them, block by block: (events in the data's units and layout with the
-    mask at ``data.mask_feature``, the mask (b, P) bool or None)."""
+    mask at ``data.mask_feature``, the mask (b, P) bool or None). ``layout=False`` keeps the events as the
+    metrics take them: (b, F, P) in the data's units, without the mask feature."""
     import torch
 
     from flowvae.data import file_array
-    from flowvae.experiment import model_input
+    from flowvae.experiment import generate_blocks, model_input
 
     events = run.events
     if source == "posterior":
@@ -329,6 +307,9 @@ def file_blocks(run: Run, n: int, source: str, decode: str, seed: int
     mask_feature = run.cfg.data.get("mask_feature")
     for values, mask in generate_blocks(run.model, n, source, decode, test_x, seed, events.test.shape[1:]):
         values = run.feature_map.inverse(values, mask)
+        if not layout:
+            yield values, mask
+            continue
         yield file_array(values, None if mask is None else mask.astype(values.dtype), mask_feature,
                          run.layout), mask
 

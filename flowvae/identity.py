@@ -4,7 +4,8 @@ The config hash, the result row's setting columns, ``skip_existing`` and ``flowv
 check all come from :func:`run_settings`, so a config key added to the schema is part of a run's identity
 without anyone listing it: only the keys below, which say where or how a run writes (not what it computes),
 are left out, and with ``n_flows = 0`` the flow is left out (every flow type then trains the bit-identical
-plain VAE, so they are one run).
+plain VAE, so they are one run). The identity splits into what trains the model (:func:`train_hash`, which
+keys the checkpoint) and what scores it (``eval.*``, which ``flowvae evaluate`` may change after training).
 
 Setting columns are the config's dotted keys (``train.lr``, ``data.mu``), named as on the command line, plus
 ``flow`` (the family), ``n_flows`` and ``seed``. Standard library and omegaconf only: the CLI imports this.
@@ -19,13 +20,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["NOT_IDENTITY", "CELL_COLUMNS", "SEED_COLUMN", "run_settings", "run_hash", "setting_columns",
-           "is_setting_column", "same_value"]
+__all__ = ["NOT_IDENTITY", "SCORING_KEYS", "CELL_COLUMNS", "SEED_COLUMN", "run_settings", "run_hash", "train_hash",
+           "setting_columns", "is_setting_column", "same_value"]
 
 # Where or how a run writes, how fast it goes: these change no number of the row, so they are not its identity.
 # train.eval_every belongs here because the test loss has its own random stream: it changes no trained weight.
 NOT_IDENTITY = ("results_csv", "skip_existing", "train.threads", "train.progress", "train.checkpoint_every",
                 "train.eval_every", "hydra")
+# What scores a trained model rather than trains it: changing these needs no training (``flowvae evaluate``).
+SCORING_KEYS = ("eval",)
 # A table's cells: one per (flow, n_flows); the seeds inside a cell are what its mean and std are over.
 CELL_COLUMNS = ("flow", "n_flows")
 SEED_COLUMN = "seed"
@@ -59,6 +62,15 @@ def run_hash(cfg: DictConfig | dict) -> str:
     """12 hex digits of sha256 over the run's identity: equal configs up to NOT_IDENTITY give equal hashes."""
     text = json.dumps(_identity(cfg), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def train_hash(cfg: DictConfig | dict) -> str:
+    """12 hex digits of sha256 over what trains the model: the identity without SCORING_KEYS. A checkpoint is
+    keyed by it, so any evaluation of a trained model finds it, and a resumed run only resumes its own training."""
+    data = _identity(cfg)
+    for key in SCORING_KEYS:
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _cell(value: Any) -> Any:

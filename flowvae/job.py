@@ -22,7 +22,7 @@ from flowvae import __version__, stopping
 from flowvae.config import ConfigError, validate
 from flowvae.data import load_events
 from flowvae.files import RunFiles, replaced, resolve_path
-from flowvae.identity import run_hash, run_settings
+from flowvae.identity import run_hash, run_settings, train_hash
 from flowvae.results import ResultsError, append_row, check_writable, has_ok_row, write_row_file
 
 __all__ = ["run", "EXIT_OK", "EXIT_FAILED", "EXIT_CONFIG", "EXIT_INTERRUPTED"]
@@ -80,13 +80,12 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int)
         from flowvae import experiment  # heavy imports (torch) only for real work
 
         feature_map = experiment.fit_feature_map(cfg, events)  # a value outside a transform's domain
-        experiment.preflight(cfg, files, identity)
+        experiment.preflight(cfg, files)
     except ConfigError as err:
         return _finish(files, "invalid", f"bad configuration: {err}")
     stopping.check("before training")
     try:
-        status, message, values = experiment.train_and_score(cfg, events, files, identity, parallel_jobs,
-                                                             feature_map)
+        status, message, values = experiment.train_and_score(cfg, events, files, parallel_jobs, feature_map)
     except (stopping.Interrupted, KeyboardInterrupt):
         raise
     except Exception as err:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
@@ -95,15 +94,7 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int)
         log.error("run failed: %s (traceback in %s)", message, files.error)
     if status == "interrupted":
         return _finish(files, status, f"stopped by {stopping.received()} {message}")
-    # Every row has the same columns whatever the outcome: blanks where a failed run has no value.
-    metric_values = {key: values.get(key, "") for key in experiment.metric_columns(
-        events.n_features, events.kinematics is not None, events.train_mask is not None)}
-    settings = run_settings(cfg)
-    cell = {key: settings.pop(key) for key in ("flow", "n_flows", "seed")}
-    row = {**cell, **metric_values, "status": status, "error": message, **settings,
-           "wall_seconds": round(time.time() - started, 3),
-           "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_dir": str(files.root),
-           "config_hash": identity, "flowvae_version": __version__, "host": platform.node()}
+    row = result_row(cfg, events, values, status, message, started, files.root, identity)
     stopping.check("before its row was written (training is saved: the rerun only scores)")
     try:
         append_row(results_csv, row)  # the run is done once its row is in the table
@@ -114,6 +105,23 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int)
     write_row_file(files.result, row)
     log.info("%s: kl_sum=%s, row appended to %s", status, row.get("kl_sum") or "n/a", results_csv)
     return _finish(files, status, message)
+
+
+def result_row(cfg: DictConfig, events, values: dict, status: str, message: str, started: float, run_dir: Path,
+               identity: str) -> dict:
+    """A results row: the cell, the metric columns (blank where a failed run has none), the status, every setting
+    column (:func:`flowvae.identity.run_settings`) and the bookkeeping. Every row of one kind of data has the same
+    columns, whatever its outcome."""
+    from flowvae.experiment import metric_columns
+
+    columns = metric_columns(events.n_features, events.kinematics is not None, events.train_mask is not None)
+    settings = run_settings(cfg)
+    cell = {key: settings.pop(key) for key in ("flow", "n_flows", "seed")}
+    return {**cell, **{key: values.get(key, "") for key in columns}, "status": status, "error": message,
+            **settings, "wall_seconds": round(time.time() - started, 3),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_dir": str(run_dir),
+            "config_hash": identity, "train_hash": train_hash(cfg), "flowvae_version": __version__,
+            "host": platform.node()}
 
 
 def _finish(files: RunFiles, status: str, message: str) -> int:

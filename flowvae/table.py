@@ -158,8 +158,10 @@ def format_table(cells, flows: list[str]):
     return pd.DataFrame(data, index=pd.Index(n_flows, name="n_flows"))
 
 
-def plot_table(cells, flows: list[str], metric: str, path: Path, title: str = "") -> None:
-    """``metric`` against n_flows, one line per flow type, a band of ± one std over seeds."""
+def plot_table(cells, flows: list[str], metric: str, path: Path, title: str = "", floor: float | None = None
+               ) -> None:
+    """``metric`` against n_flows, one line per flow type, a band of ± one std over seeds, and the metric's
+    noise floor as a dashed line when it is known."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, flow in enumerate(flows):
@@ -167,6 +169,11 @@ def plot_table(cells, flows: list[str], metric: str, path: Path, title: str = ""
         x, mean, std = sub.index.to_numpy(), sub["mean"].to_numpy(), sub["std"].fillna(0).to_numpy()
         ax.plot(x, mean, marker="o", ms=3.5, lw=1.4, color=f"C{i}", label=flow)
         ax.fill_between(x, mean - std, mean + std, color=f"C{i}", alpha=0.15, lw=0)
+    means = cells["mean"].dropna()
+    if len(means) and means.min() > 0 and means.max() > 30 * means.min():  # values over decades: a log axis
+        ax.set_yscale("log")
+    if floor is not None and (floor > 0 or ax.get_yscale() == "linear"):
+        ax.axhline(floor, color="0.4", ls="--", lw=1, label="noise floor")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("n_flows")
     ax.set_ylabel(metric)
@@ -280,7 +287,8 @@ def main(args: list[str]) -> int:
     print(formatted.to_string())
     written = [out / f"{stem}.csv", out / f"{stem}.md"]
     if not options.no_plot:
-        plot_table(cells, flows, options.metric, out / f"{stem}.png", title=f"{options.metric} vs n_flows")
+        plot_table(cells, flows, options.metric, out / f"{stem}.png", title=f"{options.metric} vs n_flows",
+                   floor=floor)
         written.append(out / f"{stem}.png")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

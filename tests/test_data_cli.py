@@ -138,7 +138,7 @@ def test_posterior_source_runs_on_jets_for_every_flow_family(tmp_path, flow):
     tiny += ["train.epochs=1", "model.hidden=[16]"]
     cfg = compose_config("data=jets", *tiny, f"flow={flow}", "n_flows=1", "eval.source=posterior")
     events = load_events(cfg.data)
-    status, message, values = train_and_score(cfg, events, RunFiles(tmp_path), run_hash="test")
+    status, message, values = train_and_score(cfg, events, RunFiles(tmp_path))
     assert status == "ok", message
     assert all(math.isfinite(values[c]) for c in ("kl_sum", "w1_sum", "js_sum", "gen_std_0"))
     assert values["gen_std_0"] > 0

@@ -8,11 +8,10 @@ Example::
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
-
 import importlib
+import inspect
 import pkgutil
+from typing import Any
 
 from flowvae.flows.base import FLOWS, Flow, FlowStack, Identity, check_int
 from flowvae.flows.iaf import IAF

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from flowvae import metrics, stopping
+from flowvae import stopping
 from flowvae.config import ConfigError
 from flowvae.cores import choose_threads
 from flowvae.data import Events, file_array
@@ -35,12 +35,10 @@ GENERATE_BATCH = 2000
 def metric_columns(n_features: int, kinematics: bool = False, mask: bool = False) -> list[str]:
     """The result row's metric columns for events of ``n_features`` features, with jet kinematics and a
     particle mask or not, in their order."""
-    from flowvae import jet_metrics
+    from flowvae.score import row_columns
 
-    jet_columns = jet_metrics.jet_score_columns(kinematics, mask)
-    return [*metrics.score_columns(n_features), "noise_floor", *jet_columns,
-            *[f"{c}_floor" for c in jet_columns if not c.endswith("_err")], "final_train_loss", "final_test_loss",
-            "final_recon", "final_kl_term", "epochs_run", "resumed_from"]
+    return [*row_columns(n_features, kinematics, mask), "final_train_loss", "final_test_loss", "final_recon",
+            "final_kl_term", "epochs_run", "resumed_from"]
 
 
 def choose_device(name: str) -> torch.device:

@@ -22,19 +22,48 @@ from flowvae import __version__, jet_metrics, metrics
 from flowvae.config import LAYOUTS, ConfigError
 from flowvae.data import ZIP_MAGIC, read_array, split_mask
 
-__all__ = ["score_row", "main"]
+__all__ = ["score_row", "row_columns", "main"]
+
+
+# Events per batch of the per-feature W1's uncertainty (jetnet's w1p default).
+W1P_EVENTS = 10_000
+
+
+def row_columns(n_features: int, kinematics: bool = False, mask: bool = False) -> list[str]:
+    """The columns of :func:`score_row` for events of ``n_features`` features, with kinematics and a mask or
+    not, in their order."""
+    jet_columns = jet_metrics.jet_score_columns(kinematics, mask)
+    return [*metrics.score_columns(n_features), *[f"w1_{i}_err" for i in range(n_features)], "noise_floor",
+            "w1_sum_floor", "js_sum_floor", *jet_columns,
+            *[f"{c}_floor" for c in jet_columns if not c.endswith("_err")]]
+
+
+def _halves(events: np.ndarray, mask: np.ndarray | None, seed: int):
+    """Two random halves of the events (and their masks), split as :func:`flowvae.metrics.noise_floor` splits."""
+    order = np.random.default_rng(seed).permutation(len(events))
+    n_half = len(events) // 2
+    first, second = order[:n_half], order[n_half:2 * n_half]
+    if mask is None:
+        return events[first], events[second], None, None
+    mask = np.asarray(mask, dtype=bool)
+    return events[first], events[second], mask[first], mask[second]
 
 
 def score_row(generated: np.ndarray, gen_mask: np.ndarray | None, reference: np.ndarray,
               ref_mask: np.ndarray | None, kinematics: tuple[int, int, int] | None = None, *, bins: int = 100,
               eps: float = 1e-10, seed: int = 0) -> dict[str, float]:
-    """Every metric of generated vs reference events (N, F, P), masks (N, P) optional: per-feature KL, W1, JS
-    and moments with the KL noise floor, then the jet-level and multivariate metrics (W1 of jet mass with
+    """Every metric of generated vs reference events (N, F, P), masks (N, P) optional: per-feature KL, W1 (with
+    its spread over batches, ``w1_i_err``, as jetnet's w1p), JS and moments with the noise floors of kl_sum,
+    w1_sum and js_sum, then the jet-level and multivariate metrics (W1 of jet mass with
     ``kinematics``, of the multiplicity with masks, FPD and KPD always) with their uncertainties and their noise
     floors (``<metric>_floor``: the metric between two random halves of the reference)."""
     kl_options = {"bins": bins, "eps": eps}
     values = metrics.score(generated, reference, gen_mask, ref_mask, **kl_options)
+    _, w1_err = jet_metrics.w1p(generated, gen_mask, reference, ref_mask, num_eval_samples=W1P_EVENTS, seed=seed)
+    values.update({f"w1_{i}_err": float(err) for i, err in enumerate(w1_err)})
     values["noise_floor"] = metrics.noise_floor(reference, ref_mask, seed=seed, **kl_options)
+    halves = metrics.score(*_halves(reference, ref_mask, seed), **kl_options)
+    values.update(w1_sum_floor=halves["w1_sum"], js_sum_floor=halves["js_sum"])
     values.update(jet_metrics.score_jets(generated, gen_mask, reference, ref_mask, kinematics, seed=seed))
     floors = jet_metrics.jet_noise_floor(reference, ref_mask, kinematics, seed=seed)
     values.update({f"{key}_floor": value for key, value in floors.items() if not key.endswith("_err")})

@@ -85,6 +85,13 @@ def test_score_row_of_a_set_against_itself_is_zero_for_the_per_feature_metrics()
     events = rng.normal(size=(200, 2, 7))
     row = score_row(events, None, events, None, bins=20)
     assert row["kl_sum"] == 0 and row["w1_sum"] == 0 and row["js_sum"] == 0
+    # the floors: the same metrics between two random halves of the reference, which are not zero
+    halves = np.random.default_rng(0).permutation(200)
+    from flowvae.metrics import feature_w1
+
+    assert row["w1_sum_floor"] == pytest.approx(feature_w1(events[halves[:100]], events[halves[100:]]).sum())
+    assert row["js_sum_floor"] > 0 and row["noise_floor"] > 0
+    assert all(row[f"w1_{i}_err"] > 0 for i in range(2))  # the spread of W1 over resampled batches
     assert row["fpd"] == pytest.approx(0, abs=3 * row["fpd_err"] + 1e-6)
 
 

@@ -12,7 +12,7 @@ import time
 import pandas as pd
 import pytest
 
-from flowvae import experiment, job, stopping
+from flowvae import experiment, job, metrics, stopping
 from flowvae.files import RunFiles
 from tests.conftest import TINY, compose_config
 
@@ -85,7 +85,7 @@ def test_sigterm_before_training_is_exit_3_with_a_status_and_no_row(tmp_path, mo
 def test_sigterm_while_scoring_is_exit_3_and_the_rerun_only_scores(tmp_path, monkeypatch, phase):
     with monkeypatch.context() as patch:
         if phase == "metrics_score":
-            _sigterm_during(patch, experiment.metrics, "score")
+            _sigterm_during(patch, metrics, "score")
         else:
             _sigterm_during(patch, experiment, phase)
         code, files = _run(tmp_path)

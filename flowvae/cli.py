@@ -134,7 +134,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    """The console script. A Ctrl-C that arrives after a run has recorded how it ended (e.g. the second of two
+    quick ones) must not turn its exit code into 130: the status file and the exit code always agree."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        code = 3
+    if stopping.requested():
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the outcome is decided: exit with it
+    sys.exit(code)
 
 
 if __name__ == "__main__":

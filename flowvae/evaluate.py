@@ -50,9 +50,9 @@ def _split(args: list[str]) -> tuple[list[str], list[str], str]:
         elif "=" in item and not Path(item).exists():
             key = item.partition("=")[0].lstrip("+")
             if not key.startswith(EVALUATION_KEYS):
-                raise ConfigError(key, item.partition("=")[2], "unchanged: only eval.*, results_csv and "
-                                                               "skip_existing can change after training (this "
-                                                               "setting changes what is trained: train again)")
+                raise ConfigError(key, item.partition("=")[2], f"only eval.*, results_csv and skip_existing "
+                                                               f"can change after training; {key} changes what "
+                                                               f"is trained (train again)")
             overrides.append(item.lstrip("+"))
         else:
             runs.append(item)

@@ -128,3 +128,25 @@ def test_sigterm_to_a_joblib_sweeps_parent_stops_its_workers(tmp_path, tiny):
     statuses = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/status.json")]
     assert statuses and all(s["status"] == "interrupted" and s["exit_code"] == 3 for s in statuses)
     assert not (tmp_path / "results.csv").exists()
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.5])
+def test_a_double_ctrl_c_exits_3_and_the_status_file_agrees(tmp_path, tiny, gap):
+    """Two Ctrl-Cs, at once or after the run has already stopped at a step: exit 3 either way, never 130."""
+    import json
+
+    args = _args(tmp_path, [*tiny, "train.epochs=400"], "twice")
+    proc = subprocess.Popen([*flowvae_command(), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "twice" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(gap)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 3
+    status = json.loads((tmp_path / "twice" / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["exit_code"] == 3
+    assert not (tmp_path / "results.csv").exists()

@@ -47,15 +47,18 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(files.lock, timeout=0):
-            return _run(cfg, files, launch_dir, parallel_jobs)
+            code = _run(cfg, files, launch_dir, parallel_jobs)
     except Timeout:
         log.error("the run directory %s is in use by another run; give this one its own hydra.run.dir", run_dir)
         return EXIT_CONFIG
     except stopping.Interrupted as err:
-        return _finish(files, "interrupted", f"{err}; {RESUME}")
+        code = _finish(files, "interrupted", f"{err}; {RESUME}")
     except KeyboardInterrupt:
         return _finish(files, "interrupted", f"stopped at once by a second Ctrl-C; the last checkpoint is kept: "
                                              f"{RESUME}")
+    if code == EXIT_INTERRUPTED:
+        stopping.requeue()  # on a cluster's time-limit warning: submitit requeues the job here and exits
+    return code
 
 
 def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int) -> int:

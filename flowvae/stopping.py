@@ -6,20 +6,32 @@ phases of a run stop at their next :func:`check`, and the run ends with exit cod
 says so. A second Ctrl-C raises KeyboardInterrupt at once (the last checkpoint stays). A process that gets
 SIGTERM passes it on to its child processes (a joblib sweep's workers), so a sweep signalled in its parent
 leaves no orphans behind. The flag outlives a run: a sweep's later jobs in the same process do not start.
+
+On a SLURM cluster, submitit (Hydra's submitit launcher) warns a job before its time limit with a signal
+(SIGUSR2, or ``$SUBMITIT_PREEMPT_SIGNAL``) on which it requeues the job and exits. Where such a handler is
+installed, it is wrapped: the signal becomes a stop request like SIGTERM, the run saves its checkpoint at the
+next step and records its status, and only then :func:`requeue` hands over to submitit, which requeues the job
+(``hydra.launcher.max_num_timeout`` times at most); the requeued job resumes from the checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+from collections.abc import Callable
 
-__all__ = ["Interrupted", "install", "requested", "received", "check", "reset"]
+__all__ = ["Interrupted", "install", "requested", "received", "check", "reset", "requeue"]
 
 log = logging.getLogger(__name__)
 
 _received: str | None = None
 _installed = False
+# submitit's handler of its preemption signal, wrapped while a run saves its checkpoint; called by requeue()
+_requeue_handler: Callable | None = None
+_requeue_signal: int | None = None
+_requeue_pending = False
 
 
 class Interrupted(Exception):
@@ -71,21 +83,55 @@ def _handle(signum, frame) -> None:
         _received = "SIGINT"  # a Ctrl-C after a SIGTERM: the next one stops at once
 
 
+def _handle_preemption(signum, frame) -> None:
+    """The cluster's warning before a time limit: stop like SIGTERM, and requeue once the run has stopped."""
+    global _requeue_pending, _received
+    _requeue_pending = True
+    if _received is None:
+        _received = signal.Signals(signum).name
+        log.warning("%s received (the cluster's time limit is near): stopping at the next safe point, then "
+                    "requeueing", _received)
+
+
+def _preemption_signal() -> int | None:
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return getattr(signal, f"SIG{name.upper().removeprefix('SIG')}", None)
+
+
 def install() -> None:
-    """Catch SIGTERM and SIGINT in this process from now on (idempotent; a no-op outside the main thread)."""
-    global _installed
+    """Catch SIGTERM and SIGINT in this process from now on (idempotent; a no-op outside the main thread), and
+    wrap a handler that a launcher (submitit) installed for its preemption signal."""
+    global _installed, _requeue_handler, _requeue_signal
     if _installed or threading.current_thread() is not threading.main_thread():
         return
     signal.signal(signal.SIGTERM, _handle)
     signal.signal(signal.SIGINT, _handle)
+    preemption = _preemption_signal()
+    if preemption is not None:
+        previous = signal.getsignal(preemption)
+        if callable(previous):  # someone (submitit) means to requeue on it
+            _requeue_handler, _requeue_signal = previous, preemption
+            signal.signal(preemption, _handle_preemption)
     _installed = True
+
+
+def requeue() -> None:
+    """If the stop came from the cluster's preemption signal, hand over to the launcher's handler now (it
+    requeues the job and exits the process); otherwise do nothing."""
+    global _requeue_pending
+    if _requeue_pending and _requeue_handler is not None:
+        _requeue_pending = False
+        log.warning("requeueing the job: it resumes from its checkpoint")
+        _requeue_handler(_requeue_signal, None)
 
 
 def reset() -> None:
     """Forget a received stop and restore the default handlers (tests, and a process that starts over)."""
-    global _received, _installed
+    global _received, _installed, _requeue_handler, _requeue_signal, _requeue_pending
     _received = None
     if _installed and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    _installed = False
+        if _requeue_signal is not None:
+            signal.signal(_requeue_signal, _requeue_handler)
+    _installed, _requeue_handler, _requeue_signal, _requeue_pending = False, None, None, False

@@ -129,3 +129,33 @@ def test_a_run_directory_in_use_is_refused(tmp_path):
     with FileLock(RunFiles(tmp_path / "run").lock):
         code, files = _run(tmp_path)
     assert code == 2 and not files.status.exists()
+
+
+def test_a_clusters_time_limit_warning_saves_the_run_then_requeues_it(tmp_path, monkeypatch):
+    """submitit's handler of SIGUSR2 requeues and exits: flowvae lets the run stop at a step with its checkpoint
+    and status first, then calls it."""
+    calls = []
+
+    def submitit_handler(signum, frame):
+        calls.append(signum)
+        raise SystemExit(-1)  # what submitit does after requeueing
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        original = experiment._write_curves
+
+        def warn(path, history):  # the cluster's warning arrives after the first epoch
+            original(path, history)
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+        monkeypatch.setattr(experiment, "_write_curves", warn)
+        with pytest.raises(SystemExit):
+            _run(tmp_path, "run", "train.epochs=3")
+        files = RunFiles(tmp_path / "run")
+        assert calls == [signal.SIGUSR2]  # requeued once, after the run had stopped
+        assert _status(files)["status"] == "interrupted" and files.checkpoint.exists()
+        assert "stopped by SIGUSR2" in _status(files)["message"]
+        assert not (tmp_path / "results.csv").exists()
+    finally:
+        stopping.reset()
+        signal.signal(signal.SIGUSR2, previous)

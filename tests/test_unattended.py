@@ -18,6 +18,16 @@ def _args(tmp_path, tiny, run_dir, *overrides):
             *overrides]
 
 
+def _start_until_checkpoint(tmp_path, args, run_dir: str, **popen):
+    """Start ``flowvae ARGS`` and return (process, checkpoint path) once its first checkpoint exists."""
+    proc = subprocess.Popen([*flowvae_command(), *args], cwd=tmp_path, **popen)
+    checkpoint = tmp_path / run_dir / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    return proc, checkpoint
+
+
 @pytest.fixture
 def finished(tmp_path, tiny):
     """A results table with one ok row, and its bytes."""
@@ -66,12 +76,8 @@ def test_sigkill_leaves_no_row_and_a_rerun_resumes_to_the_same_numbers(tmp_path,
     long = [*tiny, "train.epochs=40"]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     args = _args(tmp_path, long, "killed")
-    proc = subprocess.Popen([*flowvae_command(), *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    checkpoint = tmp_path / "killed" / "checkpoint.pt"
-    deadline = time.time() + 120
-    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc, checkpoint = _start_until_checkpoint(tmp_path, args, "killed", env=env, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     assert checkpoint.exists()
@@ -90,12 +96,8 @@ def test_sigkill_leaves_no_row_and_a_rerun_resumes_to_the_same_numbers(tmp_path,
 
 def test_sigterm_saves_a_checkpoint_and_exits_3(tmp_path, tiny):
     args = _args(tmp_path, [*tiny, "train.epochs=400"], "term")
-    proc = subprocess.Popen([*flowvae_command(), *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    checkpoint = tmp_path / "term" / "checkpoint.pt"
-    deadline = time.time() + 120
-    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc, checkpoint = _start_until_checkpoint(tmp_path, args, "term", stdout=subprocess.PIPE,
+                                               stderr=subprocess.STDOUT, text=True)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 3, output
@@ -136,12 +138,8 @@ def test_a_double_ctrl_c_exits_3_and_the_status_file_agrees(tmp_path, tiny, gap)
     import json
 
     args = _args(tmp_path, [*tiny, "train.epochs=400"], "twice")
-    proc = subprocess.Popen([*flowvae_command(), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    checkpoint = tmp_path / "twice" / "checkpoint.pt"
-    deadline = time.time() + 120
-    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc, checkpoint = _start_until_checkpoint(tmp_path, args, "twice", stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGINT)
     time.sleep(gap)
     if proc.poll() is None:

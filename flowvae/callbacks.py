@@ -58,6 +58,9 @@ class SweepSummary(Callback):
         SWEEP_EXIT_CODE = None
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        storage = str(OmegaConf.select(config, "hydra.sweeper.storage", default=None) or "")
+        if storage.startswith("sqlite:///"):  # an Optuna study's file: SQLite makes the file, not its folder
+            Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         for stale in sweep_dir.glob(f"*/{STATUS_FILE}"):  # a rerun of the sweep in the same directory
             stale.unlink()
         try:
@@ -96,6 +99,21 @@ class SweepSummary(Callback):
         for s in statuses:
             if s["exit_code"] != 0:
                 log.error("  %s: %s %s", s["dir"], s["status"], s.get("message", ""))
+        _report_search(config, sweep_dir)
+
+
+def _report_search(config: DictConfig, sweep_dir: Path) -> None:
+    """After an Optuna search: the best trial's value and the command line that reruns it."""
+    results = sweep_dir / "optimization_results.yaml"
+    if not results.exists():
+        return
+    best = OmegaConf.load(results)
+    metric = OmegaConf.select(config, "optimize.metric") or "objective"
+    fixed = [o for o in OmegaConf.select(config, "hydra.overrides.task") or [] if o.partition("=")[0]
+             not in best.best_params and not o.startswith("+search")]
+    found = [f"{key}={value}" for key, value in best.best_params.items()]
+    log.info("best trial: %s = %s; rerun it with: flowvae train %s", metric, best.best_value,
+             " ".join([*fixed, *found]))
 
 
 def _duration(seconds: float) -> str:

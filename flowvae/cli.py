@@ -13,7 +13,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from flowvae import __version__, stopping
 from flowvae.config import register_configs
@@ -58,13 +58,18 @@ _exit_codes: list[int] = []
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def train(cfg: DictConfig) -> int:
-    """Hydra's task: one run of the experiment in its run directory."""
+def train(cfg: DictConfig) -> int | float:
+    """Hydra's task: one run of the experiment in its run directory. Returns its exit code, or, under the Optuna
+    sweeper, the objective (``optimize.metric`` of its row, +inf when it has none)."""
     from flowvae.job import run
 
     hc = HydraConfig.get()
     code = run(cfg, Path(hc.runtime.output_dir), Path(hc.runtime.cwd), _parallel_jobs(hc))
     _exit_codes.append(code)
+    if "optuna" in str(OmegaConf.select(hc, "sweeper._target_", default="")).lower():
+        from flowvae.job import objective
+
+        return objective(cfg.optimize.metric)  # what the search minimizes; +inf for a failed trial
     return code
 
 

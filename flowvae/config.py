@@ -103,6 +103,13 @@ class EvalConfig:
 
 
 @dataclass
+class OptimizeConfig:
+    """What a search (``hydra/sweeper=optuna``) minimizes: a metric column of the run's row."""
+
+    metric: str = "kl_sum"
+
+
+@dataclass
 class Config:
     # One family's ``name`` and its own options, as ``conf/flow/<name>.yaml`` sets them; the flow registry
     # (flowvae.flows) is the one list of families and options, and validate() checks against it.
@@ -115,6 +122,7 @@ class Config:
     seed: int = 0
     results_csv: str = "outputs/results.csv"
     skip_existing: bool = False
+    optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
 
 
 def register_configs() -> None:

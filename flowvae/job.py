@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import time
 import traceback
@@ -23,9 +24,9 @@ from flowvae.config import ConfigError, validate
 from flowvae.data import load_events
 from flowvae.files import RunFiles, replaced, resolve_path
 from flowvae.identity import run_hash, run_settings, train_hash
-from flowvae.results import ResultsError, append_row, check_writable, has_ok_row, write_row_file
+from flowvae.results import ResultsError, append_row, check_writable, has_ok_row, read_rows, write_row_file
 
-__all__ = ["run", "EXIT_OK", "EXIT_FAILED", "EXIT_CONFIG", "EXIT_INTERRUPTED"]
+__all__ = ["run", "objective", "EXIT_OK", "EXIT_FAILED", "EXIT_CONFIG", "EXIT_INTERRUPTED"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,22 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3
 EXIT_CODES = {"ok": EXIT_OK, "skipped": EXIT_OK, "failed": EXIT_FAILED, "diverged": EXIT_FAILED,
               "invalid": EXIT_CONFIG, "interrupted": EXIT_INTERRUPTED}
 RESUME = "rerun the same command in the same run directory to resume"
+
+# The row of the last run in this process, or None when it wrote none: what a search's objective reads.
+_last_row: dict | None = None
+
+
+def objective(metric: str) -> float:
+    """The last run's ``metric`` for a search to minimize: its row's value when the run finished ok (or was
+    skipped for an ok row), +inf otherwise (failed, diverged, refused, interrupted), so a bad trial never stops
+    a study."""
+    if _last_row is None or _last_row.get("status") != "ok":
+        return math.inf
+    try:
+        value = float(_last_row[metric])
+    except (KeyError, TypeError, ValueError):
+        return math.inf
+    return value if math.isfinite(value) else math.inf
 
 
 def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1) -> int:
@@ -42,6 +59,8 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1
     Ctrl-C at any point before the row is appended ends the run as ``interrupted`` (exit 3) with no row; once
     the row is in the table the run is done.
     """
+    global _last_row
+    _last_row = None
     stopping.install()
     files = RunFiles(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -75,6 +94,7 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int)
     identity = run_hash(cfg)
     if cfg.skip_existing and has_ok_row(results_csv, identity):
         log.info("skipped: %s already has an ok row for config %s", results_csv, identity)
+        _remember([r for r in read_rows(results_csv) if r.get("config_hash") == identity and r["status"] == "ok"][-1])
         return _finish(files, "skipped", "")
     started = time.time()
     try:
@@ -84,6 +104,11 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int)
 
         feature_map = experiment.fit_feature_map(cfg, events)  # a value outside a transform's domain
         experiment.preflight(cfg, files)
+        columns = experiment.metric_columns(events.n_features, events.kinematics is not None,
+                                            events.train_mask is not None)
+        if cfg.optimize.metric not in columns:
+            raise ConfigError("optimize.metric", cfg.optimize.metric, f"a metric column of this data's rows: "
+                                                                      f"{', '.join(columns)}")
     except ConfigError as err:
         return _finish(files, "invalid", f"bad configuration: {err}")
     stopping.check("before training")
@@ -106,6 +131,7 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int)
         row.update(status=status, error=message)
         log.error("run finished but its row is not in the table: %s", message)
     write_row_file(files.result, row)
+    _remember(row)
     log.info("%s: kl_sum=%s, row appended to %s", status, row.get("kl_sum") or "n/a", results_csv)
     return _finish(files, status, message)
 
@@ -125,6 +151,11 @@ def result_row(cfg: DictConfig, events, values: dict, status: str, message: str,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_dir": str(run_dir),
             "config_hash": identity, "train_hash": train_hash(cfg), "flowvae_version": __version__,
             "host": platform.node()}
+
+
+def _remember(row: dict) -> None:
+    global _last_row
+    _last_row = row
 
 
 def _finish(files: RunFiles, status: str, message: str) -> int:

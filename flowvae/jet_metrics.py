@@ -36,7 +36,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.stats import iqr
 
-from flowvae.metrics import wasserstein_1
+from flowvae.metrics import split_halves, wasserstein_1
 
 __all__ = [
     "EFP_GRAPHS",
@@ -848,7 +848,6 @@ def jet_noise_floor(
     half = events.shape[0] // 2
     if half < 2:
         raise ValueError(f"jet_noise_floor needs at least 4 reference events, got shape {events.shape}")
-    order = np.random.default_rng(seed).permutation(events.shape[0])
-    first, second = order[:half], order[half : 2 * half]
+    first, second = split_halves(events.shape[0], seed)
     masks = (real[first], real[second]) if ref_mask is not None else (None, None)
     return score_jets(events[first], masks[0], events[second], masks[1], kinematics, seed, **score_options)

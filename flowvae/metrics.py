@@ -28,6 +28,7 @@ __all__ = [
     "feature_w1",
     "feature_moments",
     "noise_floor",
+    "split_halves",
     "score",
     "score_columns",
 ]
@@ -251,21 +252,27 @@ def feature_moments(x: ArrayLike, mask: ArrayLike | None = None) -> tuple[np.nda
     return pooled.mean(axis=1), pooled.std(axis=1)
 
 
+def split_halves(n_events: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of two random halves of ``n_events`` events, ⌊N/2⌋ each (one left out when N is odd), from
+    ``numpy.random.default_rng(seed)``'s permutation: the split of every noise floor."""
+    order = np.random.default_rng(seed).permutation(n_events)
+    n_half = n_events // 2
+    return order[:n_half], order[n_half : 2 * n_half]
+
+
 def noise_floor(reference: ArrayLike, mask: ArrayLike | None = None, *, seed: int = 0, **options: Any) -> float:
     """The KL estimator's own floor for this reference: summed :func:`feature_kl` between two random halves.
 
     The events (axis 0, never particles within an event, so event-level correlations are kept) are split
-    by a seeded permutation into two halves of ⌊N/2⌋ events each (one event is left out when N is odd).
+    into two halves by :func:`split_halves`.
     This is what ``kl_sum`` would be for a perfect generator compared at N/2 events per side; as the
     estimator's bias falls like 1/n, comparing N generated with N reference events gives about half of it.
     ``options`` (bins, range, eps) go to :func:`kl_divergence`.
     """
     events = _events(reference, "reference")
-    n_half = events.shape[0] // 2
-    if n_half == 0:
+    if events.shape[0] < 2:
         raise ValueError(f"noise_floor needs at least 2 reference events, got shape {events.shape}")
-    order = np.random.default_rng(seed).permutation(events.shape[0])
-    first, second = order[:n_half], order[n_half : 2 * n_half]
+    first, second = split_halves(events.shape[0], seed)
     if mask is None:
         return float(feature_kl(events[first], events[second], **options).sum())
     mask = np.asarray(mask, dtype=bool)

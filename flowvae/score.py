@@ -38,17 +38,6 @@ def row_columns(n_features: int, kinematics: bool = False, mask: bool = False) -
             *[f"{c}_floor" for c in jet_columns if not c.endswith("_err")]]
 
 
-def _halves(events: np.ndarray, mask: np.ndarray | None, seed: int):
-    """Two random halves of the events (and their masks), split as :func:`flowvae.metrics.noise_floor` splits."""
-    order = np.random.default_rng(seed).permutation(len(events))
-    n_half = len(events) // 2
-    first, second = order[:n_half], order[n_half:2 * n_half]
-    if mask is None:
-        return events[first], events[second], None, None
-    mask = np.asarray(mask, dtype=bool)
-    return events[first], events[second], mask[first], mask[second]
-
-
 def score_row(generated: np.ndarray, gen_mask: np.ndarray | None, reference: np.ndarray,
               ref_mask: np.ndarray | None, kinematics: tuple[int, int, int] | None = None, *, bins: int = 100,
               eps: float = 1e-10, seed: int = 0) -> dict[str, float]:
@@ -61,9 +50,12 @@ def score_row(generated: np.ndarray, gen_mask: np.ndarray | None, reference: np.
     values = metrics.score(generated, reference, gen_mask, ref_mask, **kl_options)
     _, w1_err = jet_metrics.w1p(generated, gen_mask, reference, ref_mask, num_eval_samples=W1P_EVENTS, seed=seed)
     values.update({f"w1_{i}_err": float(err) for i, err in enumerate(w1_err)})
-    values["noise_floor"] = metrics.noise_floor(reference, ref_mask, seed=seed, **kl_options)
-    halves = metrics.score(*_halves(reference, ref_mask, seed), **kl_options)
-    values.update(w1_sum_floor=halves["w1_sum"], js_sum_floor=halves["js_sum"])
+    # the floors of the per-feature metrics: the same metrics between two random halves of the reference
+    first, second = metrics.split_halves(len(reference), seed)
+    masks = (None, None) if ref_mask is None else (np.asarray(ref_mask, dtype=bool)[first],
+                                                   np.asarray(ref_mask, dtype=bool)[second])
+    halves = metrics.score(reference[first], reference[second], *masks, **kl_options)
+    values.update(noise_floor=halves["kl_sum"], w1_sum_floor=halves["w1_sum"], js_sum_floor=halves["js_sum"])
     values.update(jet_metrics.score_jets(generated, gen_mask, reference, ref_mask, kinematics, seed=seed))
     floors = jet_metrics.jet_noise_floor(reference, ref_mask, kinematics, seed=seed)
     values.update({f"{key}_floor": value for key, value in floors.items() if not key.endswith("_err")})

@@ -24,7 +24,7 @@ from flowvae.config import ConfigError, validate
 from flowvae.data import load_events
 from flowvae.files import RunFiles, replaced, resolve_path
 from flowvae.identity import run_hash, run_settings, train_hash
-from flowvae.results import ResultsError, append_row, check_writable, has_ok_row, read_rows, write_row_file
+from flowvae.results import ResultsError, append_row, check_writable, ok_row, write_row_file
 
 __all__ = ["run", "objective", "EXIT_OK", "EXIT_FAILED", "EXIT_CONFIG", "EXIT_INTERRUPTED"]
 
@@ -92,9 +92,10 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int)
     except ResultsError as err:
         return _finish(files, "invalid", f"bad configuration: results_csv={cfg.results_csv}: {err}")
     identity = run_hash(cfg)
-    if cfg.skip_existing and has_ok_row(results_csv, identity):
+    existing = ok_row(results_csv, identity) if cfg.skip_existing else None
+    if existing is not None:
         log.info("skipped: %s already has an ok row for config %s", results_csv, identity)
-        _remember([r for r in read_rows(results_csv) if r.get("config_hash") == identity and r["status"] == "ok"][-1])
+        _remember(existing)
         return _finish(files, "skipped", "")
     started = time.time()
     try:

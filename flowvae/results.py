@@ -22,7 +22,7 @@ from filelock import FileLock, Timeout
 
 from flowvae.files import replaced
 
-__all__ = ["append_row", "read_rows", "has_ok_row", "write_row_file", "check_writable", "ResultsError",
+__all__ = ["append_row", "read_rows", "ok_row", "has_ok_row", "write_row_file", "check_writable", "ResultsError",
            "LOCK_TIMEOUT", "REQUIRED_COLUMNS"]
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,12 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def ok_row(path: str | os.PathLike, run_hash: str) -> dict | None:
+    """The newest finished (status ok) row of the config with this hash in the table, or None."""
+    rows = [r for r in read_rows(path) if r.get("config_hash") == run_hash and r.get("status") == "ok"]
+    return rows[-1] if rows else None
+
+
 def has_ok_row(path: str | os.PathLike, run_hash: str) -> bool:
     """Whether the table already holds a finished (status ok) row of the config with this hash."""
-    return any(r.get("config_hash") == run_hash and r.get("status") == "ok" for r in read_rows(path))
+    return ok_row(path, run_hash) is not None

@@ -69,7 +69,7 @@ def evaluate_run(run_dir: str, overrides: list[str], device: str = "auto") -> tu
     from flowvae.config import validate
     from flowvae.cores import choose_threads
     from flowvae.files import resolve_path
-    from flowvae.generate import file_blocks, load_run, run_launch_dir
+    from flowvae.generate import load_run, run_launch_dir
     from flowvae.identity import run_hash
     from flowvae.job import result_row
     from flowvae.results import append_row, check_writable, has_ok_row
@@ -88,17 +88,12 @@ def evaluate_run(run_dir: str, overrides: list[str], device: str = "auto") -> tu
         return "skipped", f"{results_csv} already has this evaluation ({identity})"
     started = time.time()
     experiment.configure_torch(choose_threads(cfg.train.threads, 1))
-    import numpy as np
-
-    blocks = list(file_blocks(run, cfg.eval.n_samples, cfg.eval.source, cfg.eval.decode, cfg.seed, layout=False))
-    generated = np.concatenate([values for values, _ in blocks])
-    gen_mask = None if blocks[0][1] is None else np.concatenate([mask for _, mask in blocks])
+    generated, gen_mask = experiment.generate_events(run.model, cfg.eval, run.test_input(cfg.eval.source),
+                                                     cfg.seed, run.events.test.shape[1:])
+    generated = run.feature_map.inverse(generated, gen_mask)
     stopping.check("while generating")
     values = experiment.score_events(cfg, run.events, generated, gen_mask)
-    last = run.history[-1] if run.history else {}
-    values.update(final_train_loss=last.get("train_loss", ""), final_test_loss=last.get("test_loss", ""),
-                  final_recon=last.get("test_recon", ""), final_kl_term=last.get("test_kl", ""), epochs_run=0,
-                  resumed_from=run.epoch)
+    values.update(experiment.final_losses(run.history), epochs_run=0, resumed_from=run.epoch)
     row = result_row(cfg, run.events, values, "ok", "", started, run.root, identity)
     stopping.check("before its row was written")
     append_row(results_csv, row)

@@ -114,9 +114,7 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
     generated = feature_map.inverse(generated, gen_mask)
     stopping.check("while generating (training is saved: the rerun only scores)")
     values.update(score_events(cfg, events, generated, gen_mask))
-    last = outcome.history[-1]
-    values.update(final_train_loss=last["train_loss"], final_test_loss=last["test_loss"],
-                  final_recon=last["test_recon"], final_kl_term=last["test_kl"])
+    values.update(final_losses(outcome.history))
     from flowvae.report import plot_histograms
 
     plot_histograms(generated, events.test, events.feature_names, values, files.histograms,
@@ -127,6 +125,13 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
     with replaced(files.sample) as tmp:  # in the data's own units and layout, the mask where the file has it
         np.save(tmp, sample)
     return "ok", "", values
+
+
+def final_losses(history: list[dict]) -> dict:
+    """The row's ``final_*`` columns: the last epoch's losses of a training history (blank without one)."""
+    last = history[-1] if history else {}
+    return {"final_train_loss": last.get("train_loss", ""), "final_test_loss": last.get("test_loss", ""),
+            "final_recon": last.get("test_recon", ""), "final_kl_term": last.get("test_kl", "")}
 
 
 def fit_feature_map(cfg: DictConfig, events: Events) -> FeatureMap:

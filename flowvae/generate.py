@@ -169,6 +169,18 @@ class Run:
     def layout(self) -> str:
         return self.cfg.data.get("layout") or "features_first"
 
+    def test_input(self, source: str):
+        """The held-out events as the model's input on its device, which posterior generation encodes; for the
+        prior an empty tensor (generation asks it for its device only)."""
+        import torch
+
+        from flowvae.experiment import model_input
+
+        if source != "posterior":
+            return torch.empty(0, device=self.device)
+        events = self.events
+        return model_input(self.feature_map.forward(events.test, events.test_mask), self.device, events.test_mask)
+
     def file_shape(self, n: int) -> tuple[int, int, int]:
         """The shape of N events as the data's file holds them (the mask feature included)."""
         n_features = self.events.n_features + (1 if self.has_mask else 0)
@@ -289,27 +301,18 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto", allow_unfinished:
 # --- generation ----------------------------------------------------------------------------------------------
 
 
-def file_blocks(run: Run, n: int, source: str, decode: str, seed: int, layout: bool = True
+def file_blocks(run: Run, n: int, source: str, decode: str, seed: int
                 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """N events as the data's file holds them, block by block: (events in the data's units and layout with the
-    mask at ``data.mask_feature``, the mask (b, P) bool or None). ``layout=False`` keeps the events as the
-    metrics take them: (b, F, P) in the data's units, without the mask feature."""
-    import torch
-
+    mask at ``data.mask_feature``, the mask (b, P) bool or None)."""
     from flowvae.data import file_array
-    from flowvae.experiment import generate_blocks, model_input
+    from flowvae.experiment import generate_blocks
 
     events = run.events
-    if source == "posterior":
-        test_x = model_input(run.feature_map.forward(events.test, events.test_mask), run.device, events.test_mask)
-    else:
-        test_x = torch.empty(0, device=run.device)  # the prior asks it for its device only
     mask_feature = run.cfg.data.get("mask_feature")
-    for values, mask in generate_blocks(run.model, n, source, decode, test_x, seed, events.test.shape[1:]):
+    for values, mask in generate_blocks(run.model, n, source, decode, run.test_input(source), seed,
+                                        events.test.shape[1:]):
         values = run.feature_map.inverse(values, mask)
-        if not layout:
-            yield values, mask
-            continue
         yield file_array(values, None if mask is None else mask.astype(values.dtype), mask_feature,
                          run.layout), mask
 

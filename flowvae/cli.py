@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from flowvae import __version__, stopping
@@ -64,7 +65,8 @@ def train(cfg: DictConfig) -> int | float:
     from flowvae.job import run
 
     hc = HydraConfig.get()
-    code = run(cfg, Path(hc.runtime.output_dir), Path(hc.runtime.cwd), _parallel_jobs(hc))
+    sweep_dir = Path(hc.runtime.cwd, hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+    code = run(cfg, Path(hc.runtime.output_dir), Path(hc.runtime.cwd), _parallel_jobs(hc), sweep_dir)
     _exit_codes.append(code)
     if "optuna" in str(OmegaConf.select(hc, "sweeper._target_", default="")).lower():
         from flowvae.job import objective

@@ -25,6 +25,7 @@ LAYOUTS = ("features_first", "particles_first")
 TRANSFORMS = ("none", "log", "logit")
 SOURCES = ("prior", "posterior")
 DEVICES = ("auto", "cpu", "cuda")
+LOGGERS = ("none", "mlflow")
 
 
 class ConfigError(ValueError):
@@ -110,6 +111,15 @@ class OptimizeConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Where runs are tracked besides their directory and the results table (``conf/logger/<name>.yaml``)."""
+
+    name: str = "none"
+    tracking_uri: str | None = None
+    experiment_name: str | None = None
+
+
+@dataclass
 class Config:
     # One family's ``name`` and its own options, as ``conf/flow/<name>.yaml`` sets them; the flow registry
     # (flowvae.flows) is the one list of families and options, and validate() checks against it.
@@ -123,6 +133,7 @@ class Config:
     results_csv: str = "outputs/results.csv"
     skip_existing: bool = False
     optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 def register_configs() -> None:
@@ -166,6 +177,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_train(cfg)
     _validate_eval(cfg)
     _validate_data(cfg)
+    _validate_logger(cfg)
 
 
 def _validate_flow(cfg: DictConfig) -> None:
@@ -224,6 +236,16 @@ def _validate_eval(cfg: DictConfig) -> None:
     _require(e.decode in DECODES, "eval.decode", e.decode, f"one of {', '.join(DECODES)}")
     _require(e.source in SOURCES, "eval.source", e.source, f"one of {', '.join(SOURCES)}")
     _require(math.isfinite(e.eps) and e.eps > 0, "eval.eps", e.eps, "a small number > 0, e.g. 1e-10")
+
+
+def _validate_logger(cfg: DictConfig) -> None:
+    logger = cfg.logger
+    _require(logger.name in LOGGERS, "logger", logger.name, f"one of {', '.join(LOGGERS)}")
+    if logger.name == "mlflow":
+        _require(bool(logger.tracking_uri), "logger.tracking_uri", logger.tracking_uri,
+                 "an MLflow tracking URI, e.g. sqlite:///outputs/mlflow.db or http://host:5000")
+        _require(bool(logger.experiment_name), "logger.experiment_name", logger.experiment_name,
+                 "the name of the MLflow experiment, e.g. flowvae_jets")
 
 
 def _validate_data(cfg: DictConfig) -> None:

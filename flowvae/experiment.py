@@ -7,7 +7,7 @@ flows last), the batch order, and generation (its own generator), so one config 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +80,10 @@ def configure_torch(threads: int) -> None:
 
 
 def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_jobs: int = 1,
-                    feature_map: FeatureMap | None = None) -> tuple[str, str, dict]:
-    """Train, generate, score; write the run's curves, checkpoint and histogram picture.
+                    feature_map: FeatureMap | None = None,
+                    on_epoch: Callable[[list[dict]], None] | None = None) -> tuple[str, str, dict]:
+    """Train, generate, score; write the run's curves, checkpoint and histogram picture. ``on_epoch`` gets the
+    training history after every epoch, after the curves file is written (the experiment tracker).
 
     Returns (status, message, values for the result row). A stop request ends training at a step boundary
     (status ``interrupted``) and any later phase by :class:`flowvae.stopping.Interrupted`.
@@ -102,7 +104,7 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
     model = build_model(events.n_features * events.n_particles, cfg.model, cfg.flow, cfg.n_flows, n_mask).to(device)
     outcome = fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=files.checkpoint,
                   extra_state=checkpoint_key(cfg),
-                  on_epoch=lambda history: _write_curves(files.curves, history), should_stop=stopping.requested)
+                  on_epoch=lambda history: _epoch_done(files, history, on_epoch), should_stop=stopping.requested)
     if outcome.status == "interrupted":
         return outcome.status, outcome.message, {}
     values: dict = {"epochs_run": outcome.epochs_run, "resumed_from": outcome.resumed_from}
@@ -151,6 +153,13 @@ def score_events(cfg: DictConfig, events: Events, generated: np.ndarray, gen_mas
     with threadpool_limits(limits=torch.get_num_threads()):
         return score_row(generated, gen_mask, events.test, events.test_mask, events.kinematics,
                          bins=cfg.eval.bins, eps=cfg.eval.eps, seed=cfg.seed)
+
+
+def _epoch_done(files: RunFiles, history: list[dict], then: Callable[[list[dict]], None] | None) -> None:
+    """After every epoch: the curves file, then ``then`` (the run's experiment tracker)."""
+    _write_curves(files.curves, history)
+    if then is not None:
+        then(history)
 
 
 def _write_curves(path: Path, history: list[dict]) -> None:

@@ -53,6 +53,11 @@ class RunFiles:
         return self.root / "error.txt"
 
     @property
+    def tracking(self) -> Path:
+        """The experiment tracker's run id (``logger=mlflow``), so a resumed run continues its tracked run."""
+        return self.root / "tracking.json"
+
+    @property
     def lock(self) -> Path:
         """Held while a run works in this directory, so two runs never share it."""
         return self.root / ".flowvae.lock"

@@ -25,7 +25,7 @@ __all__ = ["NOT_IDENTITY", "SCORING_KEYS", "CELL_COLUMNS", "SEED_COLUMN", "run_s
 
 # Where or how a run writes, how fast it goes: these change no number of the row, so they are not its identity.
 # train.eval_every belongs here because the test loss has its own random stream: it changes no trained weight.
-NOT_IDENTITY = ("results_csv", "skip_existing", "optimize", "train.threads", "train.progress",
+NOT_IDENTITY = ("results_csv", "skip_existing", "optimize", "logger", "train.threads", "train.progress",
                 "train.checkpoint_every", "train.eval_every", "hydra")
 # What scores a trained model rather than trains it: changing these needs no training (``flowvae evaluate``).
 SCORING_KEYS = ("eval",)

@@ -25,6 +25,7 @@ from flowvae.data import load_events
 from flowvae.files import RunFiles, replaced, resolve_path
 from flowvae.identity import run_hash, run_settings, train_hash
 from flowvae.results import ResultsError, append_row, check_writable, ok_row, write_row_file
+from flowvae.tracking import Tracker, open_tracker
 
 __all__ = ["run", "objective", "EXIT_OK", "EXIT_FAILED", "EXIT_CONFIG", "EXIT_INTERRUPTED"]
 
@@ -52,8 +53,10 @@ def objective(metric: str) -> float:
     return value if math.isfinite(value) else math.inf
 
 
-def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1) -> int:
-    """Run the experiment ``cfg`` in ``run_dir``; relative paths in the config are relative to ``launch_dir``.
+def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1, sweep_dir: Path | None = None
+        ) -> int:
+    """Run the experiment ``cfg`` in ``run_dir``; relative paths in the config are relative to ``launch_dir``;
+    ``sweep_dir`` is the sweep the run belongs to (for the experiment tracker), if any.
 
     Returns the exit code and leaves ``status.json`` in the run directory for whoever launched it. SIGTERM or
     Ctrl-C at any point before the row is appended ends the run as ``interrupted`` (exit 3) with no row; once
@@ -66,7 +69,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(files.lock, timeout=0):
-            code = _run(cfg, files, launch_dir, parallel_jobs)
+            code = _run(cfg, files, launch_dir, parallel_jobs, sweep_dir)
     except Timeout:
         log.error("the run directory %s is in use by another run; give this one its own hydra.run.dir", run_dir)
         return EXIT_CONFIG
@@ -80,7 +83,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1
     return code
 
 
-def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int) -> int:
+def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int, sweep_dir: Path | None) -> int:
     stopping.check("before the run started")
     try:
         validate(cfg)
@@ -110,11 +113,26 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int)
         if cfg.optimize.metric not in columns:
             raise ConfigError("optimize.metric", cfg.optimize.metric, f"a metric column of this data's rows: "
                                                                       f"{', '.join(columns)}")
+        stopping.check("before training")
+        tracker = open_tracker(cfg, files, launch_dir, sweep_dir)  # last: it creates the tracked run
     except ConfigError as err:
         return _finish(files, "invalid", f"bad configuration: {err}")
-    stopping.check("before training")
     try:
-        status, message, values = experiment.train_and_score(cfg, events, files, parallel_jobs, feature_map)
+        return _train(cfg, events, files, parallel_jobs, feature_map, tracker, columns, results_csv, identity,
+                      started)
+    except stopping.Interrupted as err:
+        tracker.finish("interrupted", None, str(err))
+        raise
+
+
+def _train(cfg: DictConfig, events, files: RunFiles, parallel_jobs: int, feature_map, tracker: Tracker,
+           columns: list[str], results_csv: Path, identity: str, started: float) -> int:
+    """The work of a run whose configuration passed every check: train, score, append the row, track it."""
+    from flowvae import experiment
+
+    try:
+        status, message, values = experiment.train_and_score(cfg, events, files, parallel_jobs, feature_map,
+                                                             on_epoch=tracker.log_epochs)
     except (stopping.Interrupted, KeyboardInterrupt):
         raise
     except Exception as err:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
@@ -122,7 +140,9 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int)
         status, message, values = "failed", f"{type(err).__name__}: {err}", {}
         log.error("run failed: %s (traceback in %s)", message, files.error)
     if status == "interrupted":
-        return _finish(files, status, f"stopped by {stopping.received()} {message}")
+        message = f"stopped by {stopping.received()} {message}"
+        tracker.finish(status, None, message)
+        return _finish(files, status, message)
     row = result_row(cfg, events, values, status, message, started, files.root, identity)
     stopping.check("before its row was written (training is saved: the rerun only scores)")
     try:
@@ -133,6 +153,7 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int)
         log.error("run finished but its row is not in the table: %s", message)
     write_row_file(files.result, row)
     _remember(row)
+    tracker.finish(status, {key: row[key] for key in (*columns, "wall_seconds")}, message)
     log.info("%s: kl_sum=%s, row appended to %s", status, row.get("kl_sum") or "n/a", results_csv)
     return _finish(files, status, message)
 

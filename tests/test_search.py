@@ -8,9 +8,9 @@ import math
 import pandas as pd
 import pytest
 
-from tests.conftest import TINY, run_flowvae
+from tests.conftest import TINY, require_extra, run_flowvae
 
-optuna = pytest.importorskip("optuna", reason="the `search` extra (make installs it)")
+optuna = require_extra("optuna", "search")
 
 
 def _search(tmp_path, *overrides):

@@ -1,0 +1,229 @@
+"""Experiment tracking: a run's settings, per-epoch losses, row and pictures in MLflow (``logger=mlflow``).
+
+The run directory and the results table stay the record; the tracker is a view of them for browsing and
+comparing runs (``mlflow ui``). So tracking never decides a run's outcome: what cannot be checked before
+training (MLflow missing, a store that cannot be opened) refuses the run with a clear line, and any later
+tracking error is logged once as a warning and the run goes on untracked.
+
+One MLflow run per flowvae run. Its id is kept in the run directory (``tracking.json``), so a run resumed after a
+kill or a cluster's requeue continues the same MLflow run (status KILLED in between) and logs only the epochs
+not logged yet. MLflow's client API is used, not its global "active run", so a sweep's jobs in one process
+(Hydra's basic launcher) never log into each other's run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from omegaconf import DictConfig
+
+from flowvae.config import ConfigError
+from flowvae.files import RunFiles, replaced, resolve_path
+from flowvae.identity import run_settings
+
+__all__ = ["Tracker", "open_tracker", "store_uri", "ARTIFACTS", "END_STATUS"]
+
+log = logging.getLogger(__name__)
+
+# A run's status in the results table -> the MLflow run's end status.
+END_STATUS = {"ok": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "interrupted": "KILLED"}
+# The run directory's files worth seeing beside the numbers (the checkpoint stays in the run directory).
+ARTIFACTS = ("histograms", "curves", "result", "sample")
+HYDRA_FILES = (".hydra/config.yaml", ".hydra/overrides.yaml")
+SQLITE = "sqlite:///"
+STORE_LOCK_TIMEOUT = 120  # seconds a run waits for another to open a SQLite store (the first creates its tables)
+
+
+class Tracker:
+    """No tracking (``logger=none``): every call does nothing. :class:`MlflowTracker` overrides them."""
+
+    def log_epochs(self, history: list[dict]) -> None:
+        """The training history so far (``fit``'s per-epoch rows); called after every epoch."""
+
+    def finish(self, status: str, metrics: dict | None, message: str = "") -> None:
+        """The run ended with ``status`` (a results-table status); ``metrics`` are its row's metric columns (None
+        when it wrote no row), ``message`` its error."""
+
+
+def store_uri(uri: str, launch_dir: Path) -> str:
+    """``uri`` with a relative SQLite file taken from ``launch_dir`` (where the user launched, also for a sweep's
+    workers); other URIs unchanged."""
+    if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
+        return SQLITE + str(resolve_path(uri.removeprefix(SQLITE), launch_dir))
+    return uri
+
+
+def open_tracker(cfg: DictConfig, files: RunFiles, launch_dir: Path, sweep_dir: Path | None = None) -> Tracker:
+    """The run's tracker, its MLflow run created (or, after a resume, reopened) and its settings logged.
+
+    Raises :class:`ConfigError` before any training when ``logger=mlflow`` cannot work: MLflow not installed, or
+    a store that cannot be opened.
+    """
+    if cfg.logger.name == "none":
+        return Tracker()
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise ConfigError("logger", cfg.logger.name, "needs MLflow, which is not installed: pip install -e "
+                                                     "\".[tracking]\" (make installs it), or logger=none") from None
+    uri = store_uri(cfg.logger.tracking_uri, launch_dir)
+    try:
+        with _store_lock(uri):
+            return MlflowTracker(MlflowClient(tracking_uri=uri), cfg, files, uri, sweep_dir)
+    except Exception as err:  # noqa: BLE001 - MLflow's errors come in many types; the message says what
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError("logger.tracking_uri", cfg.logger.tracking_uri,
+                          f"an MLflow store this run can open and write ({first})") from None
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store: its folder made, and a lock beside the file while a run opens it. MLflow creates and
+    migrates the database's tables on first use; two jobs of a parallel sweep doing that at once broke each
+    other's migration (duplicate columns, half-made tables), so one opens the store at a time."""
+    if not uri.startswith(SQLITE):
+        yield
+        return
+    database = Path(uri.removeprefix(SQLITE))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock", timeout=STORE_LOCK_TIMEOUT):
+        yield
+
+
+class MlflowTracker(Tracker):
+    """One flowvae run as one MLflow run; see the module's docstring."""
+
+    def __init__(self, client, cfg: DictConfig, files: RunFiles, uri: str, sweep_dir: Path | None):
+        from flowvae import __version__
+        from flowvae.identity import run_hash, train_hash
+
+        self.client, self.files, self.uri = client, files, uri
+        self.config_hash = run_hash(cfg)
+        self.run_id = self._resumed_run()
+        self.logged_epochs = 0
+        if self.run_id is None:
+            experiment_id = self._experiment(cfg.logger.experiment_name)
+            tags = {"config_hash": self.config_hash, "train_hash": train_hash(cfg), "run_dir": str(files.root),
+                    "flowvae_version": __version__}
+            if sweep_dir is not None:
+                tags["sweep"] = str(sweep_dir)
+            run = client.create_run(experiment_id, run_name=files.root.name, tags=tags)
+            self.run_id = run.info.run_id
+            self._log_params(run_settings(cfg))
+            with replaced(files.tracking) as tmp:
+                tmp.write_text(json.dumps({"tracking_uri": uri, "run_id": self.run_id,
+                                           "config_hash": self.config_hash}))
+        else:
+            client.update_run(self.run_id, status="RUNNING")
+            history = client.get_metric_history(self.run_id, "train_loss")
+            self.logged_epochs = max((m.step for m in history), default=0)
+            log.info("tracking: continuing MLflow run %s (%d epochs logged)", self.run_id, self.logged_epochs)
+        self.failed = False
+        log.info("tracking in MLflow: %s, run %s", uri, self.run_id)
+
+    def _resumed_run(self) -> str | None:
+        """The MLflow run of an earlier, interrupted attempt of this same run in this directory, if any."""
+        try:
+            saved = json.loads(self.files.tracking.read_text())
+        except (OSError, ValueError):
+            return None
+        if saved.get("tracking_uri") != self.uri or saved.get("config_hash") != self.config_hash:
+            return None
+        try:
+            run = self.client.get_run(saved["run_id"])
+        except Exception:  # noqa: BLE001 - deleted, or another store: start a new one
+            return None
+        return run.info.run_id if run.info.lifecycle_stage == "active" else None
+
+    def _experiment(self, name: str) -> str:
+        """The experiment's id, created on first use; with SQLite its artifacts go to ``mlartifacts/`` beside the
+        file (MLflow would otherwise put them under the working directory)."""
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            if experiment.lifecycle_stage != "active":
+                raise ValueError(f"the experiment {name!r} is deleted in this store: restore it "
+                                 f"(mlflow experiments restore) or choose logger.experiment_name=...")
+            return experiment.experiment_id
+        location = None
+        if self.uri.startswith(SQLITE):
+            location = (Path(self.uri.removeprefix(SQLITE)).parent / "mlartifacts").resolve().as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # noqa: BLE001 - a sweep's other job created it at the same moment
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def _log_params(self, settings: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(key, str(value)) for key, value in settings.items()]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
+            self.client.log_batch(self.run_id, params=params[start:start + 100])
+
+    def _guarded(self, what: str, action) -> None:
+        """Run ``action``; a tracking error is logged once and ends tracking, never the run."""
+        if self.failed:
+            return
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001 - the run's own record is not at stake
+            self.failed = True
+            log.warning("tracking: could not %s in MLflow (%s: %s); the run goes on untracked, its directory and "
+                        "row are complete", what, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+
+    def log_epochs(self, history: list[dict]) -> None:
+        new = [row for row in history if row.get("epoch", 0) > self.logged_epochs]
+        if not new:
+            return
+
+        def log_them() -> None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            metrics = [Metric(key, float(value), now, int(row["epoch"])) for row in new
+                       for key, value in row.items() if key != "epoch" and _number(value) is not None]
+            for start in range(0, len(metrics), 1000):
+                self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+            self.logged_epochs = int(new[-1]["epoch"])
+
+        self._guarded("log the epoch's losses", log_them)
+
+    def finish(self, status: str, metrics: dict | None, message: str = "") -> None:
+        def end() -> None:
+            from mlflow.entities import Metric, RunTag
+
+            now = int(time.time() * 1000)
+            tags = [RunTag("status", status)] + ([RunTag("error", message[:5000])] if message else [])
+            numbers = {key: _number(value) for key, value in (metrics or {}).items()}
+            self.client.log_batch(self.run_id, tags=tags, metrics=[Metric(key, value, now, 0) for key, value
+                                                                   in numbers.items() if value is not None])
+            for name in ARTIFACTS:
+                path = getattr(self.files, name)
+                if path.exists():
+                    self.client.log_artifact(self.run_id, str(path))
+            for name in HYDRA_FILES:
+                if (self.files.root / name).exists():
+                    self.client.log_artifact(self.run_id, str(self.files.root / name), "hydra")
+            self.client.set_terminated(self.run_id, END_STATUS.get(status, "FAILED"))
+
+        self._guarded("log the run's results", end)
+
+
+def _number(value: Any) -> float | None:
+    """A row or history value as a float for MLflow, or None for blanks and text (NaN and ±inf are kept: a diverged
+    epoch's loss is worth seeing)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

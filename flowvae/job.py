@@ -154,7 +154,8 @@ def _train(cfg: DictConfig, events, files: RunFiles, parallel_jobs: int, feature
     write_row_file(files.result, row)
     _remember(row)
     tracker.finish(status, {key: row[key] for key in (*columns, "wall_seconds")}, message)
-    log.info("%s: kl_sum=%s, row appended to %s", status, row.get("kl_sum") or "n/a", results_csv)
+    log.info("%s: kl_sum=%s, row appended to %s; the run's files are in %s", status, row.get("kl_sum") or "n/a",
+             results_csv, files.root)
     return _finish(files, status, message)
 
 

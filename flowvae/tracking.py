@@ -114,7 +114,9 @@ class MlflowTracker(Tracker):
                     "flowvae_version": __version__}
             if sweep_dir is not None:
                 tags["sweep"] = str(sweep_dir)
-            run = client.create_run(experiment_id, run_name=files.root.name, tags=tags)
+            # a sweep's job folders (0_planar_K10_s0, ...) repeat from sweep to sweep: the sweep's name goes first
+            name = files.root.name if sweep_dir is None else f"{sweep_dir.name}/{files.root.name}"
+            run = client.create_run(experiment_id, run_name=name, tags=tags)
             self.run_id = run.info.run_id
             self._log_params(run_settings(cfg))
             with replaced(files.tracking) as tmp:

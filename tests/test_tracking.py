@@ -104,6 +104,7 @@ def test_a_parallel_sweeps_runs_share_one_experiment_and_are_tagged_with_the_swe
     for row in rows:
         _check_run_against_its_row(client, by_dir[row["run_dir"]], row)
     assert {run.data.tags["sweep"] for run in runs} == {str(sweep)}
+    assert {run.info.run_name for run in runs} == {f"sweep/{Path(row['run_dir']).name}" for row in rows}
     assert {run.data.params["seed"] for run in runs} == {"0", "1"}
 
 
@@ -149,7 +150,9 @@ def test_a_resumed_run_continues_its_tracked_run_without_logging_an_epoch_twice(
     first.log_epochs(_history([1, 2]))
     first.finish("interrupted", None, "stopped by SIGTERM")
     client = MlflowClient(tracking_uri=_store(tmp_path))
-    assert client.get_run(first.run_id).info.status == "KILLED"
+    killed = client.get_run(first.run_id)
+    assert killed.info.status == "KILLED" and killed.data.tags["status"] == "interrupted"
+    assert killed.data.tags["error"] == "stopped by SIGTERM"
 
     again, _ = _tracker(tmp_path)  # the same run, rerun in its directory
     assert again.run_id == first.run_id

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,9 @@ END_STATUS = {"ok": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "inter
 ARTIFACTS = ("histograms", "curves", "result", "sample")
 HYDRA_FILES = (".hydra/config.yaml", ".hydra/overrides.yaml")
 SQLITE = "sqlite:///"
+# MLflow's HTTP settings while a run opens its store (see _few_retries)
+OPENING_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 STORE_LOCK_TIMEOUT = 120  # seconds a run waits for another to open a SQLite store (the first creates its tables)
 
 
@@ -75,12 +79,27 @@ def open_tracker(cfg: DictConfig, files: RunFiles, launch_dir: Path, sweep_dir: 
                                                      "\".[tracking]\" (make installs it), or logger=none") from None
     uri = store_uri(cfg.logger.tracking_uri, launch_dir)
     try:
-        with _store_lock(uri):
+        with _store_lock(uri), _few_retries():
             return MlflowTracker(MlflowClient(tracking_uri=uri), cfg, files, uri, sweep_dir)
     except Exception as err:  # noqa: BLE001 - MLflow's errors come in many types; the message says what
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError("logger.tracking_uri", cfg.logger.tracking_uri,
                           f"an MLflow store this run can open and write ({first})") from None
+
+
+@contextmanager
+def _few_retries() -> Iterator[None]:
+    """While a run opens its store, a tracking server that does not answer is refused in seconds, not after
+    MLflow's default retries with back-off (4 minutes); settings the user made in the environment win. Later
+    requests, during training, keep MLflow's patient defaults."""
+    saved = {key: os.environ.get(key) for key in OPENING_HTTP}
+    os.environ.update({key: value for key, value in OPENING_HTTP.items() if saved[key] is None})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
 
 
 @contextmanager

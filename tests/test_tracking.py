@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,18 @@ def test_a_store_that_cannot_be_opened_is_refused_before_training(tmp_path):
     assert not RunFiles(tmp_path / "run").checkpoint.exists()
 
 
+def test_a_tracking_server_that_does_not_answer_is_refused_in_seconds(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["train", *TINY, "logger=mlflow", f"logger.tracking_uri=http://127.0.0.1:{port}",
+            "results_csv=results.csv", f"hydra.run.dir={tmp_path / 'run'}"]
+    out = run_flowvae(args, cwd=tmp_path, timeout=90)  # MLflow's own retries would take 4 minutes
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"logger.tracking_uri=http://127.0.0.1:{port} is not allowed" in out.stdout + out.stderr
+    assert not RunFiles(tmp_path / "run").checkpoint.exists()
+
+
 def _tracker(tmp_path, *overrides):
     from flowvae.tracking import open_tracker
 
@@ -146,6 +159,7 @@ def _history(epochs):
 
 def test_a_resumed_run_continues_its_tracked_run_without_logging_an_epoch_twice(tmp_path):
     first, files = _tracker(tmp_path)
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # quick retries only while the store is opened
     first.log_epochs(_history([1]))
     first.log_epochs(_history([1, 2]))
     first.finish("interrupted", None, "stopped by SIGTERM")
@@ -200,7 +214,6 @@ def test_mlflow_ui_serves_the_tracked_runs(tmp_path):
     import json
     import shutil
     import signal
-    import socket
     import subprocess
     import sys
     import time

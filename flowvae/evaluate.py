@@ -8,7 +8,9 @@ the evaluation settings (:mod:`flowvae.identity`): its ``train_hash`` is the tra
 says which evaluation it is, so ``skip_existing=true`` skips evaluations already in the table. With the run's own
 ``eval.*`` values the row's metrics equal the training row's to the bit (same device, torch build and threads).
 
-Only ``eval.*``, ``results_csv`` and ``skip_existing`` may be set: anything else would change what was trained.
+Only ``eval.*``, ``results_csv``, ``skip_existing`` and the tracker (``logger=mlflow``, ``logger.*``) may be set:
+anything else would change what was trained. A run trained with ``logger=mlflow`` has its evaluations tracked too,
+each an MLflow run of its own tagged with the trained run's (``evaluates``).
 Many runs at once: ``flowvae evaluate outputs/multirun/<sweep>/*/ eval.source=posterior``.
 """
 
@@ -19,21 +21,23 @@ import time
 from pathlib import Path
 
 from flowvae.config import ConfigError
+from flowvae.tracking import Tracker, open_tracker
 
 __all__ = ["main", "evaluate_run", "EVALUATION_KEYS"]
 
-# What may change after training: the scoring settings, and where the row goes.
-EVALUATION_KEYS = ("eval.", "results_csv", "skip_existing")
+# What may change after training: the scoring settings, where the row goes, and where it is tracked.
+EVALUATION_KEYS = ("eval.", "results_csv", "skip_existing", "logger")
 
 USAGE = """\
 usage: flowvae evaluate RUN_DIR [RUN_DIR ...] [eval.KEY=VALUE ...] [results_csv=FILE] [skip_existing=true]
-                        [--device auto|cpu|cuda]
+                        [logger=mlflow|none] [logger.KEY=VALUE ...] [--device auto|cpu|cuda]
 
 Score trained runs again with other evaluation settings, without training: e.g.
   flowvae evaluate outputs/runs/<run> eval.source=posterior eval.n_samples=100000 eval.bins=50
   flowvae evaluate outputs/multirun/<sweep>/*/ eval.decode=mean skip_existing=true
-Each run appends one row to its results table (its results_csv, or results_csv=...) and to its evaluations.csv.
-Only eval.*, results_csv and skip_existing can be set: other settings change what was trained (train again).
+Each run appends one row to its results table (its results_csv, or results_csv=...) and to its evaluations.csv,
+and is tracked in MLflow when the run was (or with logger=mlflow).
+Only eval.*, results_csv, skip_existing and logger can be set: other settings change what was trained (train again).
 exit codes: 0 every run scored or skipped, 1 a run failed, 2 bad arguments, 3 interrupted
 """
 
@@ -50,9 +54,9 @@ def _split(args: list[str]) -> tuple[list[str], list[str], str]:
         elif "=" in item and not Path(item).exists():
             key = item.partition("=")[0].lstrip("+")
             if not key.startswith(EVALUATION_KEYS):
-                raise ConfigError(key, item.partition("=")[2], f"only eval.*, results_csv and skip_existing "
-                                                               f"can change after training; {key} changes what "
-                                                               f"is trained (train again)")
+                raise ConfigError(key, item.partition("=")[2], f"only eval.*, results_csv, skip_existing and "
+                                                               f"logger can change after training; {key} changes "
+                                                               f"what is trained (train again)")
             overrides.append(item.lstrip("+"))
         else:
             runs.append(item)
@@ -61,24 +65,38 @@ def _split(args: list[str]) -> tuple[list[str], list[str], str]:
     return runs, overrides, device
 
 
+def _logger_group(name: str):
+    """``logger=NAME`` as on `flowvae train`: the group's file conf/logger/NAME.yaml under ``logger``."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    from flowvae.config import LOGGERS
+
+    if name not in LOGGERS:
+        raise ConfigError("logger", name, f"one of {', '.join(LOGGERS)}")
+    return OmegaConf.create({"logger": OmegaConf.load(files("flowvae.conf") / "logger" / f"{name}.yaml")})
+
+
 def evaluate_run(run_dir: str, overrides: list[str], device: str = "auto") -> tuple[str, str]:
     """Score one run with ``overrides``; returns (status, message): ok, skipped, or raises for a user error."""
     from omegaconf import OmegaConf
 
-    from flowvae import experiment, stopping
+    from flowvae import stopping
     from flowvae.config import validate
-    from flowvae.cores import choose_threads
-    from flowvae.files import resolve_path
+    from flowvae.files import RunFiles, resolve_path
     from flowvae.generate import load_run, run_launch_dir
     from flowvae.identity import run_hash
-    from flowvae.job import result_row
-    from flowvae.results import append_row, check_writable, has_ok_row
+    from flowvae.results import check_writable, has_ok_row
 
     run = load_run(run_dir, device)
+    groups = [_logger_group(o.partition("=")[2]) for o in overrides if o.partition("=")[0] == "logger"]
     try:
-        cfg = OmegaConf.merge(run.cfg, OmegaConf.from_dotlist(overrides))
+        cfg = OmegaConf.merge(run.cfg, *groups, OmegaConf.from_dotlist([o for o in overrides
+                                                                        if o.partition("=")[0] != "logger"]))
     except Exception as err:  # noqa: BLE001 - a key the schema does not have, a value of the wrong type
-        raise ConfigError("eval", " ".join(overrides), f"settings of the eval group ({err})".splitlines()[0]) from None
+        raise ConfigError("eval", " ".join(overrides), f"settings of the eval or logger group ({err})"
+                          .splitlines()[0]) from None
     validate(cfg)
     launch_dir = run_launch_dir(run.root)
     results_csv = resolve_path(cfg.results_csv, launch_dir)
@@ -86,6 +104,21 @@ def evaluate_run(run_dir: str, overrides: list[str], device: str = "auto") -> tu
     identity = run_hash(cfg)
     if cfg.skip_existing and has_ok_row(results_csv, identity):
         return "skipped", f"{results_csv} already has this evaluation ({identity})"
+    tracker = open_tracker(cfg, RunFiles(run.root), launch_dir, evaluation=True)
+    try:
+        return _score(cfg, run, results_csv, identity, tracker)
+    except stopping.Interrupted as err:
+        tracker.finish("interrupted", None, str(err))
+        raise
+
+
+def _score(cfg, run, results_csv: Path, identity: str, tracker: Tracker) -> tuple[str, str]:
+    """Generate, score, append the row, track it: the work of one evaluation whose settings passed every check."""
+    from flowvae import experiment, stopping
+    from flowvae.cores import choose_threads
+    from flowvae.job import metric_values, result_row
+    from flowvae.results import append_row
+
     started = time.time()
     experiment.configure_torch(choose_threads(cfg.train.threads, 1))
     generated, gen_mask = experiment.generate_events(run.model, cfg.eval, run.test_input(cfg.eval.source),
@@ -98,6 +131,8 @@ def evaluate_run(run_dir: str, overrides: list[str], device: str = "auto") -> tu
     stopping.check("before its row was written")
     append_row(results_csv, row)
     append_row(run.root / "evaluations.csv", row)
+    tracker.finish("ok", metric_values(row, experiment.metric_columns(
+        run.events.n_features, run.events.kinematics is not None, run.events.train_mask is not None)))
     return "ok", f"kl_sum={values['kl_sum']:.4g}, row appended to {results_csv}"
 
 

@@ -27,7 +27,8 @@ from flowvae.identity import run_hash, run_settings, train_hash
 from flowvae.results import ResultsError, append_row, check_writable, ok_row, write_row_file
 from flowvae.tracking import Tracker, open_tracker
 
-__all__ = ["run", "objective", "EXIT_OK", "EXIT_FAILED", "EXIT_CONFIG", "EXIT_INTERRUPTED"]
+__all__ = ["run", "objective", "result_row", "metric_values", "EXIT_OK", "EXIT_FAILED", "EXIT_CONFIG",
+           "EXIT_INTERRUPTED"]
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def _train(cfg: DictConfig, events, files: RunFiles, parallel_jobs: int, feature
         log.error("run finished but its row is not in the table: %s", message)
     write_row_file(files.result, row)
     _remember(row)
-    tracker.finish(status, {key: row[key] for key in (*columns, "wall_seconds")}, message)
+    tracker.finish(status, metric_values(row, columns), message)
     log.info("%s: kl_sum=%s, row appended to %s; the run's files are in %s", status, row.get("kl_sum") or "n/a",
              results_csv, files.root)
     return _finish(files, status, message)
@@ -174,6 +175,12 @@ def result_row(cfg: DictConfig, events, values: dict, status: str, message: str,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_dir": str(run_dir),
             "config_hash": identity, "train_hash": train_hash(cfg), "flowvae_version": __version__,
             "host": platform.node()}
+
+
+def metric_values(row: dict, columns: list[str]) -> dict:
+    """What a tracker logs of a row: its metric ``columns`` (:func:`flowvae.experiment.metric_columns`) and its
+    wall time."""
+    return {key: row[key] for key in (*columns, "wall_seconds")}
 
 
 def _remember(row: dict) -> None:

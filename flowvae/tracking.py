@@ -64,8 +64,11 @@ def store_uri(uri: str, launch_dir: Path) -> str:
     return uri
 
 
-def open_tracker(cfg: DictConfig, files: RunFiles, launch_dir: Path, sweep_dir: Path | None = None) -> Tracker:
-    """The run's tracker, its MLflow run created (or, after a resume, reopened) and its settings logged.
+def open_tracker(cfg: DictConfig, files: RunFiles, launch_dir: Path, sweep_dir: Path | None = None,
+                 evaluation: bool = False) -> Tracker:
+    """The run's tracker, its MLflow run created (or, after a resume, reopened) and its settings logged. With
+    ``evaluation`` (``flowvae evaluate``) it is a new MLflow run of its own, named and tagged after the trained run
+    it scores, with no files of its own.
 
     Raises :class:`ConfigError` before any training when ``logger=mlflow`` cannot work: MLflow not installed, or
     a store that cannot be opened.
@@ -80,7 +83,7 @@ def open_tracker(cfg: DictConfig, files: RunFiles, launch_dir: Path, sweep_dir: 
     uri = store_uri(cfg.logger.tracking_uri, launch_dir)
     try:
         with _store_lock(uri), _few_retries():
-            return MlflowTracker(MlflowClient(tracking_uri=uri), cfg, files, uri, sweep_dir)
+            return MlflowTracker(MlflowClient(tracking_uri=uri), cfg, files, uri, sweep_dir, evaluation)
     except Exception as err:  # noqa: BLE001 - MLflow's errors come in many types; the message says what
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError("logger.tracking_uri", cfg.logger.tracking_uri,
@@ -119,43 +122,55 @@ def _store_lock(uri: str) -> Iterator[None]:
 class MlflowTracker(Tracker):
     """One flowvae run as one MLflow run; see the module's docstring."""
 
-    def __init__(self, client, cfg: DictConfig, files: RunFiles, uri: str, sweep_dir: Path | None):
+    def __init__(self, client, cfg: DictConfig, files: RunFiles, uri: str, sweep_dir: Path | None,
+                 evaluation: bool = False):
         from flowvae import __version__
         from flowvae.identity import run_hash, train_hash
 
         self.client, self.files, self.uri = client, files, uri
         self.config_hash = run_hash(cfg)
-        self.run_id = self._resumed_run()
+        self.failed = False
         self.logged_epochs = 0
-        if self.run_id is None:
-            experiment_id = self._experiment(cfg.logger.experiment_name)
-            tags = {"config_hash": self.config_hash, "train_hash": train_hash(cfg), "run_dir": str(files.root),
-                    "flowvae_version": __version__}
-            if sweep_dir is not None:
-                tags["sweep"] = str(sweep_dir)
-            # a sweep's job folders (0_planar_K10_s0, ...) repeat from sweep to sweep: the sweep's name goes first
-            name = files.root.name if sweep_dir is None else f"{sweep_dir.name}/{files.root.name}"
-            run = client.create_run(experiment_id, run_name=name, tags=tags)
-            self.run_id = run.info.run_id
-            self._log_params(run_settings(cfg))
-            with replaced(files.tracking) as tmp:
-                tmp.write_text(json.dumps({"tracking_uri": uri, "run_id": self.run_id,
-                                           "config_hash": self.config_hash}))
-        else:
+        # (file, folder in the MLflow run): a trained run's own files; an evaluation has none of its own
+        self.artifacts = [] if evaluation else [(getattr(files, name), None) for name in ARTIFACTS] + [
+            (files.root / name, "hydra") for name in HYDRA_FILES]
+        self.run_id = None if evaluation else self._resumed_run()
+        if self.run_id is not None:
             client.update_run(self.run_id, status="RUNNING")
             history = client.get_metric_history(self.run_id, "train_loss")
             self.logged_epochs = max((m.step for m in history), default=0)
-            log.info("tracking: continuing MLflow run %s (%d epochs logged)", self.run_id, self.logged_epochs)
-        self.failed = False
+            log.info("tracking: continuing MLflow run %s in %s (%d epochs logged)", self.run_id, uri,
+                     self.logged_epochs)
+            return
+        experiment_id = self._experiment(cfg.logger.experiment_name)
+        tags = {"config_hash": self.config_hash, "train_hash": train_hash(cfg), "run_dir": str(files.root),
+                "flowvae_version": __version__}
+        # a sweep's job folders (0_planar_K10_s0, ...) repeat from sweep to sweep: the sweep's name goes first
+        name = files.root.name if sweep_dir is None else f"{sweep_dir.name}/{files.root.name}"
+        if sweep_dir is not None:
+            tags["sweep"] = str(sweep_dir)
+        if evaluation:
+            name = f"{name}/eval_{self.config_hash}"
+            tags["evaluates"] = self._saved().get("run_id", "")  # the trained run's MLflow run, if it was tracked
+        self.run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        self._log_params(run_settings(cfg))
+        if not evaluation:
+            with replaced(files.tracking) as tmp:
+                tmp.write_text(json.dumps({"tracking_uri": uri, "run_id": self.run_id,
+                                           "config_hash": self.config_hash}))
         log.info("tracking in MLflow: %s, run %s", uri, self.run_id)
+
+    def _saved(self) -> dict:
+        """The run directory's tracking.json ({} when there is none)."""
+        try:
+            return json.loads(self.files.tracking.read_text())
+        except (OSError, ValueError):
+            return {}
 
     def _resumed_run(self) -> str | None:
         """The MLflow run of an earlier, interrupted attempt of this same run in this directory, if any."""
-        try:
-            saved = json.loads(self.files.tracking.read_text())
-        except (OSError, ValueError):
-            return None
-        if saved.get("tracking_uri") != self.uri or saved.get("config_hash") != self.config_hash:
+        saved = self._saved()
+        if not saved or saved.get("tracking_uri") != self.uri or saved.get("config_hash") != self.config_hash:
             return None
         try:
             run = self.client.get_run(saved["run_id"])
@@ -227,13 +242,9 @@ class MlflowTracker(Tracker):
             numbers = {key: _number(value) for key, value in (metrics or {}).items()}
             self.client.log_batch(self.run_id, tags=tags, metrics=[Metric(key, value, now, 0) for key, value
                                                                    in numbers.items() if value is not None])
-            for name in ARTIFACTS:
-                path = getattr(self.files, name)
+            for path, folder in self.artifacts:
                 if path.exists():
-                    self.client.log_artifact(self.run_id, str(path))
-            for name in HYDRA_FILES:
-                if (self.files.root / name).exists():
-                    self.client.log_artifact(self.run_id, str(self.files.root / name), "hydra")
+                    self.client.log_artifact(self.run_id, str(path), folder)
             self.client.set_terminated(self.run_id, END_STATUS.get(status, "FAILED"))
 
         self._guarded("log the run's results", end)

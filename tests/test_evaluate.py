@@ -70,7 +70,7 @@ def test_other_eval_settings_give_a_row_that_differs_only_there(trained, evaluat
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run0", "train.lr=0.1"], "train.lr=0.1 is not allowed: only eval.*, results_csv and skip_existing"),
+    (["run0", "train.lr=0.1"], "train.lr=0.1 is not allowed: only eval.*, results_csv, skip_existing and logger"),
     (["run0", "n_flows=3"], "n_flows"),
     (["run0", "eval.bins=0"], "eval.bins=0"),
     (["run0", "eval.nope=1"], "eval"),

@@ -5,6 +5,7 @@ experiment; a resumed run continuing its tracked run; tracking that never decide
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import socket
@@ -49,7 +50,7 @@ def _artifacts(client, run_id, folder=None) -> set[str]:
     return paths
 
 
-def _check_run_against_its_row(client, run, row: dict) -> None:
+def _check_run_against_its_row(client, run, row: dict, epochs: bool = True) -> None:
     """The tracked run holds the row: every setting as a parameter, every metric column's value, the identity."""
     settings = {key: value for key, value in row.items() if is_setting_column(key) and key != "flowvae_version"}
     assert run.data.params == settings
@@ -57,9 +58,9 @@ def _check_run_against_its_row(client, run, row: dict) -> None:
                and key not in ("status", "error", "run_dir", "finished_at", "config_hash", "train_hash", "host")}
     assert "kl_sum" in metrics and "final_kl_term" in metrics and "wall_seconds" in metrics
     assert {key: run.data.metrics.get(key) for key in metrics} == metrics
-    # besides the row, the last epoch's values of the training curves
-    assert set(run.data.metrics) - set(metrics) == {"beta", "train_loss", "train_recon", "train_kl", "test_loss",
-                                                    "test_recon", "test_kl", "seconds"}
+    # besides the row, the last epoch's values of the training curves (an evaluation has no epochs)
+    assert set(run.data.metrics) - set(metrics) == ({"beta", "train_loss", "train_recon", "train_kl", "test_loss",
+                                                     "test_recon", "test_kl", "seconds"} if epochs else set())
     assert run.data.tags["config_hash"] == row["config_hash"] and run.data.tags["train_hash"] == row["train_hash"]
     assert run.data.tags["run_dir"] == row["run_dir"] and run.data.tags["status"] == "ok"
     assert run.info.status == "FINISHED"
@@ -211,7 +212,6 @@ def test_a_relative_sqlite_store_is_taken_from_where_the_user_launched(tmp_path,
 def test_mlflow_ui_serves_the_tracked_runs(tmp_path):
     """The README's `mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db` starts beside every extra flowvae
     installs (MLflow 3.17's server does not with the search extra's SQLAlchemy < 2) and lists the run."""
-    import json
     import shutil
     import signal
     import subprocess
@@ -246,3 +246,38 @@ def test_mlflow_ui_serves_the_tracked_runs(tmp_path):
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
+
+
+def test_evaluations_of_a_tracked_run_are_tracked_runs_that_name_it(tmp_path):
+    out = _train(tmp_path, "train.epochs=1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    (trained,) = _rows(tmp_path)
+    out = run_flowvae(["evaluate", trained["run_dir"], "eval.source=posterior", "eval.bins=10"], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    evaluated = _rows(tmp_path)[1]
+    client, runs = _runs(tmp_path)
+    by_hash = {run.data.tags["config_hash"]: run for run in runs}
+    assert len(runs) == 2 and set(by_hash) == {trained["config_hash"], evaluated["config_hash"]}
+    training, evaluation = by_hash[trained["config_hash"]], by_hash[evaluated["config_hash"]]
+    _check_run_against_its_row(client, evaluation, evaluated, epochs=False)
+    assert evaluation.data.tags["evaluates"] == training.info.run_id
+    assert evaluation.info.run_name == f"{Path(trained['run_dir']).name}/eval_{evaluated['config_hash']}"
+    assert evaluation.data.params["eval.source"] == "posterior" and training.data.params["eval.source"] == "prior"
+    assert _artifacts(client, evaluation.info.run_id) == set()  # the run directory's files are the training's
+    # the trained run's own tracked run is untouched, and stays the one a resume would continue
+    assert json.loads(RunFiles(Path(trained["run_dir"])).tracking.read_text())["run_id"] == training.info.run_id
+    assert training.data.metrics["kl_sum"] == float(trained["kl_sum"])
+
+
+def test_an_untracked_run_is_evaluated_into_a_store_when_asked(tmp_path):
+    out = run_flowvae(["train", *TINY, "train.epochs=1", "results_csv=results.csv"], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (trained,) = _rows(tmp_path)
+    out = run_flowvae(["evaluate", trained["run_dir"], "eval.bins=10", "logger=mlflow",
+                       f"logger.tracking_uri={_store(tmp_path)}", "logger.experiment_name=evaluations"], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    client, (run,) = _runs(tmp_path, "evaluations")
+    _check_run_against_its_row(client, run, _rows(tmp_path)[1], epochs=False)
+    assert run.data.tags["evaluates"] == ""  # its training was not tracked
+    out = run_flowvae(["evaluate", trained["run_dir"], "logger=wandb"], cwd=tmp_path)
+    assert out.returncode == 2 and "logger=wandb is not allowed: one of none, mlflow" in out.stderr

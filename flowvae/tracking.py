@@ -238,7 +238,8 @@ class MlflowTracker(Tracker):
             from mlflow.entities import Metric, RunTag
 
             now = int(time.time() * 1000)
-            tags = [RunTag("status", status)] + ([RunTag("error", message[:5000])] if message else [])
+            # error is set even when empty: a resumed run must not keep its interrupted attempt's message
+            tags = [RunTag("status", status), RunTag("error", message[:5000])]
             numbers = {key: _number(value) for key, value in (metrics or {}).items()}
             self.client.log_batch(self.run_id, tags=tags, metrics=[Metric(key, value, now, 0) for key, value
                                                                    in numbers.items() if value is not None])

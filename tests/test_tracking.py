@@ -175,6 +175,7 @@ def test_a_resumed_run_continues_its_tracked_run_without_logging_an_epoch_twice(
     again.finish("ok", {"kl_sum": 0.5, "kl_0": ""}, "")
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["kl_sum"] == 0.5 and "kl_0" not in run.data.metrics
+    assert run.data.tags["status"] == "ok" and run.data.tags["error"] == ""  # not the interrupted attempt's
     history = client.get_metric_history(first.run_id, "train_loss")
     assert [(m.step, m.value) for m in history] == [(e, 10.0 / e) for e in (1, 2, 3, 4)]
 

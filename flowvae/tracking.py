@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -225,8 +226,11 @@ class MlflowTracker(Tracker):
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            metrics = [Metric(key, float(value), now, int(row["epoch"])) for row in new
-                       for key, value in row.items() if key != "epoch" and _number(value) is not None]
+            # NaN in a history means "not measured this epoch" (the test loss between train.eval_every passes)
+            values = [(key, _number(value), int(row["epoch"])) for row in new for key, value in row.items()
+                      if key != "epoch"]
+            metrics = [Metric(key, value, now, step) for key, value, step in values
+                       if value is not None and not math.isnan(value)]
             for start in range(0, len(metrics), 1000):
                 self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
             self.logged_epochs = int(new[-1]["epoch"])

@@ -178,6 +178,7 @@ def test_a_resumed_run_continues_its_tracked_run_without_logging_an_epoch_twice(
     assert run.data.tags["status"] == "ok" and run.data.tags["error"] == ""  # not the interrupted attempt's
     history = client.get_metric_history(first.run_id, "train_loss")
     assert [(m.step, m.value) for m in history] == [(e, 10.0 / e) for e in (1, 2, 3, 4)]
+    assert client.get_metric_history(first.run_id, "test_kl") == []  # NaN: not measured in those epochs
 
     other, _ = _tracker(tmp_path, "seed=5")  # another config in the same directory is another tracked run
     assert other.run_id != first.run_id

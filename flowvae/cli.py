@@ -36,6 +36,7 @@ examples:
   flowvae train flow=planar n_flows=10
   flowvae train -m flow=planar,iaf n_flows=0,1,2,5,10 seed=0,1,2
   flowvae train -m +experiment=seed_table hydra/launcher=joblib
+  flowvae train -m +search=default data=jets flow=planar n_flows=10 logger=mlflow   # a tracked search
   flowvae table outputs/results.csv
   flowvae score gen.npy jets.npz --key particle_features --layout particles_first --mask-feature 3 \\
       --jet-kinematics 0,1,2

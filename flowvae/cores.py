@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["usable_cores", "choose_threads"]
+__all__ = ["usable_cores", "choose_threads", "cpu_name"]
 
 
 def usable_cores() -> int:
@@ -12,6 +12,20 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo; elsewhere what platform knows), for benchmark reports:
+    an absolute time means little without the CPU beside it."""
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo").read().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def choose_threads(requested: int, parallel_jobs: int) -> int:

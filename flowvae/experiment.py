@@ -24,8 +24,8 @@ from flowvae.model import FlowVAE, build_model
 from flowvae.train import CheckpointMismatch, check_checkpoint, fit
 from flowvae.transforms import FeatureMap
 
-__all__ = ["metric_columns", "preflight", "train_and_score", "generate_blocks", "generate_events", "choose_device",
-           "configure_torch", "model_input"]
+__all__ = ["metric_columns", "event_metric_columns", "preflight", "train_and_score", "generate_blocks",
+           "generate_events", "choose_device", "configure_torch", "model_input"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ def metric_columns(n_features: int, kinematics: bool = False, mask: bool = False
 
     return [*row_columns(n_features, kinematics, mask), "final_train_loss", "final_test_loss", "final_recon",
             "final_kl_term", "epochs_run", "resumed_from"]
+
+
+def event_metric_columns(events: Events) -> list[str]:
+    """The metric columns of a row scored on ``events`` (their features, kinematics and mask decide them)."""
+    return metric_columns(events.n_features, events.kinematics is not None, events.train_mask is not None)
 
 
 def choose_device(name: str) -> torch.device:

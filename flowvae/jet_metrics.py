@@ -36,7 +36,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.stats import iqr
 
-from flowvae.metrics import split_halves, wasserstein_1
+from flowvae.metrics import _as_float64, split_halves, wasserstein_1
 
 __all__ = [
     "EFP_GRAPHS",
@@ -115,13 +115,6 @@ _KERNEL_ROWS = 256
 
 
 # ---------------------------------------------------------------- inputs
-
-
-def _as_float64(x: Any) -> np.ndarray:
-    """``x`` as a float64 numpy array; torch tensors (any device, any dtype, with grad) are converted."""
-    if hasattr(x, "detach") and hasattr(x, "double"):  # a torch tensor, without importing torch
-        x = x.detach().double().cpu()
-    return np.asarray(x, dtype=np.float64)
 
 
 def _mask(mask: Any, shape: tuple[int, int], name: str) -> np.ndarray:

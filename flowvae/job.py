@@ -109,8 +109,7 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int,
 
         feature_map = experiment.fit_feature_map(cfg, events)  # a value outside a transform's domain
         experiment.preflight(cfg, files)
-        columns = experiment.metric_columns(events.n_features, events.kinematics is not None,
-                                            events.train_mask is not None)
+        columns = experiment.event_metric_columns(events)
         if cfg.optimize.metric not in columns:
             raise ConfigError("optimize.metric", cfg.optimize.metric, f"a metric column of this data's rows: "
                                                                       f"{', '.join(columns)}")
@@ -119,15 +118,14 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int,
     except ConfigError as err:
         return _finish(files, "invalid", f"bad configuration: {err}")
     try:
-        return _train(cfg, events, files, parallel_jobs, feature_map, tracker, columns, results_csv, identity,
-                      started)
+        return _train(cfg, events, files, parallel_jobs, feature_map, tracker, results_csv, identity, started)
     except stopping.Interrupted as err:
         tracker.finish("interrupted", None, str(err))
         raise
 
 
 def _train(cfg: DictConfig, events, files: RunFiles, parallel_jobs: int, feature_map, tracker: Tracker,
-           columns: list[str], results_csv: Path, identity: str, started: float) -> int:
+           results_csv: Path, identity: str, started: float) -> int:
     """The work of a run whose configuration passed every check: train, score, append the row, track it."""
     from flowvae import experiment
 
@@ -154,7 +152,7 @@ def _train(cfg: DictConfig, events, files: RunFiles, parallel_jobs: int, feature
         log.error("run finished but its row is not in the table: %s", message)
     write_row_file(files.result, row)
     _remember(row)
-    tracker.finish(status, metric_values(row, columns), message)
+    tracker.finish(status, metric_values(row, events), message)
     log.info("%s: kl_sum=%s, row appended to %s; the run's files are in %s", status, row.get("kl_sum") or "n/a",
              results_csv, files.root)
     return _finish(files, status, message)
@@ -165,9 +163,9 @@ def result_row(cfg: DictConfig, events, values: dict, status: str, message: str,
     """A results row: the cell, the metric columns (blank where a failed run has none), the status, every setting
     column (:func:`flowvae.identity.run_settings`) and the bookkeeping. Every row of one kind of data has the same
     columns, whatever its outcome."""
-    from flowvae.experiment import metric_columns
+    from flowvae.experiment import event_metric_columns
 
-    columns = metric_columns(events.n_features, events.kinematics is not None, events.train_mask is not None)
+    columns = event_metric_columns(events)
     settings = run_settings(cfg)
     cell = {key: settings.pop(key) for key in ("flow", "n_flows", "seed")}
     return {**cell, **{key: values.get(key, "") for key in columns}, "status": status, "error": message,
@@ -177,10 +175,11 @@ def result_row(cfg: DictConfig, events, values: dict, status: str, message: str,
             "host": platform.node()}
 
 
-def metric_values(row: dict, columns: list[str]) -> dict:
-    """What a tracker logs of a row: its metric ``columns`` (:func:`flowvae.experiment.metric_columns`) and its
-    wall time."""
-    return {key: row[key] for key in (*columns, "wall_seconds")}
+def metric_values(row: dict, events) -> dict:
+    """What a tracker logs of a row scored on ``events``: its metric columns and its wall time."""
+    from flowvae.experiment import event_metric_columns
+
+    return {key: row[key] for key in (*event_metric_columns(events), "wall_seconds")}
 
 
 def _remember(row: dict) -> None:

@@ -60,9 +60,13 @@ class Tracker:
 def store_uri(uri: str, launch_dir: Path) -> str:
     """``uri`` with a relative SQLite file taken from ``launch_dir`` (where the user launched, also for a sweep's
     workers); other URIs unchanged."""
-    if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
-        return SQLITE + str(resolve_path(uri.removeprefix(SQLITE), launch_dir))
-    return uri
+    database = _sqlite_file(uri)
+    return uri if database is None else SQLITE + str(resolve_path(str(database), launch_dir))
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///FILE`` store, None for any other store."""
+    return Path(uri.removeprefix(SQLITE)) if uri.startswith(SQLITE) else None
 
 
 def open_tracker(cfg: DictConfig, files: RunFiles, launch_dir: Path, sweep_dir: Path | None = None,
@@ -111,10 +115,10 @@ def _store_lock(uri: str) -> Iterator[None]:
     """For a SQLite store: its folder made, and a lock beside the file while a run opens it. MLflow creates and
     migrates the database's tables on first use; two jobs of a parallel sweep doing that at once broke each
     other's migration (duplicate columns, half-made tables), so one opens the store at a time."""
-    if not uri.startswith(SQLITE):
+    database = _sqlite_file(uri)
+    if database is None:
         yield
         return
-    database = Path(uri.removeprefix(SQLITE))
     database.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{database}.lock", timeout=STORE_LOCK_TIMEOUT):
         yield
@@ -188,9 +192,8 @@ class MlflowTracker(Tracker):
                 raise ValueError(f"the experiment {name!r} is deleted in this store: restore it "
                                  f"(mlflow experiments restore) or choose logger.experiment_name=...")
             return experiment.experiment_id
-        location = None
-        if self.uri.startswith(SQLITE):
-            location = (Path(self.uri.removeprefix(SQLITE)).parent / "mlartifacts").resolve().as_uri()
+        database = _sqlite_file(self.uri)
+        location = None if database is None else (database.parent / "mlartifacts").resolve().as_uri()
         try:
             return self.client.create_experiment(name, artifact_location=location)
         except Exception:  # noqa: BLE001 - a sweep's other job created it at the same moment

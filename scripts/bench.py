@@ -24,7 +24,6 @@ import argparse
 import math
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from omegaconf import DictConfig
 
 from flowvae import metrics
 from flowvae.config import register_configs
-from flowvae.cores import choose_threads
+from flowvae.cores import choose_threads, cpu_name
 from flowvae.data import load_events
 from flowvae.experiment import configure_torch, generate_events, model_input
 from flowvae.flows import FLOWS
@@ -358,14 +357,7 @@ def _batch_size_rows(args: argparse.Namespace, cfg: DictConfig, plain_model: Flo
 
 
 def _machine(threads: int, jobs: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread(s) x {jobs} job(s); "
             f"load average at start {load:.1f}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -26,14 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _flowvae() -> list[str]:
-    exe = shutil.which("flowvae", path=os.path.dirname(sys.executable))
-    return [exe] if exe else [sys.executable, "-m", "flowvae.cli"]
+from flowvae.cores import cpu_name
 
 
 def _run(work: Path, overrides: list[str], tracked: bool, store: Path) -> float:
-    args = [*_flowvae(), "train", *overrides, f"results_csv={work / 'results.csv'}",
+    args = [sys.executable, "-m", "flowvae.cli", "train", *overrides, f"results_csv={work / 'results.csv'}",
             f"hydra.run.dir={work / 'runs' / str(time.time_ns())}", "train.progress=log"]
     if tracked:
         args += ["logger=mlflow", f"logger.tracking_uri=sqlite:///{store}"]
@@ -53,6 +49,7 @@ def _tracker_cost(run_dir: Path, store: Path) -> dict[str, float]:
     import mlflow  # noqa: F401
 
     from flowvae.files import RunFiles
+    from flowvae.identity import is_setting_column
     from flowvae.tracking import open_tracker
 
     imported = time.perf_counter()
@@ -71,21 +68,11 @@ def _tracker_cost(run_dir: Path, store: Path) -> dict[str, float]:
     logged = time.perf_counter()
     with files.result.open(newline="") as f:
         row = next(csv.DictReader(f))
-    tracker.finish("ok", {key: value for key, value in row.items() if "." not in key})
+    tracker.finish("ok", {key: value for key, value in row.items() if not is_setting_column(key)})
     finished = time.perf_counter()
     assert not tracker.failed, "tracking failed: see the warning above"
     return {"import": imported - started, "open": opened - imported, "epochs": logged - opened,
             "finish": finished - logged, "n_epochs": len(history)}
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -129,7 +116,7 @@ def main() -> None:
     p, t = statistics.median(plain), statistics.median(tracked)
     diffs = [b - a for a, b in zip(plain, tracked, strict=True)]
     print(f"flowvae train {' '.join(args.overrides) or '(default config)'}; MLflow {mlflow.__version__}, "
-          f"{os.cpu_count()} cores ({_cpu()})")
+          f"{os.cpu_count()} cores ({cpu_name()})")
     print(f"1. the tracker's own work, median of {len(parts)}: {total:.2f} s per run = import mlflow "
           f"{med['import']:.2f} + open store, create run, parameters {med['open']:.2f} + {parts[0]['n_epochs']} "
           f"epochs' losses {med['epochs']:.2f} + row and artifacts {med['finish']:.2f}")

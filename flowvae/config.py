@@ -16,7 +16,8 @@ from typing import Any, Dict  # noqa: UP035 - OmegaConf reads typing.Dict, not d
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-__all__ = ["ConfigError", "Config", "register_configs", "validate", "per_feature", "LIKELIHOODS"]
+__all__ = ["ConfigError", "Config", "register_configs", "with_schema_defaults", "validate", "per_feature",
+           "LIKELIHOODS"]
 
 DATA_NAMES = ("gaussian", "npy", "jets")
 LIKELIHOODS = ("mse", "gaussian")
@@ -143,6 +144,12 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("flowvae.uid"):
         # Cached per config, and Hydra copies the cache into each job of a sweep: one value per run or sweep.
         OmegaConf.register_new_resolver("flowvae.uid", lambda: secrets.token_hex(3), use_cache=True)
+
+
+def with_schema_defaults(written: DictConfig) -> DictConfig:
+    """A run's config as written (``.hydra/config.yaml``) merged onto the schema: keys added since it ran get
+    their defaults, so runs of older versions can be rebuilt and read."""
+    return OmegaConf.merge(OmegaConf.structured(Config), written)
 
 
 def per_feature(value: Any, n_features: int, key: str) -> list[float]:

@@ -19,6 +19,21 @@ class RunFiles:
     root: Path
 
     @property
+    def config(self) -> Path:
+        """The composed config as Hydra wrote it: what rebuilds the run."""
+        return self.root / ".hydra" / "config.yaml"
+
+    @property
+    def overrides(self) -> Path:
+        """The command line's overrides, as Hydra wrote them."""
+        return self.root / ".hydra" / "overrides.yaml"
+
+    @property
+    def hydra(self) -> Path:
+        """Hydra's own settings for the run; ``hydra.runtime.cwd`` is where it was launched."""
+        return self.root / ".hydra" / "hydra.yaml"
+
+    @property
     def result(self) -> Path:
         """The run's own one-row CSV, every column kept."""
         return self.root / "result.csv"

@@ -193,20 +193,19 @@ def _run_config(files: RunFiles):
     the config as written (what the checkpoint records)."""
     from omegaconf import OmegaConf
 
-    from flowvae.config import Config
+    from flowvae.config import with_schema_defaults
     from flowvae.experiment import checkpoint_key
 
-    path = files.root / ".hydra" / "config.yaml"
+    path = files.config
     if not path.is_file():
         hint = ""
-        if any((child / ".hydra" / "config.yaml").is_file() for child in files.root.iterdir() if child.is_dir()):
+        if any(RunFiles(child).config.is_file() for child in files.root.iterdir() if child.is_dir()):
             hint = " (it looks like a sweep directory: name one of its runs, e.g. its subdirectory 0)"
         raise GenerateError(f"{files.root} is not a run directory of `flowvae train`: it has no .hydra/config.yaml"
                             f"{hint}")
     try:
         written = OmegaConf.load(path)
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), written)
-        return cfg, checkpoint_key(written)
+        return with_schema_defaults(written), checkpoint_key(written)
     except Exception as err:  # noqa: BLE001 - any unreadable config is the user's directory, not a bug
         raise GenerateError(f"{path}: not a readable run config ({type(err).__name__}: {err})") from None
 
@@ -220,10 +219,9 @@ def _launch_dir(files: RunFiles) -> Path:
     """Where the run was launched (its relative data path is taken from there): Hydra's ``runtime.cwd``."""
     from omegaconf import OmegaConf
 
-    hydra_yaml = files.root / ".hydra" / "hydra.yaml"
-    if hydra_yaml.is_file():
+    if files.hydra.is_file():
         try:
-            cwd = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.cwd")
+            cwd = OmegaConf.select(OmegaConf.load(files.hydra), "hydra.runtime.cwd")
         except Exception:  # noqa: BLE001 - fall back to the working directory
             cwd = None
         if cwd:

@@ -192,8 +192,8 @@ def upgrade_results(path: Path) -> tuple[int, int]:
     gone are moved to ``<name>.unconverted.csv``. Returns (converted, unconverted)."""
     from omegaconf import OmegaConf
 
-    from flowvae.config import Config
-    from flowvae.files import replaced
+    from flowvae.config import with_schema_defaults
+    from flowvae.files import RunFiles, replaced
 
     table = _read_csv(path)
     old = set(_old_rows(table))
@@ -203,11 +203,11 @@ def upgrade_results(path: Path) -> tuple[int, int]:
         if index not in old:
             converted.append(row)
             continue
-        config_file = Path(row.get("run_dir", "")) / ".hydra" / "config.yaml"
+        config_file = RunFiles(Path(row.get("run_dir", ""))).config
         if not row.get("run_dir") or not config_file.is_file():
             unconverted.append(row)
             continue
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_file))
+        cfg = with_schema_defaults(OmegaConf.load(config_file))
         settings = run_settings(cfg)
         rest = {k: v for k, v in row.items() if k not in settings and k not in _OLD_SETTING_COLUMNS}
         converted.append({**settings, **rest})

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 END_STATUS = {"ok": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "interrupted": "KILLED"}
 # The run directory's files worth seeing beside the numbers (the checkpoint stays in the run directory).
 ARTIFACTS = ("histograms", "curves", "result", "sample")
-HYDRA_FILES = (".hydra/config.yaml", ".hydra/overrides.yaml")
+HYDRA_FILES = ("config", "overrides")  # the run's Hydra files, into the MLflow run's folder hydra/
 SQLITE = "sqlite:///"
 # MLflow's HTTP settings while a run opens its store (see _few_retries)
 OPENING_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -138,7 +138,7 @@ class MlflowTracker(Tracker):
         self.logged_epochs = 0
         # (file, folder in the MLflow run): a trained run's own files; an evaluation has none of its own
         self.artifacts = [] if evaluation else [(getattr(files, name), None) for name in ARTIFACTS] + [
-            (files.root / name, "hydra") for name in HYDRA_FILES]
+            (getattr(files, name), "hydra") for name in HYDRA_FILES]
         self.run_id = None if evaluation else self._resumed_run()
         if self.run_id is not None:
             client.update_run(self.run_id, status="RUNNING")

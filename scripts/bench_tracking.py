@@ -55,9 +55,9 @@ def _tracker_cost(run_dir: Path, store: Path) -> dict[str, float]:
     imported = time.perf_counter()
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    cfg.logger = {"name": "mlflow", "tracking_uri": f"sqlite:///{store}", "experiment_name": "bench"}
     files = RunFiles(run_dir)
+    cfg = OmegaConf.load(files.config)
+    cfg.logger = {"name": "mlflow", "tracking_uri": f"sqlite:///{store}", "experiment_name": "bench"}
     files.tracking.unlink(missing_ok=True)
     tracker = open_tracker(cfg, files, run_dir)
     opened = time.perf_counter()

@@ -167,41 +167,65 @@ class _TanhChain(torch.autograd.Function):
     """The loop of :func:`tanh_chain`, with a backward that runs it in reverse (no per-flow autograd graph)."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, a: Tensor, c: Tensor, b: Tensor, for_backward: bool) -> tuple[Tensor, Tensor]:
+    def forward(ctx, z: Tensor, a: Tensor, c: Tensor, b: Tensor, q: Tensor | None,
+                for_backward: bool) -> tuple[Tensor, Tensor]:
         z = z.unsqueeze(-1)
-        inputs, hidden = [], []
-        for a_k, c_k, b_k in zip(a.unbind(1), c.unbind(1), b.unsqueeze(-1).unbind(1), strict=True):
+        q_k = q.unbind(1) if q is not None else [None] * a.shape[1]
+        flow_inputs, inputs, outputs, hidden = [], [], [], []
+        for a_k, c_k, b_k, rotation in zip(a.unbind(1), c.unbind(1), b.unsqueeze(-1).unbind(1), q_k, strict=True):
+            if rotation is not None:
+                flow_inputs.append(z)
+                z = rotation.mT @ z  # u = Q^T z
             inputs.append(z)
             h = torch.tanh(torch.baddbmm(b_k, a_k, z))
             z = torch.baddbmm(z, c_k, h)
             hidden.append(h)
+            if rotation is not None:
+                outputs.append(z)
+                z = rotation @ z  # z' = Q (u + C h)
         h = torch.stack(hidden, 1).squeeze(-1)
         if for_backward:
-            ctx.save_for_backward(a, c, torch.stack(inputs, 1).squeeze(-1), h)
+            saved = [a, c, torch.stack(inputs, 1).squeeze(-1), h]
+            if q is not None:
+                saved += [q, torch.stack(flow_inputs, 1).squeeze(-1), torch.stack(outputs, 1).squeeze(-1)]
+            ctx.save_for_backward(*saved)
         return z.squeeze(-1), h
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_z: Tensor | None, grad_h: Tensor | None):
-        a, c, inputs, h = ctx.saved_tensors
+        a, c, inputs, h, *rotated = ctx.saved_tensors
+        q, flow_inputs, outputs = rotated if rotated else (None, None, None)
         if grad_z is None:
             grad_z = inputs.new_zeros(inputs.shape[0], inputs.shape[2])
         if grad_h is None:
             grad_h = torch.zeros_like(h)
         g = grad_z.unsqueeze(-1)
         a_k, c_k = a.unbind(1), c.unbind(1)
+        q_k = q.unbind(1) if q is not None else None
         grad_h_k = grad_h.unsqueeze(-1).unbind(1)
         slope = (1 - h * h).unsqueeze(-1).unbind(1)  # tanh' at each flow's pre-activation
         n_flows = a.shape[1]
         grad_pre, grad_out = [None] * n_flows, [None] * n_flows
+        grad_z_out, grad_u = [None] * n_flows, [None] * n_flows
         for k in reversed(range(n_flows)):
-            grad_out[k] = g  # dL/dz_k, for dL/dC_k = dL/dz_k h_k^T
+            if q_k is not None:
+                grad_z_out[k] = g  # dL/dz_k, for dL/dQ_k = dL/dz_k v_k^T + z_{k-1} (dL/du_k)^T
+                g = q_k[k].mT @ g
+            grad_out[k] = g  # dL/d(output of the update), for dL/dC_k = g h_k^T
             grad_pre[k] = torch.baddbmm(grad_h_k[k], c_k[k].mT, g) * slope[k]
             g = torch.baddbmm(g, a_k[k].mT, grad_pre[k])
+            if q_k is not None:
+                grad_u[k] = g
+                g = q_k[k] @ g
         pre = torch.stack(grad_pre, 1)  # (B, K, M, 1)
         grad_a = pre * inputs.unsqueeze(-2)
         grad_c = torch.stack(grad_out, 1) * h.unsqueeze(-2)
-        return g.squeeze(-1), grad_a, grad_c, pre.squeeze(-1), None
+        grad_q = None
+        if q is not None:
+            grad_q = (torch.stack(grad_z_out, 1) * outputs.unsqueeze(-2)
+                      + flow_inputs.unsqueeze(-1) * torch.stack(grad_u, 1).mT)
+        return g.squeeze(-1), grad_a, grad_c, pre.squeeze(-1), grad_q, None
 
 
 def chunks(n_flows: int, batch_size: int) -> list[tuple[int, int]]:
@@ -210,7 +234,7 @@ def chunks(n_flows: int, batch_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, n_flows)) for start in range(0, n_flows, size)]
 
 
-def tanh_chain(z: Tensor, a: Tensor, c: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def tanh_chain(z: Tensor, a: Tensor, c: Tensor, b: Tensor, q: Tensor | None = None) -> tuple[Tensor, Tensor]:
     r"""K steps of :math:`z_k = z_{k-1} + C_k h_k`, :math:`h_k = \tanh(A_k z_{k-1} + b_k)`, per sample.
 
     The update shared by the planar (M = 1) and Sylvester flows. Each family builds its :math:`A_k, C_k,
@@ -218,6 +242,13 @@ def tanh_chain(z: Tensor, a: Tensor, c: Tensor, b: Tensor) -> tuple[Tensor, Tens
     the only sequential part. Its backward is written out (three small batched products per flow), which
     costs a fraction of K autograd graphs; it is differentiable once.
 
-    Shapes: z (B, D), a (B, K, M, D), c (B, K, D, M), b (B, K, M) -> z_K (B, D), h (B, K, M).
+    With rotations :math:`Q_k` (D, D) each step runs in the frame they give:
+    :math:`z_k = Q_k (u_k + C_k h_k)`, :math:`u_k = Q_k^\top z_{k-1}`, :math:`h_k = \tanh(A_k u_k + b_k)`.
+    Its Jacobian is :math:`Q_k (I + C_k \mathrm{diag}(h_k') A_k) Q_k^\top`, so its determinant is
+    :math:`\det(Q_k)^2 \det(I + \mathrm{diag}(h_k') A_k C_k)` for whatever matrix :math:`Q_k` holds: a
+    :math:`Q_k` orthonormal only to rounding moves the log-det by :math:`\log\det(Q_k^\top Q_k)` alone.
+
+    Shapes: z (B, D), a (B, K, M, D), c (B, K, D, M), b (B, K, M), q (B, K, D, D) or None
+    -> z_K (B, D), h (B, K, M).
     """
-    return _TanhChain.apply(z, a, c, b, torch.is_grad_enabled())
+    return _TanhChain.apply(z, a, c, b, q, torch.is_grad_enabled())

@@ -55,6 +55,7 @@ __all__ = [
     "score_jets",
     "jet_score_columns",
     "jet_noise_floor",
+    "fd_of_halves",
 ]
 
 _TWO_PI = 2.0 * math.pi
@@ -844,3 +845,31 @@ def jet_noise_floor(
     first, second = split_halves(events.shape[0], seed)
     masks = (real[first], real[second]) if ref_mask is not None else (None, None)
     return score_jets(events[first], masks[0], events[second], masks[1], kinematics, seed, **score_options)
+
+
+def fd_of_halves(
+    reference: ArrayLike,
+    ref_mask: ArrayLike | None = None,
+    kinematics: Sequence[int] | None = None,
+    *,
+    seed: int = 0,
+    include_mass_pt: bool = True,
+) -> float:
+    """The Fréchet distance between the two halves of :func:`jet_noise_floor`, not extrapolated in 1/N.
+
+    FPD's floor is an intercept fitted with FPD ≥ 0, so for two samples of one distribution it is often exactly
+    0, which says nothing about how far apart such samples lie. This is the distance it extrapolates from: the FD
+    (:func:`frechet_distance`) of Gaussians fitted to the :func:`event_features` of the first half and of the
+    second (the halves of :func:`flowvae.metrics.split_halves` with ``seed``, normalised by the second half's
+    largest |value| per feature as :func:`fpd` normalises by its real set), i.e. the FD at FPD's largest batch
+    size when batches are drawn without replacement (the whole halves, ⌊N/2⌋ events each). It falls like 1/N.
+    """
+    events, real = _jets(reference, ref_mask, "reference")
+    if events.shape[0] // 2 < 2:
+        raise ValueError(f"fd_of_halves needs at least 4 reference events, got shape {events.shape}")
+    jets, real = _compact(events, real)
+    indices = None if kinematics is None else _kinematics(kinematics, jets.shape[1])
+    features = _features_of(jets, real, indices, include_mass_pt, False)
+    first, second = split_halves(len(features), seed)
+    reference_half, other_half = _normalise(features[second], features[first])
+    return frechet_distance(*_mean_cov(other_half), *_mean_cov(reference_half))

@@ -4,6 +4,12 @@ Physicists compare GANs, diffusion models and fast simulation against a referenc
 may come from flowvae (``generate``, a run's ``generated_sample.npy``) or from anything that writes numpy.
 :func:`score_row` is the one definition of a row's metrics: a training run calls it too, so a file scored here
 gets the numbers its run got. Numpy only (no torch).
+
+Two files are compared only when their events have the same features (named by ``--features``, else by the names
+a .npz stores beside its array) and the same particle slots: the per-feature metrics pool each feature over the
+slots, so 30-slot jets against 150-slot jets would compare a truncation, not a generator. ``--jet-level-only``
+scores such files on the metrics of whole jets alone. A refusal says what differs and the likely fix (a file in
+the other layout, two files in opposite layouts, different slots).
 """
 
 from __future__ import annotations
@@ -22,30 +28,50 @@ from flowvae import __version__, jet_metrics, metrics
 from flowvae.config import LAYOUTS, ConfigError
 from flowvae.data import ZIP_MAGIC, read_array, split_mask
 
-__all__ = ["score_row", "row_columns", "main"]
+__all__ = ["score_row", "jet_row", "row_columns", "jet_columns", "main"]
 
 
 # Events per batch of the per-feature W1's uncertainty (jetnet's w1p default).
 W1P_EVENTS = 10_000
+# How each --layout reads a file's axes.
+AXES = {"features_first": "(events, features, particles)", "particles_first": "(events, particles, features)"}
+# What --jet-level-only keeps: the metrics of whole jets, defined whatever a jet's number of particle slots.
+JET_LEVEL = "W1 of jet mass and multiplicity, FPD, KPD and their floors"
 
 
-def row_columns(n_features: int, kinematics: bool = False, mask: bool = False) -> list[str]:
+class ScoreError(ValueError):
+    """The two files cannot be compared as given; the message says what differs and the likely fix."""
+
+
+def row_columns(n_features: int, kinematics: bool = False, mask: bool = False, jet_level_only: bool = False
+                ) -> list[str]:
     """The columns of :func:`score_row` for events of ``n_features`` features, with kinematics and a mask or
-    not, in their order."""
-    jet_columns = jet_metrics.jet_score_columns(kinematics, mask)
+    not, in their order; ``jet_level_only``: the jet-level ones alone (:func:`jet_columns`)."""
+    if jet_level_only:
+        return jet_columns(kinematics, mask)
     return [*metrics.score_columns(n_features), *[f"w1_{i}_err" for i in range(n_features)], "noise_floor",
-            "w1_sum_floor", "js_sum_floor", *jet_columns,
-            *[f"{c}_floor" for c in jet_columns if not c.endswith("_err")]]
+            "w1_sum_floor", "js_sum_floor", *jet_columns(kinematics, mask)]
+
+
+def jet_columns(kinematics: bool = False, mask: bool = False) -> list[str]:
+    """The jet-level columns: each metric and its error, then each metric's floor with the floor's error
+    (``<metric>_floor``, ``<metric>_floor_err``: the metric between two halves of the reference, read like the
+    metric), and FPD's floor before its extrapolation (``fpd_floor_fd``, :func:`jet_metrics.fd_of_halves`)."""
+    columns = jet_metrics.jet_score_columns(kinematics, mask)
+    floors = [f"{c}_floor{suffix}" for c in columns if not c.endswith("_err") for suffix in ("", "_err")]
+    return [*columns, *floors, "fpd_floor_fd"]
 
 
 def score_row(generated: np.ndarray, gen_mask: np.ndarray | None, reference: np.ndarray,
               ref_mask: np.ndarray | None, kinematics: tuple[int, int, int] | None = None, *, bins: int = 100,
-              eps: float = 1e-10, seed: int = 0) -> dict[str, float]:
+              eps: float = 1e-10, seed: int = 0, jet_level_only: bool = False) -> dict[str, float]:
     """Every metric of generated vs reference events (N, F, P), masks (N, P) optional: per-feature KL, W1 (with
     its spread over batches, ``w1_i_err``, as jetnet's w1p), JS and moments with the noise floors of kl_sum,
-    w1_sum and js_sum, then the jet-level and multivariate metrics (W1 of jet mass with
-    ``kinematics``, of the multiplicity with masks, FPD and KPD always) with their uncertainties and their noise
-    floors (``<metric>_floor``: the metric between two random halves of the reference)."""
+    w1_sum and js_sum, then the jet-level metrics (:func:`jet_row`). ``jet_level_only`` leaves the per-feature
+    ones out: they pool each feature over the particle slots, so both sides need the same slots; the jet-level
+    ones compare whole jets, whatever their slot counts."""
+    if jet_level_only:
+        return jet_row(generated, gen_mask, reference, ref_mask, kinematics, seed=seed)
     kl_options = {"bins": bins, "eps": eps}
     values = metrics.score(generated, reference, gen_mask, ref_mask, **kl_options)
     _, w1_err = jet_metrics.w1p(generated, gen_mask, reference, ref_mask, num_eval_samples=W1P_EVENTS, seed=seed)
@@ -56,9 +82,20 @@ def score_row(generated: np.ndarray, gen_mask: np.ndarray | None, reference: np.
                                                    np.asarray(ref_mask, dtype=bool)[second])
     halves = metrics.score(reference[first], reference[second], *masks, **kl_options)
     values.update(noise_floor=halves["kl_sum"], w1_sum_floor=halves["w1_sum"], js_sum_floor=halves["js_sum"])
-    values.update(jet_metrics.score_jets(generated, gen_mask, reference, ref_mask, kinematics, seed=seed))
+    values.update(jet_row(generated, gen_mask, reference, ref_mask, kinematics, seed=seed))
+    return values
+
+
+def jet_row(generated: np.ndarray, gen_mask: np.ndarray | None, reference: np.ndarray, ref_mask: np.ndarray | None,
+            kinematics: tuple[int, int, int] | None = None, *, seed: int = 0) -> dict[str, float]:
+    """The jet-level and multivariate metrics (W1 of jet mass with ``kinematics``, of the multiplicity with masks,
+    FPD and KPD always) with their uncertainties, and their noise floors with theirs (:func:`jet_columns`)."""
+    values = jet_metrics.score_jets(generated, gen_mask, reference, ref_mask, kinematics, seed=seed)
     floors = jet_metrics.jet_noise_floor(reference, ref_mask, kinematics, seed=seed)
-    values.update({f"{key}_floor": value for key, value in floors.items() if not key.endswith("_err")})
+    for key, value in floors.items():
+        metric, suffix = (key.removesuffix("_err"), "_err") if key.endswith("_err") else (key, "")
+        values[f"{metric}_floor{suffix}"] = value
+    values["fpd_floor_fd"] = jet_metrics.fd_of_halves(reference, ref_mask, kinematics, seed=seed)
     return values
 
 
@@ -78,7 +115,12 @@ def _parse_args(args: list[str]):
                         help="index of the 0/1 particle mask on the files' feature axis (JetNet: 3)")
     parser.add_argument("--jet-kinematics", default=None, metavar="I,J,K",
                         help="indices of relative eta, phi, pT on the files' feature axis (JetNet: 0,1,2): jet mass")
-    parser.add_argument("--features", default=None, metavar="A,B,C", help="names of the files' features")
+    parser.add_argument("--features", default=None, metavar="A,B,C",
+                        help="names of the files' features (default: the names a .npz stores beside the array, "
+                             "e.g. particle_feature_names, else feature 0, 1, ...)")
+    parser.add_argument("--jet-level-only", action="store_true",
+                        help=f"only the metrics of whole jets ({JET_LEVEL}): for files with different particle "
+                             f"slots, e.g. 30 against 150, which the per-feature metrics cannot compare")
     parser.add_argument("--bins", type=int, default=100, help="histogram bins of the KL estimator (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the batches and halves (default 0)")
     parser.add_argument("--csv", default=None, metavar="OUT", help="append the row to this results CSV (locked)")
@@ -94,29 +136,106 @@ def _indices(text: str | None, flag: str) -> tuple[int, ...] | None:
         raise ConfigError(flag, text, "comma-separated feature indices, e.g. 0,1,2") from None
 
 
-def _read(path: str, key: str | None, layout: str) -> np.ndarray:
-    """The file's events (N, F, P); ``key`` names the array in a .npz and is not needed for a .npy."""
+def _read(path: str, key: str | None, layout: str) -> tuple[np.ndarray, list[str] | None]:
+    """The file's events (N, F, P) and the feature names it stores (None when it stores none); ``key`` names the
+    array in a .npz and is not needed for a .npy."""
     try:
         with open(path, "rb") as handle:
             is_npz = handle.read(4) == ZIP_MAGIC
     except OSError:
         is_npz = False  # read_array says what is wrong with the path
-    return read_array(path, key if is_npz else None, layout=layout)
+    events = read_array(path, key if is_npz else None, layout=layout)
+    return events, (_stored_names(path, key) if is_npz and key is not None else None)
+
+
+def _stored_names(path: str, key: str) -> list[str] | None:
+    """The names of the features of array ``key`` that a .npz stores beside it, JetNet-style
+    (``particle_features`` beside ``particle_feature_names``; also ``<key>_names`` or ``feature_names``): a 1-D
+    array of strings. None when there is none."""
+    with np.load(path, allow_pickle=False) as archive:
+        for name in (f"{key.removesuffix('s')}_names", f"{key}_names", "feature_names"):
+            if name in archive.files:
+                try:
+                    values = archive[name]
+                except ValueError:  # an array of objects, which needs pickle
+                    continue
+                if values.ndim == 1 and values.dtype.kind in "US":
+                    return [str(value) for value in values.astype(str)]
+    return None
+
+
+def _check_names_fit(path: str, events: np.ndarray, names: list[str] | None, layout: str) -> None:
+    """Refuse a file whose stored feature names count its particle axis: it is in the other layout."""
+    if names is None or len(names) == events.shape[1] or len(names) != events.shape[2]:
+        return  # no names, names that fit, or names of something else: nothing to say
+    other = _other(layout)
+    raise ScoreError(f"{path} stores {len(names)} feature names ({', '.join(names)}), which count the particle axis "
+                     f"of --layout {layout} {AXES[layout]}: the file is {AXES[other]}; use --layout {other}")
+
+
+def _check_shapes(options, generated: np.ndarray, reference: np.ndarray) -> None:
+    """Refuse files whose features differ, or whose particle slots differ unless ``--jet-level-only``, saying
+    what differs and the likely fix."""
+    gen, ref = generated.shape, reference.shape  # (N, F, P) as read
+    if gen[1:] == ref[1:] or (gen[1] == ref[1] and options.jet_level_only):
+        return
+    layout, other = options.layout, _other(options.layout)
+    files = f"generated {options.generated} and reference {options.reference}"
+    shapes = (f"(shapes {_file_shape(generated, layout)} and {_file_shape(reference, layout)} read as "
+              f"{AXES[layout]})")
+    if gen[1] == ref[1]:
+        raise ScoreError(f"{files} have {gen[2]} and {ref[2]} particle slots per event {shapes}. The per-feature "
+                         f"metrics pool each feature over the slots and so compare like slots only: score against a "
+                         f"reference with the generator's slots, or add --jet-level-only for the metrics of whole "
+                         f"jets alone ({JET_LEVEL})")
+    if gen[1:] == ref[:0:-1]:
+        raise ScoreError(f"{files} hold their axes in opposite orders {shapes}; --layout applies to both files: save "
+                         f"one of them transposed (np.save(path, x.transpose(0, 2, 1)))")
+    hint = "score events of the same features, in the same order"
+    if gen[2] == ref[2] and gen[2] < min(gen[1], ref[1]):  # fewer "particles" than "features": read the wrong way
+        hint = (f"read as {AXES[other]} both have {gen[2]}: use --layout {other}, with --jet-level-only since their "
+                f"particle slots ({gen[1]} and {ref[1]}) differ")
+    raise ScoreError(f"{files} have {gen[1]} and {ref[1]} features {shapes}; {hint}")
+
+
+def _file_shape(events: np.ndarray, layout: str) -> tuple[int, ...]:
+    """The shape of events (N, F, P) as their file holds them."""
+    return events.shape if layout == "features_first" else events.transpose(0, 2, 1).shape
+
+
+def _other(layout: str) -> str:
+    return next(other for other in LAYOUTS if other != layout)
+
+
+def _feature_names(options, generated_names: list[str] | None, reference_names: list[str] | None,
+                   n_features: int) -> list[str]:
+    """--features, else the names the files store (refused when both store names and they differ; names of
+    another count are not the features'), else "feature i"."""
+    generated_names, reference_names = (names if names and len(names) == n_features else None
+                                        for names in (generated_names, reference_names))
+    if options.features:
+        names = options.features.split(",")
+        if len(names) != n_features:
+            raise ConfigError("--features", options.features, f"one name per feature ({n_features})")
+        return names
+    if generated_names and reference_names and generated_names != reference_names:
+        raise ScoreError(f"the files name their features differently: generated {', '.join(generated_names)}; "
+                         f"reference {', '.join(reference_names)}. Score events of the same features in the same "
+                         f"order; if they are, name them with --features")
+    return generated_names or reference_names or [f"feature {i}" for i in range(n_features)]
 
 
 def _load(options) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None, tuple | None, list]:
     kinematics = _indices(options.jet_kinematics, "--jet-kinematics")
     if kinematics is not None and (len(kinematics) != 3 or len(set(kinematics)) != 3):
         raise ConfigError("--jet-kinematics", options.jet_kinematics, "three different indices I,J,K")
-    generated = _read(options.generated, options.key, options.layout)
-    reference = _read(options.reference, options.key, options.layout)
-    if generated.shape[1] != reference.shape[1]:
-        raise ConfigError("generated", options.generated, f"the reference's number of features "
-                                                          f"({reference.shape[1]}); it has {generated.shape[1]}")
+    generated, generated_names = _read(options.generated, options.key, options.layout)
+    reference, reference_names = _read(options.reference, options.key, options.layout)
+    _check_names_fit(options.generated, generated, generated_names, options.layout)
+    _check_names_fit(options.reference, reference, reference_names, options.layout)
+    _check_shapes(options, generated, reference)
     n_features = reference.shape[1]
-    names = options.features.split(",") if options.features else [f"feature {i}" for i in range(n_features)]
-    if len(names) != n_features:
-        raise ConfigError("--features", options.features, f"one name per feature ({n_features})")
+    names = _feature_names(options, generated_names, reference_names, n_features)
     if kinematics is not None and (max(kinematics) >= n_features or options.mask_feature in kinematics):
         raise ConfigError("--jet-kinematics", options.jet_kinematics, f"indices in [0, {n_features - 1}], not the "
                                                                       f"mask's")
@@ -141,7 +260,8 @@ def main(args: list[str]) -> int:
         if options.csv:
             check_writable(options.csv)
         generated, gen_mask, reference, ref_mask, kinematics, names = _load(options)
-        row = score_row(generated, gen_mask, reference, ref_mask, kinematics, bins=options.bins, seed=options.seed)
+        row = score_row(generated, gen_mask, reference, ref_mask, kinematics, bins=options.bins, seed=options.seed,
+                        jet_level_only=options.jet_level_only)
     except ConfigError as err:
         about = err.value if err.key.startswith("data.") else f"{err.key} {err.value}"  # a file, or a flag
         print(f"flowvae score: {about}: {err.allowed}", file=sys.stderr)
@@ -149,8 +269,13 @@ def main(args: list[str]) -> int:
     except (ResultsError, ValueError) as err:
         print(f"flowvae score: {err}", file=sys.stderr)
         return 2
-    print(f"{options.generated} against {options.reference}: {len(generated)} vs {len(reference)} events, "
+    slots = "" if generated.shape[2] == reference.shape[2] else (f" of {generated.shape[2]} vs {reference.shape[2]} "
+                                                                 f"particle slots")
+    print(f"{options.generated} against {options.reference}: {len(generated)} vs {len(reference)} events{slots}, "
           f"features {', '.join(names)}")
+    if options.jet_level_only:
+        print(f"  jet-level metrics only (--jet-level-only): {JET_LEVEL}; the per-feature KL, W1, JS and moments "
+              f"are left out")
     width = max(map(len, row))
     for key, value in row.items():
         print(f"  {key:<{width}}  {value:.6g}")
@@ -158,6 +283,8 @@ def main(args: list[str]) -> int:
         settings = {"generated": str(Path(options.generated).resolve()), "reference": str(Path(options.reference)
                     .resolve()), "key": options.key, "layout": options.layout, "mask_feature": options.mask_feature,
                     "jet_kinematics": options.jet_kinematics, "bins": options.bins, "seed": options.seed}
+        if options.jet_level_only:  # a setting only when used, so the rows of full scores keep their identity
+            settings["jet_level_only"] = True
         identity = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         append_row(options.csv, {"flow": "", "n_flows": "", "seed": options.seed, **row, "status": "ok",
                                  "error": "", **{f"score.{k}": ("" if v is None else v) for k, v in settings.items()},

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.linalg import sqrtm
 
 from flowvae.data import file_array, load_events
-from flowvae.score import main, score_row
+from flowvae.score import main, row_columns, score_row
 from tests.conftest import compose_config, run_flowvae
 
 DATA = Path(__file__).parent / "data"
@@ -102,7 +103,7 @@ def test_score_row_of_a_set_against_itself_is_zero_for_the_per_feature_metrics()
     (["a", "b", "--jet-kinematics", "x"], "--jet-kinematics"),
     (["a", "b", "--features", "x,y"], "--features"),
     (["a", "b", "--bins", "0"], "--bins"),
-    (["a", "other"], "number of features"),
+    (["a", "other"], "have 150 and 2 features"),
     (["a", "b", "--csv", "/proc/r.csv"], "lock file"),
     (["a", "nan"], "non-finite"),
 ])
@@ -117,3 +118,114 @@ def test_a_bad_file_or_flag_is_one_line_and_exit_2(tmp_path, score, args, messag
         argv += ["--key", "particle_features"]
     code, _, err = score(*argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- floors that show their size
+
+
+def test_every_jet_floor_has_its_error_and_fpds_floor_its_distance_before_extrapolation():
+    """fpd_floor is an intercept fitted with FPD >= 0, mostly exactly 0: the row also carries its fit error and the
+    Fréchet distance between the two halves it extrapolates from, which is > 0 (checked against scipy's sqrtm)."""
+    rng = np.random.default_rng(3)
+    reference, generated = rng.normal(size=(400, 2, 7)), rng.normal(size=(300, 2, 7))
+    row = score_row(generated, None, reference, None, bins=20, seed=4)
+    assert list(row) == row_columns(2)
+    for metric in ("fpd", "kpd"):
+        assert f"{metric}_floor_err" in row and row[f"{metric}_floor_err"] > 0
+    # without kinematics an event's features are each feature's mean and std (ddof 0) over its particles
+    features = np.concatenate([reference.mean(axis=2), reference.std(axis=2)], axis=1)
+    order = np.random.default_rng(4).permutation(400)
+    first, second = features[order[:200]], features[order[200:]]
+    scale = np.abs(second).max(axis=0)  # FPD's normalisation: the reference side's largest |value|
+    first, second = first / scale, second / scale
+    cov1, cov2 = np.cov(first, rowvar=False), np.cov(second, rowvar=False)
+    expected = np.sum((first.mean(0) - second.mean(0)) ** 2) + np.trace(cov1 + cov2 - 2 * sqrtm(cov1 @ cov2).real)
+    assert row["fpd_floor_fd"] == pytest.approx(expected, rel=1e-8)
+    assert row["fpd_floor_fd"] > 0 and row["fpd_floor"] < row["fpd_floor_fd"]
+
+
+def test_jet_row_is_the_jet_part_of_the_full_row():
+    events, mask = _gluons()
+    generated, reference = (events[:100], mask[:100]), (events[100:300], mask[100:300])
+    full = score_row(*generated, *reference, (0, 1, 2), bins=20)
+    jets = score_row(*generated, *reference, (0, 1, 2), bins=20, jet_level_only=True)
+    assert list(jets) == row_columns(3, True, True, jet_level_only=True)
+    assert jets == {key: full[key] for key in jets} and "kl_sum" not in jets and "fpd_floor_err" in jets
+
+
+def _gluons(slots: int = 30):
+    """The test slice's jets as (N, 3, P) events and an (N, P) mask."""
+    raw = np.load(DATA / f"gluon_{slots}p_slice.npz")["particle_features"].transpose(0, 2, 1).astype(np.float64)
+    return raw[:, :3], raw[:, 3]
+
+
+# ---------------------------------------------------------------- what cannot be compared is refused, in words
+
+
+def _arrays(tmp_path):
+    rng = np.random.default_rng(0)
+    files = {"f3p20": rng.normal(size=(50, 3, 20)), "f3p100": rng.normal(size=(50, 3, 100)),
+             "p20f3": rng.normal(size=(50, 20, 3)), "f4p20": rng.normal(size=(50, 4, 20))}
+    for slots in (30, 150):
+        files[f"jets{slots}"] = np.load(DATA / f"gluon_{slots}p_slice.npz")["particle_features"]
+    for name, values in files.items():
+        np.save(tmp_path / f"{name}.npy", values)
+    return {name: tmp_path / f"{name}.npy" for name in files}
+
+
+@pytest.mark.parametrize("gen, ref, flags, says", [
+    ("f3p20", "f3p100", [], ["20 and 100 particle slots", "--jet-level-only"]),
+    ("f3p20", "p20f3", [], ["opposite orders", "(50, 3, 20) and (50, 20, 3)", "transpose(0, 2, 1)"]),
+    ("f3p20", "f4p20", [], ["3 and 4 features"]),
+    ("jets30", "jets150", [], ["30 and 150 features", "use --layout particles_first", "--jet-level-only"]),
+    ("jets30", "jets150", ["--layout", "particles_first"], ["30 and 150 particle slots", "--jet-level-only"]),
+])
+def test_files_that_differ_are_refused_with_what_differs_and_the_fix(tmp_path, score, gen, ref, flags, says):
+    files = _arrays(tmp_path)
+    code, out, err = score(files[gen], files[ref], *flags)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for text in says:
+        assert text in err
+
+
+def test_different_slots_give_the_jet_level_metrics_alone(tmp_path, score):
+    files = _arrays(tmp_path)
+    code, out, err = score(files["jets30"], files["jets150"], "--layout", "particles_first", "--mask-feature", "3",
+                           "--jet-kinematics", "0,1,2", "--jet-level-only", "--csv", tmp_path / "scores.csv")
+    assert code == 0, err
+    assert "400 vs 200 events of 30 vs 150 particle slots" in out
+    assert "the per-feature KL, W1, JS and moments are left out" in out
+    row = pd.read_csv(tmp_path / "scores.csv").iloc[0]
+    assert "kl_sum" not in row and row["score.jet_level_only"]
+    # the multiplicity is capped at 30 on one side only: far above its floor
+    assert row["w1_mult"] > 5 * row["w1_mult_floor"]
+    code, _, err = score(files["f3p20"], files["f3p100"], "--jet-level-only")
+    assert code == 0, err
+
+
+def test_feature_names_stored_in_the_npz_name_the_features_and_the_layout(tmp_path, score):
+    stored = np.load(DATA / "gluon_30p_slice.npz")
+    assert list(stored["particle_feature_names"]) == ["etarel", "phirel", "ptrel", "mask"]  # the JetNet-style key
+    jets, names = tmp_path / "jets.npz", stored["particle_feature_names"]
+    np.savez(jets, particle_features=stored["particle_features"][:60], particle_feature_names=names)
+    flags = ["--key", "particle_features", "--layout", "particles_first", "--bins", "20"]
+    code, out, err = score(jets, jets, *flags, "--mask-feature", "3")
+    assert code == 0, err
+    assert "features etarel, phirel, ptrel\n" in out
+    # the names count the file's last axis: read features-first, the layout is wrong, and the refusal says so
+    code, _, err = score(jets, jets, "--key", "particle_features")
+    assert code == 2 and "4 feature names (etarel, phirel, ptrel, mask)" in err
+    assert "use --layout particles_first" in err
+    # two files that name their features differently are refused, unless --features names them
+    other_names = np.array(["eta", "phi", "pt", "m"])
+    np.savez(tmp_path / "renamed.npz", particle_features=stored["particle_features"][:60],
+             particle_feature_names=other_names)
+    code, _, err = score(jets, tmp_path / "renamed.npz", *flags)
+    assert code == 2 and "etarel, phirel, ptrel, mask; reference eta, phi, pt, m" in err
+    code, out, err = score(jets, tmp_path / "renamed.npz", *flags, "--features", "a,b,c,d")
+    assert code == 0 and "features a, b, c, d\n" in out
+    # names that do not count the features name nothing
+    np.savez(tmp_path / "three.npz", particle_features=stored["particle_features"][:60],
+             particle_feature_names=other_names[:3])
+    code, out, err = score(tmp_path / "three.npz", tmp_path / "three.npz", *flags)
+    assert code == 0 and "features feature 0, feature 1, feature 2, feature 3\n" in out

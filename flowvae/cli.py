@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import redirect_stderr, redirect_stdout
+from io import StringIO
 from pathlib import Path
 
 import hydra
@@ -53,6 +55,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The commands besides `train`, each a module with main(args) -> exit code; imported only when called.
 COMMANDS = {"table": "flowvae.table", "score": "flowvae.score", "generate": "flowvae.generate",
             "evaluate": "flowvae.evaluate"}
+COMPLETION_FLAGS = ("-sc", "--shell-completion")
 
 # Exit codes of the jobs this process ran (a single run, or a sweep on the basic launcher); sweeps on other
 # launchers are summed up from the jobs' status files by flowvae.callbacks.SweepSummary.
@@ -91,10 +94,10 @@ def _run_train(args: list[str]) -> int:
     from flowvae import callbacks
 
     stopping.install()  # from here on SIGTERM and Ctrl-C end the run (or sweep) with exit 3 and a status file
-    sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
-    comp_line = os.environ.get("COMP_LINE")
-    if comp_line is not None:  # tab completion: Hydra must not see the word `train` as an override
-        os.environ["COMP_LINE"] = comp_line.replace(" train", "", 1)
+    program = Path(sys.argv[0]).name
+    # Hydra names the program after argv[0] in its help; the completion script it installs registers that name,
+    # which must be the executable alone (`flowvae`), not a second command called `train`.
+    sys.argv = [program if any(flag in args for flag in COMPLETION_FLAGS) else f"{program} train", *args]
     _exit_codes.clear()
     callbacks.SWEEP_EXIT_CODE = None
     try:
@@ -129,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command == "train":
+        if rest and rest[0] in COMPLETION_FLAGS:  # `flowvae train -sc install=bash`, as the README says
+            return _shell_completion(rest[1:])
         return _run_train(rest)
-    if command in ("-sc", "--shell-completion"):  # the completion script Hydra installs calls `flowvae -sc ...`
-        return _run_train(args)
+    if command in COMPLETION_FLAGS:  # the completion script Hydra installs calls `flowvae -sc query=bash` at Tab
+        return _shell_completion(rest)
     if command in COMMANDS:  # each command is one module with a main(args) -> exit code
         from importlib import import_module
 
@@ -141,9 +146,103 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def _shell_completion(args: list[str]) -> int:
+    """``flowvae -sc query=SHELL``, what the installed completion runs at each Tab with the typed line in
+    ``COMP_LINE`` (cursor at ``COMP_POINT``): the subcommand names at the first word, Hydra's completion of the
+    overrides of `train` and of `evaluate` (only the keys it accepts), nothing for the other commands' words so
+    the shell completes file names. Never an error on the terminal: a line it cannot complete gets nothing.
+    ``-sc install=SHELL`` and the rest go to Hydra."""
+    mode, _, shell = (args[0] if args else "").partition("=")
+    line = os.environ.get("COMP_LINE")
+    if mode != "query" or line is None:
+        return _run_train([COMPLETION_FLAGS[0], *args])
+    point = os.environ.get("COMP_POINT", "")
+    line = line[: int(point)] if point.isdigit() else line
+    words = line.split()[1:]  # without the program's name
+    current = "" if not line or line[-1].isspace() or not words else words.pop()
+    if not words:
+        candidates = [c for c in ("train", *COMMANDS, "--help", "--version") if c.startswith(current)]
+    elif words[0] == "train":
+        candidates = _hydra_candidates(shell, words[1:], current)
+    elif words[0] == "evaluate":
+        candidates = _evaluate_candidates(shell, words[1:], current)
+    else:
+        candidates = []
+    if not candidates and shell == "fish":  # fish's registration turns its own file completion off
+        from glob import escape, glob
+
+        candidates = sorted(f"{name}/" if os.path.isdir(name) else name for name in glob(escape(current) + "*"))
+    print(("\n" if shell == "fish" else " ").join(candidates))
+    return 0
+
+
+def _hydra_candidates(shell: str, overrides: list[str], current: str) -> list[str]:
+    """Hydra's completions of the word ``current`` after ``overrides`` of the train config; [] where Hydra
+    cannot parse the line (its error kept off the terminal)."""
+    os.environ["COMP_LINE"] = " ".join(["flowvae", *overrides, current])  # Hydra reads the line after the name
+    captured = StringIO()
+    try:
+        with redirect_stdout(captured), redirect_stderr(StringIO()):
+            code = _run_train([COMPLETION_FLAGS[0], f"query={shell or 'bash'}"])
+    except Exception:  # noqa: BLE001 - a Tab must never print a traceback into the user's command line
+        return []
+    return captured.getvalue().split() if code == 0 else []
+
+
+def _evaluate_candidates(shell: str, words: list[str], current: str) -> list[str]:
+    """`flowvae evaluate RUN_DIR... [KEY=VALUE...] [--device D]`: its options, its devices, and the overrides
+    it accepts; run directories (an empty or path-like word) are left to the shell's file completion."""
+    from flowvae.evaluate import EVALUATION_KEYS
+
+    if words and words[-1] == "--device":
+        return [d for d in ("auto", "cpu", "cuda") if d.startswith(current)]
+    if current.startswith("-"):
+        return [o for o in ("--device", "--help") if o.startswith(current)]
+    if not current or current.startswith((".", "/", "~")) or ("/" in current and "=" not in current):
+        return []
+    overrides = [w for w in words if "=" in w and w.lstrip("+").startswith(EVALUATION_KEYS)]
+    return [c for c in _hydra_candidates(shell, overrides, current)
+            if c.lstrip("+").startswith(EVALUATION_KEYS)]
+
+
+class _StdStream:
+    """sys.stdout or sys.stderr whose reader may go away, as in ``flowvae train --help | head``: the first write
+    to the closed pipe sends the rest to /dev/null, and the command ends as it would have (same exit code, as
+    ripgrep does) instead of a BrokenPipeError traceback. Catching the error at the top is not enough: Hydra
+    reports an exception of its own printing (``--cfg``, ``-sc install``) as a failure with a traceback."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        """Python's documented recipe: /dev/null onto the stream's descriptor, so the text still buffered (and
+        the interpreter's last flush at exit) goes there."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+        self._stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def entry() -> None:
     """The console script. A Ctrl-C that arrives after a run has recorded how it ended (e.g. the second of two
     quick ones) must not turn its exit code into 130: the status file and the exit code always agree."""
+    sys.stdout, sys.stderr = _StdStream(sys.stdout), _StdStream(sys.stderr)
     try:
         code = main()
     except KeyboardInterrupt:

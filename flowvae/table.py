@@ -18,7 +18,7 @@ from flowvae.report import pyplot
 from flowvae.results import REQUIRED_COLUMNS
 
 __all__ = ["TableError", "load_results", "check_one_setting", "seed_table", "format_table", "plot_table",
-           "noise_floor", "upgrade_results", "main"]
+           "table_figure", "noise_floor", "upgrade_results", "main"]
 
 # The 0.2 format's setting columns, replaced by the dotted ones of flowvae.identity (read only by --upgrade).
 _OLD_SETTING_COLUMNS = ["data", "data_mu", "data_sigma", "data_offset_sigma", "data_scale_sigma", "data_seed",
@@ -160,21 +160,31 @@ def format_table(cells, flows: list[str]):
 
 def plot_table(cells, flows: list[str], metric: str, path: Path, title: str = "", floor: float | None = None
                ) -> None:
+    """Draw :func:`table_figure` into the PNG ``path``."""
+    fig = table_figure(cells, flows, metric, title, floor)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
+def table_figure(cells, flows: list[str], metric: str, title: str = "", floor: float | None = None):
     """``metric`` against n_flows, one line per flow type, a band of ± one std over seeds, and the metric's
-    noise floor as a dashed line when it is known."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    noise floor as a dashed line when it is known. Values over decades get a log axis, on which a band that
+    reaches zero (std ≥ mean) is cut at the axis floor; every n_flows that was run is a tick."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.2))
+    ax.set_xscale("symlog", linthresh=1)  # before anything is drawn, or the x margins are linear ones
+    y_limits = _log_limits(cells, floor)
     for i, flow in enumerate(flows):
         sub = cells.xs(flow, level="flow").sort_index()
         x, mean, std = sub.index.to_numpy(), sub["mean"].to_numpy(), sub["std"].fillna(0).to_numpy()
+        low = mean - std if y_limits is None else (mean - std).clip(min=y_limits[0])
         ax.plot(x, mean, marker="o", ms=3.5, lw=1.4, color=f"C{i}", label=flow)
-        ax.fill_between(x, mean - std, mean + std, color=f"C{i}", alpha=0.15, lw=0)
-    means = cells["mean"].dropna()
-    if len(means) and means.min() > 0 and means.max() > 30 * means.min():  # values over decades: a log axis
+        ax.fill_between(x, low, mean + std, color=f"C{i}", alpha=0.15, lw=0)
+    if y_limits is not None:
         ax.set_yscale("log")
-    if floor is not None and (floor > 0 or ax.get_yscale() == "linear"):
+        ax.set_ylim(*y_limits)
+    if floor is not None and (floor > 0 or y_limits is None):
         ax.axhline(floor, color="0.4", ls="--", lw=1, label="noise floor")
-    ax.set_xscale("symlog", linthresh=1)
+    _n_flows_ticks(ax, sorted(cells.index.get_level_values("n_flows").unique()))
     ax.set_xlabel("n_flows")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
@@ -182,8 +192,40 @@ def plot_table(cells, flows: list[str], metric: str, path: Path, title: str = ""
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def _log_limits(cells, floor: float | None) -> tuple[float, float] | None:
+    """The y-limits of a log axis when the means span more than a factor 30 (None: a linear axis, which
+    matplotlib fits to the bands itself). From the lowest mean (or the noise floor) to the highest band top,
+    with a margin of 5 % of the span each side (at least a tenth of a decade): a band whose lower edge is at or
+    below zero would otherwise pull the axis down by decades, or off it."""
+    import numpy as np
+
+    means = cells["mean"].dropna()
+    if not len(means) or means.min() <= 0 or means.max() <= 30 * means.min():
+        return None
+    tops = (cells["mean"] + cells["std"].fillna(0)).dropna()
+    low = min(means.min(), floor if floor is not None and floor > 0 else np.inf)
+    high = max(tops.max(), floor if floor is not None else -np.inf)
+    pad = max(0.05 * np.log10(high / low), 0.1)
+    return float(low / 10**pad), float(high * 10**pad)
+
+
+def _n_flows_ticks(ax, n_flows: list[int]) -> None:
+    """A tick at every n_flows that was run, labelled unless it would crowd its left neighbour's label (closer
+    than 1/30 of the first-to-last distance on the symlog scale); symlog's own ticks label 0 and 10^0, not 2."""
+    from matplotlib.ticker import NullLocator
+
+    positions = ax.xaxis.get_transform().transform(n_flows)
+    min_gap = (positions[-1] - positions[0]) / 30
+    labels, last = [], None
+    for value, position in zip(n_flows, positions, strict=True):
+        show = last is None or position - last >= min_gap
+        labels.append(str(value) if show else "")
+        last = position if show else last
+    ax.set_xticks(n_flows, labels=labels, fontsize=8)
+    ax.xaxis.set_minor_locator(NullLocator())
 
 
 def upgrade_results(path: Path) -> tuple[int, int]:

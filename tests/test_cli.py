@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,7 +18,7 @@ from scipy.stats import entropy, wasserstein_distance
 
 from flowvae import __version__
 from flowvae.experiment import metric_columns
-from tests.conftest import TINY, run_flowvae
+from tests.conftest import TINY, flowvae_command, run_flowvae
 
 
 def _train(tmp_path, tiny, *overrides, run_dir="run"):
@@ -148,6 +154,94 @@ def test_tab_completion_works_as_the_readme_says(tmp_path):
     line = "flowvae train train.l"
     out = run_flowvae(["-sc", "query=bash"], cwd=tmp_path, env={"COMP_LINE": line, "COMP_POINT": str(len(line))})
     assert "train.lr=" in out.stdout.split()
+
+
+def _bash_tab(lines: list[str], cwd: Path) -> tuple[list[list[str]], str]:
+    """What bash offers at Tab after each line, through the script `flowvae train -sc install=bash` installs:
+    COMP_LINE, COMP_POINT, COMP_WORDS and COMP_CWORD set as bash sets them, then the registered function. Also
+    returns `complete -p` for `flowvae` and for `train` (which must have no completion of its own)."""
+    command = flowvae_command()
+    if len(command) != 1 or shutil.which("bash") is None:
+        pytest.skip("needs bash and the flowvae console script")
+    script = ['eval "$(flowvae train -sc install=bash)"',
+              'tab() { COMP_LINE="$1"; COMP_POINT=${#1}; read -ra COMP_WORDS <<< "$1"; '
+              '[[ "$1" == *" " ]] && COMP_WORDS+=(""); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); COMPREPLY=(); '
+              'hydra_bash_completion; echo "REPLY ${COMPREPLY[*]}"; }']
+    script += [f"tab '{line}'" for line in lines]
+    script += ["complete -p flowvae", "complete -p train 2>/dev/null || echo 'train: none'"]
+    env = {**os.environ, "PATH": os.path.dirname(command[0]) + os.pathsep + os.environ["PATH"]}
+    out = subprocess.run(["bash", "-c", "\n".join(script)], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=120)
+    replies = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("REPLY")]
+    assert len(replies) == len(lines), out.stdout + out.stderr
+    return replies, out.stdout + out.stderr
+
+
+def test_tab_completes_subcommands_and_each_commands_arguments_in_bash(tmp_path):
+    lines = ["flowvae ", "flowvae ev", "flowvae train -m n_fl", "flowvae generate ", "flowvae score a.npz ",
+             "flowvae evaluate run eval.so", "flowvae evaluate run fl", "flowvae evaluate run --device c"]
+    replies, text = _bash_tab(lines, tmp_path)
+    got = dict(zip(lines, replies, strict=True))
+    assert {"train", "table", "score", "generate", "evaluate"} <= set(got["flowvae "])
+    assert got["flowvae ev"] == ["evaluate"]
+    assert got["flowvae train -m n_fl"] == ["n_flows="]
+    for line in ("flowvae generate ", "flowvae score a.npz "):
+        assert got[line] == [], line  # nothing from flowvae: bash's file names (-o default)
+    assert got["flowvae evaluate run eval.so"] == ["eval.source="]
+    assert got["flowvae evaluate run fl"] == []  # evaluate refuses flow=...: not offered
+    assert got["flowvae evaluate run --device c"] == ["cpu", "cuda"]
+    assert "Error" not in text and "Traceback" not in text
+    assert "hydra_bash_completion flowvae\n" in text and "train: none" in text
+
+
+def test_tab_completion_follows_the_cursor(tmp_path):
+    line = "flowvae train flow=pl n_flows=3"
+    out = run_flowvae(["-sc", "query=bash"], cwd=tmp_path, env={"COMP_LINE": line, "COMP_POINT": "21"})
+    assert out.returncode == 0 and out.stdout.split() == ["flow=planar"]
+    (tmp_path / "gen.npy").write_bytes(b"")
+    line = "flowvae generate run --out ge"  # fish: one candidate a line, and file names from flowvae itself
+    out = run_flowvae(["-sc", "query=fish"], cwd=tmp_path, env={"COMP_LINE": line, "COMP_POINT": str(len(line))})
+    assert out.returncode == 0 and out.stdout.splitlines() == ["gen.npy"]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["train", "--help"], ["train", "--cfg", "job"],
+                                  ["evaluate", "--help"]])
+def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path, args):
+    """`flowvae ... | head`: stdout is a pipe whose reader has gone (closed before flowvae starts, so every
+    write fails with EPIPE). The command ends with its own exit code, no BrokenPipeError, no traceback: our own
+    prints, Hydra's (`--help`, and `--cfg` that Hydra reports as a failure) and a subcommand's."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run([*flowvae_command(), *args], cwd=tmp_path, stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, timeout=120,
+                             env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    finally:
+        os.close(write_end)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+
+
+def test_the_wheel_holds_every_config_and_builds_without_warnings(tmp_path):
+    """A non-editable install gets its configs from the wheel: every YAML of conf/ must be in it, under
+    flowvae/conf/. Built from a copy of the project, so the tree gets no build/ folder."""
+    pytest.importorskip("setuptools", minversion="77")
+    root = Path(__file__).resolve().parents[1]
+    project = tmp_path / "project"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("flowvae", "conf"):
+        shutil.copytree(root / folder, project / folder, ignore=ignore)
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(root / name, project / name)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                          "--no-index", "-w", str(tmp_path / "wheel"), str(project)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "absent from the `packages` configuration" not in out.stdout + out.stderr  # one per group before
+    (wheel,) = (tmp_path / "wheel").glob("flowvae-*.whl")
+    in_wheel = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".yaml")}
+    configs = {"flowvae/conf/" + path.relative_to(root / "conf").as_posix() for path in (root / "conf").rglob("*.yaml")}
+    assert len(configs) >= 10 and in_wheel == configs
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):

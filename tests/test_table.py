@@ -150,3 +150,63 @@ def test_old_tables_say_how_to_convert_and_the_conversion_reads_the_run_director
     assert out.returncode == 2 and "train.lr" in out.stderr
     out = table(path, "--filter", "train.lr=0.001")
     assert out.returncode == 0 and "0.1500 ± 0.0707 (n=2)" in out.stdout
+
+
+@pytest.fixture
+def close_figures():
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def _cells(rows):
+    """``seed_table``'s cells from (n_flows, flow, mean, std) rows."""
+    index = pd.MultiIndex.from_tuples([(k, f) for k, f, _, _ in rows], names=["n_flows", "flow"])
+    return pd.DataFrame({"mean": [m for *_, m, _ in rows], "std": [s for *_, s in rows], "count": 3}, index=index)
+
+
+def test_plot_labels_every_n_flows_run_and_keeps_the_bands_inside_a_log_axis(close_figures):
+    """A sweep over n_flows 0, 2 whose means span decades and whose std exceeds the mean at n_flows = 2: the
+    ticks are 0 and 2 (not symlog's 0 and 10^0), and every band lies within the y-limits, which are positive."""
+    import numpy as np
+
+    from flowvae.table import table_figure
+
+    cells = _cells([(0, "planar", 0.001, 0.0005), (2, "planar", 0.05, 0.08),
+                    (0, "iaf", 0.001, 0.0005), (2, "iaf", 0.2, 0.3)])
+    fig = table_figure(cells, ["planar", "iaf"], "kl_sum", floor=0.0008)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "2"]
+    assert list(ax.get_xticks()) == [0, 2] and not len(ax.get_xticks(minor=True))
+    low, high = ax.get_ylim()
+    assert ax.get_yscale() == "log" and 0 < low <= 0.0008 and high >= 0.2 + 0.3
+    bands = [c for c in ax.collections if len(c.get_paths())]
+    assert len(bands) == 2
+    for band in bands:
+        y = np.concatenate([path.vertices[:, 1] for path in band.get_paths()])
+        assert y.min() >= low * (1 - 1e-9) and y.max() <= high * (1 + 1e-9), (y, low, high)
+    assert max(np.concatenate([b.get_paths()[0].vertices[:, 1] for b in bands])) == pytest.approx(0.5)
+    for line in ax.get_lines()[:2]:  # the means
+        assert low < min(line.get_ydata()) and max(line.get_ydata()) < high
+
+
+def test_plot_ticks_the_seed_sweep_and_thins_only_crowded_labels(close_figures):
+    from flowvae.table import table_figure
+
+    seed_sweep = [0, 1, 2, 5, 10, 15, 20, 30, 40, 60, 80]
+    fig = table_figure(_cells([(k, "planar", 0.002, 0.001) for k in seed_sweep]), ["planar"], "kl_sum",
+                       floor=0.0008)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "linear"
+    assert list(ax.get_xticks()) == seed_sweep
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(k) for k in seed_sweep]
+    left, right = ax.get_xlim()
+    assert -1 < left < 0 and 80 < right < 200  # margins on the symlog scale, not 5 % of 0..80 in linear units
+    dense = list(range(101))
+    fig = table_figure(_cells([(k, "planar", 0.002, 0.001) for k in dense]), ["planar"], "kl_sum")
+    fig.canvas.draw()
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels[:3] == ["0", "1", "2"] and labels[-1] in ("", "100") and 10 < sum(map(bool, labels)) < 40

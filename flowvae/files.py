@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -76,6 +77,23 @@ class RunFiles:
     def lock(self) -> Path:
         """Held while a run works in this directory, so two runs never share it."""
         return self.root / ".flowvae.lock"
+
+    def holds_no_work(self) -> bool:
+        """Whether the directory holds only what every start writes (Hydra's ``.hydra/`` and log, the status, the
+        lock) and nothing a run made: a run that did no work here may remove it (:meth:`discard`)."""
+        start = {self.config.parent.name, self.status.name, self.lock.name}
+        try:
+            return all(p.name in start or (p.suffix == ".log" and p.is_file()) for p in self.root.iterdir())
+        except OSError:
+            return False
+
+    def discard(self) -> bool:
+        """Remove the directory if it holds no work (:meth:`holds_no_work`); whether it did. A run refused, or
+        skipped, or gone on in another directory leaves no folder behind: Hydra makes one before the run starts."""
+        if not self.holds_no_work():
+            return False
+        shutil.rmtree(self.root, ignore_errors=True)
+        return not self.root.exists()
 
 
 @contextmanager

@@ -13,6 +13,9 @@ import math
 import platform
 import time
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,11 +24,12 @@ from omegaconf import DictConfig
 
 from flowvae import __version__, stopping
 from flowvae.config import ConfigError, validate
-from flowvae.data import load_events
+from flowvae.data import Events, load_events
 from flowvae.files import RunFiles, replaced, resolve_path
 from flowvae.identity import run_hash, run_settings, train_hash
-from flowvae.results import ResultsError, append_row, check_writable, ok_row, write_row_file
+from flowvae.results import ResultsError, RunIndex, append_row, check_writable, ok_row, write_row_file
 from flowvae.tracking import Tracker, open_tracker
+from flowvae.transforms import FeatureMap
 
 __all__ = ["run", "objective", "result_row", "metric_values", "EXIT_OK", "EXIT_FAILED", "EXIT_CONFIG",
            "EXIT_INTERRUPTED"]
@@ -35,7 +39,7 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3
 EXIT_CODES = {"ok": EXIT_OK, "skipped": EXIT_OK, "failed": EXIT_FAILED, "diverged": EXIT_FAILED,
               "invalid": EXIT_CONFIG, "interrupted": EXIT_INTERRUPTED}
-RESUME = "rerun the same command in the same run directory to resume"
+RESUME = "rerun the same command to resume this run"
 
 # The row of the last run in this process, or None when it wrote none: what a search's objective reads.
 _last_row: dict | None = None
@@ -61,7 +65,10 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1
 
     Returns the exit code and leaves ``status.json`` in the run directory for whoever launched it. SIGTERM or
     Ctrl-C at any point before the row is appended ends the run as ``interrupted`` (exit 3) with no row; once
-    the row is in the table the run is done.
+    the row is in the table the run is done. When this config has an interrupted run and ``run_dir`` has nothing
+    to resume (Hydra made it for this command), the run goes on in the interrupted run's directory instead
+    (:class:`flowvae.results.RunIndex`). A single run that did no work in ``run_dir`` (refused, skipped, or gone
+    on elsewhere) removes it; a sweep keeps its job directories, whose status files sum the sweep up.
     """
     global _last_row
     _last_row = None
@@ -70,21 +77,50 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(files.lock, timeout=0):
-            code = _run(cfg, files, launch_dir, parallel_jobs, sweep_dir)
+            code = _recorded(files, lambda: _run(cfg, files, launch_dir, parallel_jobs, sweep_dir))
     except Timeout:
         log.error("the run directory %s is in use by another run; give this one its own hydra.run.dir", run_dir)
         return EXIT_CONFIG
-    except stopping.Interrupted as err:
-        code = _finish(files, "interrupted", f"{err}; {RESUME}")
-    except KeyboardInterrupt:
-        return _finish(files, "interrupted", f"stopped at once by a second Ctrl-C; the last checkpoint is kept: "
-                                             f"{RESUME}")
+    if sweep_dir is None and _did_no_work(files):
+        files.discard()
     if code == EXIT_INTERRUPTED:
         stopping.requeue()  # on a cluster's time-limit warning: submitit requeues the job here and exits
     return code
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """A run whose configuration passed every check: what its work needs besides the directory it works in."""
+
+    cfg: DictConfig
+    events: Events
+    feature_map: FeatureMap
+    results_csv: Path
+    identity: str
+    started: float
+    launch_dir: Path
+    parallel_jobs: int
+    sweep_dir: Path | None
+
+    @property
+    def index(self) -> RunIndex:
+        return RunIndex(self.results_csv)
+
+
+def _recorded(files: RunFiles, work: Callable[[], int]) -> int:
+    """``work()``'s exit code; a stop request or a second Ctrl-C during it is recorded in ``files``' status."""
+    try:
+        return work()
+    except stopping.Interrupted as err:
+        return _finish(files, "interrupted", f"{err}; {RESUME}")
+    except KeyboardInterrupt:
+        return _finish(files, "interrupted", f"stopped at once by a second Ctrl-C; the last checkpoint is kept: "
+                                             f"{RESUME}")
+
+
 def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int, sweep_dir: Path | None) -> int:
+    """Every check that needs no training, in the order that creates nothing before a refusal; then the work,
+    under the lock of this config's runs (:meth:`RunIndex.claim`)."""
     stopping.check("before the run started")
     try:
         validate(cfg)
@@ -96,11 +132,8 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int,
     except ResultsError as err:
         return _finish(files, "invalid", f"bad configuration: results_csv={cfg.results_csv}: {err}")
     identity = run_hash(cfg)
-    existing = ok_row(results_csv, identity) if cfg.skip_existing else None
-    if existing is not None:
-        log.info("skipped: %s already has an ok row for config %s", results_csv, identity)
-        _remember(existing)
-        return _finish(files, "skipped", "")
+    if cfg.skip_existing and (existing := ok_row(results_csv, identity)) is not None:
+        return _skip(files, existing, results_csv)
     started = time.time()
     try:
         events = load_events(cfg.data, launch_dir)  # numpy only: a bad data file is refused at once
@@ -114,24 +147,89 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int,
             raise ConfigError("optimize.metric", cfg.optimize.metric, f"a metric column of this data's rows: "
                                                                       f"{', '.join(columns)}")
         stopping.check("before training")
-        tracker = open_tracker(cfg, files, launch_dir, sweep_dir)  # last: it creates the tracked run
     except ConfigError as err:
         return _finish(files, "invalid", f"bad configuration: {err}")
+    checked = _Checked(cfg, events, feature_map, results_csv, identity, started, launch_dir, parallel_jobs,
+                       sweep_dir)
+    with checked.index.claim(identity, lambda: stopping.check("while waiting for the other run of this config")):
+        if cfg.skip_existing and (existing := ok_row(results_csv, identity)) is not None:
+            return _skip(files, existing, results_csv)  # the run it waited for wrote it
+        interrupted = _interrupted_run(checked, files)
+        if interrupted is not None:
+            code = _resume_in(interrupted, checked, files)
+            if code is not None:
+                return code
+        return _work(checked, files)
+
+
+def _skip(files: RunFiles, existing: dict, results_csv: Path) -> int:
+    _remember(existing)
+    return _finish(files, "skipped", f"skipped: {results_csv} already has an ok row of this config "
+                                     f"({existing.get('config_hash')}), from {existing.get('run_dir') or 'a run'}")
+
+
+def _interrupted_run(checked: _Checked, files: RunFiles) -> RunFiles | None:
+    """This config's interrupted run to go on with, when ``files``' directory has nothing to resume (Hydra made
+    it for this command): the results table's index names it, and it holds a checkpoint of this config."""
+    if files.checkpoint.exists():
+        return None  # resumed in place: the command named its directory (hydra.run.dir, a fixed sweep dir)
+    found = checked.index.unfinished(checked.identity)
+    if found is None or found.resolve() == files.root.resolve():
+        return None
+    other = RunFiles(found)
+    from flowvae import experiment
+
     try:
-        return _train(cfg, events, files, parallel_jobs, feature_map, tracker, results_csv, identity, started)
+        experiment.preflight(checked.cfg, other)
+    except ConfigError:
+        return None
+    return other if other.checkpoint.exists() else None
+
+
+def _resume_in(other: RunFiles, checked: _Checked, files: RunFiles) -> int | None:
+    """Go on with the interrupted run in ``other``'s directory; its status is copied to ``files`` (a sweep's job
+    directory tells the sweep). None when another process holds that directory (the caller starts anew)."""
+    lock = FileLock(other.lock, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        log.info("the interrupted run of this config in %s is in use by another process: starting anew in %s",
+                 other.root, files.root)
+        return None
+    try:
+        with _log_also_in(other.root, files.root):
+            log.info("resuming the interrupted run of this config in %s", other.root)
+            code = _recorded(other, lambda: _work(checked, other))
+    finally:
+        lock.release()
+    status = {**json.loads(other.status.read_text()), "run_dir": str(other.root)}
+    with replaced(files.status) as tmp:
+        tmp.write_text(json.dumps(status))
+    return code
+
+
+def _work(checked: _Checked, files: RunFiles) -> int:
+    """The work of a run in ``files``' directory: open its tracker, record it as unfinished, train and score."""
+    try:
+        tracker = open_tracker(checked.cfg, files, checked.launch_dir, checked.sweep_dir)  # it creates the run
+    except ConfigError as err:
+        return _finish(files, "invalid", f"bad configuration: {err}")
+    checked.index.started(checked.identity, files.root)
+    try:
+        return _train(checked, files, tracker)
     except stopping.Interrupted as err:
         tracker.finish("interrupted", None, str(err))
         raise
 
 
-def _train(cfg: DictConfig, events, files: RunFiles, parallel_jobs: int, feature_map, tracker: Tracker,
-           results_csv: Path, identity: str, started: float) -> int:
-    """The work of a run whose configuration passed every check: train, score, append the row, track it."""
+def _train(checked: _Checked, files: RunFiles, tracker: Tracker) -> int:
+    """Train, score, append the row, track it. Once the row is in the table the run is no longer unfinished."""
     from flowvae import experiment
 
+    cfg, events = checked.cfg, checked.events
     try:
-        status, message, values = experiment.train_and_score(cfg, events, files, parallel_jobs, feature_map,
-                                                             on_epoch=tracker.log_epochs)
+        status, message, values = experiment.train_and_score(cfg, events, files, checked.parallel_jobs,
+                                                             checked.feature_map, on_epoch=tracker.log_epochs)
     except (stopping.Interrupted, KeyboardInterrupt):
         raise
     except Exception as err:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
@@ -139,13 +237,14 @@ def _train(cfg: DictConfig, events, files: RunFiles, parallel_jobs: int, feature
         status, message, values = "failed", f"{type(err).__name__}: {err}", {}
         log.error("run failed: %s (traceback in %s)", message, files.error)
     if status == "interrupted":
-        message = f"stopped by {stopping.received()} {message}"
+        message = f"stopped by {stopping.received()} {message}; {RESUME}"
         tracker.finish(status, None, message)
         return _finish(files, status, message)
-    row = result_row(cfg, events, values, status, message, started, files.root, identity)
+    row = result_row(cfg, events, values, status, message, checked.started, files.root, checked.identity)
     stopping.check("before its row was written (training is saved: the rerun only scores)")
     try:
-        append_row(results_csv, row)  # the run is done once its row is in the table
+        append_row(checked.results_csv, row)  # the run is done once its row is in the table
+        checked.index.finished(checked.identity)
     except ResultsError as err:
         status, message = "failed", str(err)
         row.update(status=status, error=message)
@@ -154,7 +253,7 @@ def _train(cfg: DictConfig, events, files: RunFiles, parallel_jobs: int, feature
     _remember(row)
     tracker.finish(status, metric_values(row, events), message)
     log.info("%s: kl_sum=%s, row appended to %s; the run's files are in %s", status, row.get("kl_sum") or "n/a",
-             results_csv, files.root)
+             checked.results_csv, files.root)
     return _finish(files, status, message)
 
 
@@ -180,6 +279,38 @@ def metric_values(row: dict, events) -> dict:
     from flowvae.experiment import event_metric_columns
 
     return {key: row[key] for key in (*event_metric_columns(events), "wall_seconds")}
+
+
+@contextmanager
+def _log_also_in(folder: Path, hydra_folder: Path) -> Iterator[None]:
+    """While a run works in another directory than Hydra made for it, its log lines go to that directory's log
+    too (Hydra's log files in ``hydra_folder``, by the same names)."""
+    root, hydra_folder = logging.getLogger(), hydra_folder.resolve()
+    added = []
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent.resolve() == hydra_folder:
+            copy = logging.FileHandler(folder / Path(handler.baseFilename).name, mode="a")
+            copy.setFormatter(handler.formatter)
+            copy.setLevel(handler.level)
+            added.append(copy)
+    for handler in added:
+        root.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in added:
+            root.removeHandler(handler)
+            handler.close()
+
+
+def _did_no_work(files: RunFiles) -> bool:
+    """Whether the run ended without working in ``files``' directory: refused, skipped, or gone on in the
+    interrupted run it resumed (its status then names that directory)."""
+    try:
+        status = json.loads(files.status.read_text())
+    except (OSError, ValueError):
+        return False
+    return status.get("status") in ("invalid", "skipped") or "run_dir" in status
 
 
 def _remember(row: dict) -> None:

@@ -126,8 +126,7 @@ def fit(model: FlowVAE, train_x: Tensor, test_x: Tensor, cfg_train, *, seed: int
                 if save is not None:
                     save(epoch, {"step": i + 1, "order": order.cpu(), "sums": sums.cpu()})
                 outcome.status = "interrupted"
-                outcome.message = (f"in epoch {epoch + 1} after step {i + 1}; rerun the same command in the "
-                                   f"same run directory to resume")
+                outcome.message = f"in epoch {epoch + 1} after step {i + 1}"  # the job says how to resume
                 break
         if outcome.status == "interrupted":
             break
@@ -156,8 +155,7 @@ def fit(model: FlowVAE, train_x: Tensor, test_x: Tensor, cfg_train, *, seed: int
             save(epoch + 1)
         if stop:
             outcome.status = "interrupted"
-            outcome.message = (f"after epoch {epoch + 1}; rerun the same command in the same run directory "
-                               f"to resume")
+            outcome.message = f"after epoch {epoch + 1}"
             break
     if bar is not None:
         bar.close()

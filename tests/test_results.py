@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from flowvae.results import ResultsError, append_row, check_writable, has_ok_row, read_rows, write_row_file
+from flowvae.results import ResultsError, RunIndex, append_row, check_writable, has_ok_row, read_rows, write_row_file
 
 
 def _append_many(path: str, worker: int, n: int) -> None:
@@ -97,3 +97,75 @@ def test_has_ok_row_and_row_file(tmp_path):
     assert has_ok_row(path, "abc")
     write_row_file(tmp_path / "one.csv", {"x": 1.5, "y": "z"})
     assert read_rows(tmp_path / "one.csv") == [{"x": "1.5", "y": "z"}]
+
+
+def test_check_writable_creates_nothing(tmp_path):
+    """A run refused later (a bad data path) must not leave a folder or a lock file behind the check."""
+    check_writable(tmp_path / "new" / "deeper" / "results.csv")
+    append_row(tmp_path / "table.csv", {"flow": "planar", "n_flows": 1, "status": "ok", "config_hash": "abc"})
+    (tmp_path / "table.csv.lock").unlink()
+    check_writable(tmp_path / "table.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
+
+
+def test_a_file_that_is_not_a_table_is_refused_by_name_and_nothing_is_put_beside_it(tmp_path):
+    import numpy as np
+
+    data = tmp_path / "wrongkey.npz"
+    np.savez(data, particle_features=np.random.default_rng(0).normal(size=(10, 3, 5)))
+    before = data.read_bytes()
+    with pytest.raises(ResultsError) as refused:
+        check_writable(data)
+    message = str(refused.value)
+    assert str(data) in message and "not a flowvae results table" in message and "another file name" in message
+    assert "codec" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wrongkey.npz"] and data.read_bytes() == before
+
+
+def test_a_second_claim_of_one_config_waits_for_the_first(tmp_path):
+    """Two runs of one config never work at once: the second claim waits (checking for a stop request) until the
+    first is released; another config's claim does not wait."""
+    import threading
+
+    index = RunIndex(tmp_path / "results.csv")
+    held, release = threading.Event(), threading.Event()
+
+    def first():
+        with index.claim("abc"):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert held.wait(10)
+    with index.claim("other") as waited:
+        assert not waited
+    checks = []
+
+    def check():
+        checks.append(1)
+        if len(checks) == 2:
+            release.set()
+
+    with index.claim("abc", check, poll=0.1) as waited:
+        assert waited and release.is_set() and len(checks) >= 2  # it went on only once the first let go
+    thread.join(10)
+    with pytest.raises(KeyboardInterrupt), index.claim("abc"):  # a claim is released when its block raises
+        raise KeyboardInterrupt
+    with index.claim("abc") as waited:
+        assert not waited
+
+
+def test_the_index_names_an_unfinished_run_until_its_row_is_in(tmp_path):
+    index = RunIndex(tmp_path / "results.csv")
+    run_dir = tmp_path / "runs" / "a"
+    run_dir.mkdir(parents=True)
+    assert index.unfinished("abc") is None
+    with index.claim("abc"):
+        index.started("abc", run_dir)
+    assert index.unfinished("abc") == run_dir and index.unfinished("other") is None
+    index.finished("abc")
+    assert index.unfinished("abc") is None
+    index.started("abc", run_dir)
+    run_dir.rmdir()  # a directory the user removed is no run to resume
+    assert index.unfinished("abc") is None

@@ -159,3 +159,56 @@ def test_a_clusters_time_limit_warning_saves_the_run_then_requeues_it(tmp_path, 
     finally:
         stopping.reset()
         signal.signal(signal.SIGUSR2, previous)
+
+
+def _row(tmp_path, run_dir) -> pd.Series:
+    table = pd.read_csv(tmp_path / "results.csv")
+    return table[table["run_dir"] == str(run_dir)].iloc[-1]
+
+
+def test_the_same_config_in_a_new_directory_resumes_the_interrupted_run(tmp_path, monkeypatch):
+    """Hydra gives each command a new directory: the rerun goes on in the interrupted one, removes its own, and
+    ends with the numbers of a run that was never interrupted."""
+    with monkeypatch.context() as patch:
+        _sigterm_during(patch, experiment, "_write_curves")  # stopped after the first epoch
+        code, interrupted = _run(tmp_path, "first", "train.epochs=3")
+    assert code == 3 and interrupted.checkpoint.exists()
+    stopping.reset()
+    code, rerun = _run(tmp_path, "rerun", "train.epochs=3")
+    assert code == 0 and _status(interrupted)["status"] == "ok"
+    assert not rerun.root.exists()  # it did its work in the interrupted run's directory
+    row = _row(tmp_path, interrupted.root)
+    assert row["resumed_from"] > 0 and row["epochs_run"] < 3
+    code, whole = _run(tmp_path, "whole", "train.epochs=3")  # the row is in: a rerun now starts anew
+    assert code == 0
+    uninterrupted = _row(tmp_path, whole.root)
+    assert uninterrupted["resumed_from"] == 0 and uninterrupted["epochs_run"] == 3
+    metrics = [c for c in row.index if c.startswith(("kl_", "w1_", "final_"))]
+    assert (row[metrics] == uninterrupted[metrics]).all()
+
+
+def test_an_interrupted_run_another_process_holds_is_not_resumed_twice(tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    with monkeypatch.context() as patch:
+        _sigterm_during(patch, experiment, "_write_curves")
+        code, interrupted = _run(tmp_path, "first", "train.epochs=3")
+    assert code == 3
+    stopping.reset()
+    with FileLock(interrupted.lock):  # another job works in it now
+        code, rerun = _run(tmp_path, "rerun", "train.epochs=3")
+    assert code == 0 and _status(interrupted)["status"] == "interrupted"
+    assert _row(tmp_path, rerun.root)["resumed_from"] == 0
+
+
+@pytest.mark.parametrize("override", ["n_flows=-1", "data=npy data.path=missing.npy"])
+def test_a_refused_run_leaves_nothing_behind_but_a_sweeps_job_keeps_its_status(tmp_path, override):
+    """A single run refused removes the directory Hydra made for it and creates nothing beside the results table;
+    a sweep's job directory stays, with the status the sweep sums up."""
+    code, files = _run(tmp_path, "refused", *override.split())
+    assert code == 2 and list(tmp_path.iterdir()) == []
+    cfg = compose_config(*TINY, f"results_csv={tmp_path / 'results.csv'}", *override.split())
+    code = job.run(cfg, tmp_path / "sweep" / "0", tmp_path, sweep_dir=tmp_path / "sweep")
+    status = _status(RunFiles(tmp_path / "sweep" / "0"))
+    assert code == 2 and status["status"] == "invalid" and status["exit_code"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -148,3 +150,64 @@ def test_a_double_ctrl_c_exits_3_and_the_status_file_agrees(tmp_path, tiny, gap)
     status = json.loads((tmp_path / "twice" / "status.json").read_text())
     assert status["status"] == "interrupted" and status["exit_code"] == 3
     assert not (tmp_path / "results.csv").exists()
+
+
+@pytest.mark.parametrize("override", ["n_flows=-1", "data=npy data.path=missing.npy", "results_csv=wrongkey.npz"])
+def test_a_refused_run_exits_2_with_one_line_and_leaves_nothing_behind(tmp_path, tiny, override):
+    """No run folder with a status `invalid`, no lock beside a results table that is not there or is not one:
+    only the (empty) folder Hydra's run directories go in."""
+    import numpy as np
+
+    np.savez(tmp_path / "wrongkey.npz", particle_features=np.zeros((10, 3, 5)))
+    before = {p.relative_to(tmp_path) for p in tmp_path.rglob("*")}
+    out = run_flowvae(["train", *tiny, f"results_csv={tmp_path / 'results.csv'}", *override.split()], cwd=tmp_path)
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text
+    assert [line for line in text.splitlines() if line.strip()] == [next(line for line in text.splitlines()
+                                                                        if "bad configuration" in line)]
+    assert {p.relative_to(tmp_path) for p in tmp_path.rglob("*")} - before == {Path("outputs"), Path("outputs/runs")}
+    if override.startswith("results_csv"):
+        assert "wrongkey.npz is not a flowvae results table" in text and "codec" not in text
+
+
+def test_the_same_command_after_ctrl_c_resumes_the_interrupted_run(tmp_path, tiny):
+    """As cron or a user types it again: no hydra.run.dir, so Hydra makes a new folder; the run goes on in the
+    interrupted one, says so, and leaves one folder with one row."""
+    args = ["train", *tiny, "train.epochs=200", f"results_csv={tmp_path / 'results.csv'}"]
+    proc = subprocess.Popen([*flowvae_command(), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    runs = tmp_path / "outputs" / "runs"
+    deadline = time.time() + 120
+    while not list(runs.glob("*/checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 3
+    (interrupted,) = runs.iterdir()
+
+    again = run_flowvae(args, cwd=tmp_path)
+    text = again.stdout + again.stderr
+    assert again.returncode == 0, text
+    assert f"resuming the interrupted run of this config in {interrupted}" in text
+    assert list(runs.iterdir()) == [interrupted]
+    (row,) = pd.read_csv(tmp_path / "results.csv").to_dict("records")
+    assert row["status"] == "ok" and row["run_dir"] == str(interrupted)
+    assert 0 < row["resumed_from"] < 200 and row["resumed_from"] + row["epochs_run"] == 200
+    log = (interrupted / "train.log").read_text()  # one log: the interruption, the resume, the end
+    assert log.index("SIGINT received") < log.index("resuming the interrupted run") < log.index("ok: kl_sum")
+
+
+def test_two_concurrent_jobs_of_one_config_train_it_once(tmp_path, tiny):
+    """n_flows = 0 is one config whatever the flow: in a parallel sweep with skip_existing one job trains it, the
+    other waits for it and takes its row (skipped); the table gets one row."""
+    out = run_flowvae(["train", "-m", *tiny, "flow=planar,iaf", "n_flows=0", "skip_existing=true",
+                       "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                       f"results_csv={tmp_path / 'results.csv'}"], cwd=tmp_path)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert "sweep finished: 1 ok, 1 skipped" in text
+    (row,) = pd.read_csv(tmp_path / "results.csv").to_dict("records")
+    statuses = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/status.json")}
+    trained = next(name for name, status in statuses.items() if status["status"] == "ok")
+    assert row["status"] == "ok" and row["run_dir"] == str(tmp_path / "sweep" / trained)
+    (skipped,) = (status for status in statuses.values() if status["status"] == "skipped")
+    assert row["run_dir"] in skipped["message"]

@@ -138,12 +138,16 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the top-level schema (``conf/config.yaml`` names it first in its defaults list) and the
-    ``${flowvae.uid:}`` resolver that makes run directories unique."""
+    """Register the top-level schema (``conf/config.yaml`` names it first in its defaults list), the
+    ``${flowvae.uid:}`` resolver that makes run directories unique, and ``${flowvae.study:}``, a search's study
+    (:mod:`flowvae.search`)."""
+    from flowvae.search import register_resolver
+
     ConfigStore.instance().store(name="flowvae_schema", node=Config)
     if not OmegaConf.has_resolver("flowvae.uid"):
         # Cached per config, and Hydra copies the cache into each job of a sweep: one value per run or sweep.
         OmegaConf.register_new_resolver("flowvae.uid", lambda: secrets.token_hex(3), use_cache=True)
+    register_resolver()
 
 
 def with_schema_defaults(written: DictConfig) -> DictConfig:
@@ -251,8 +255,9 @@ def _validate_logger(cfg: DictConfig) -> None:
     if logger.name == "mlflow":
         _require(bool(logger.tracking_uri), "logger.tracking_uri", logger.tracking_uri,
                  "an MLflow tracking URI, e.g. sqlite:///outputs/mlflow.db or http://host:5000")
-        _require(bool(logger.experiment_name), "logger.experiment_name", logger.experiment_name,
-                 "the name of the MLflow experiment, e.g. flowvae_jets")
+        _require(logger.experiment_name is None or bool(logger.experiment_name), "logger.experiment_name",
+                 logger.experiment_name, "the name of the MLflow experiment, e.g. flowvae_jets, or null: named "
+                                         "after the data")
 
 
 def _validate_data(cfg: DictConfig) -> None:

@@ -9,6 +9,9 @@ keys the checkpoint) and what scores it (``eval.*``, which ``flowvae evaluate`` 
 
 Setting columns are the config's dotted keys (``train.lr``, ``data.mu``), named as on the command line, plus
 ``flow`` (the family), ``n_flows`` and ``seed``. Standard library and omegaconf only: the CLI imports this.
+
+What a run is trained on has a short name too, :func:`data_label`: the name of the things grouped by their data
+(a search's study, the tracker's experiment).
 """
 
 from __future__ import annotations
@@ -16,12 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from flowvae.files import resolve_path
+
 __all__ = ["NOT_IDENTITY", "SCORING_KEYS", "CELL_COLUMNS", "SEED_COLUMN", "run_settings", "run_hash", "train_hash",
-           "setting_columns", "is_setting_column", "same_value"]
+           "setting_columns", "is_setting_column", "same_value", "data_label"]
 
 # Where or how a run writes, how fast it goes: these change no number of the row, so they are not its identity.
 # train.eval_every belongs here because the test loss has its own random stream: it changes no trained weight.
@@ -125,3 +132,32 @@ def same_value(cell: str, wanted: str) -> bool:
     except ValueError:
         return cell.lower() == wanted.lower() and cell.lower() in ("true", "false")
     return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def data_label(data: DictConfig | dict, launch_dir: Path | None = None) -> str:
+    """A short name of the data a run is trained on: the kind for drawn data (``gaussian``, ``jets``: their
+    parameters are settings), and for a file (``data=npy``, ``data=jetnet``) its stem and 8 hex digits of sha256
+    over ``data.key``, a newline and the file's bytes, e.g. ``gluon_30p_<8 hex digits>``: every file gets its own
+    name, the same file the same name wherever it lies. A file that cannot be read is named by its path instead
+    (its runs are refused anyway). A relative ``data.path`` is taken from ``launch_dir``."""
+    name = str(data.get("name"))
+    if name != "npy" or data.get("path") is None:
+        return name
+    file = resolve_path(str(data.get("path")), launch_dir)
+    try:
+        stat = file.stat()
+        digest = _file_digest(str(file.resolve()), stat.st_size, stat.st_mtime_ns, str(data.get("key")))
+    except OSError:
+        digest = hashlib.sha256(f"{data.get('key')}\n{file}".encode()).hexdigest()
+    return f"{file.stem}_{digest[:8]}"
+
+
+@lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int, key: str) -> str:
+    """sha256 of ``key``, a newline and a file's bytes; read once per process for each version of the file (its
+    size and mtime are in the cache's key)."""
+    digest = hashlib.sha256(f"{key}\n".encode())
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -28,9 +28,9 @@ from omegaconf import DictConfig
 
 from flowvae.config import ConfigError
 from flowvae.files import RunFiles, replaced, resolve_path
-from flowvae.identity import run_settings
+from flowvae.identity import data_label, run_settings
 
-__all__ = ["Tracker", "open_tracker", "store_uri", "ARTIFACTS", "END_STATUS"]
+__all__ = ["Tracker", "open_tracker", "store_uri", "experiment_name", "ARTIFACTS", "END_STATUS"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,12 @@ def store_uri(uri: str, launch_dir: Path) -> str:
     return uri if database is None else SQLITE + str(resolve_path(str(database), launch_dir))
 
 
+def experiment_name(cfg: DictConfig, launch_dir: Path) -> str:
+    """``logger.experiment_name``, or when it is null ``flowvae_<data>`` (:func:`flowvae.identity.data_label`):
+    each data file its own experiment, the drawn toys one experiment per kind."""
+    return cfg.logger.get("experiment_name") or f"flowvae_{data_label(cfg.data, launch_dir)}"
+
+
 def _sqlite_file(uri: str) -> Path | None:
     """The database file of a ``sqlite:///FILE`` store, None for any other store."""
     return Path(uri.removeprefix(SQLITE)) if uri.startswith(SQLITE) else None
@@ -88,7 +94,8 @@ def open_tracker(cfg: DictConfig, files: RunFiles, launch_dir: Path, sweep_dir: 
     uri = store_uri(cfg.logger.tracking_uri, launch_dir)
     try:
         with _store_lock(uri), _few_retries():
-            return MlflowTracker(MlflowClient(tracking_uri=uri), cfg, files, uri, sweep_dir, evaluation)
+            return MlflowTracker(MlflowClient(tracking_uri=uri), cfg, files, uri, sweep_dir,
+                                 experiment_name(cfg, launch_dir), evaluation)
     except Exception as err:  # noqa: BLE001 - MLflow's errors come in many types; the message says what
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError("logger.tracking_uri", cfg.logger.tracking_uri,
@@ -128,7 +135,7 @@ class MlflowTracker(Tracker):
     """One flowvae run as one MLflow run; see the module's docstring."""
 
     def __init__(self, client, cfg: DictConfig, files: RunFiles, uri: str, sweep_dir: Path | None,
-                 evaluation: bool = False):
+                 experiment: str, evaluation: bool = False):
         from flowvae import __version__
         from flowvae.identity import run_hash, train_hash
 
@@ -147,7 +154,7 @@ class MlflowTracker(Tracker):
             log.info("tracking: continuing MLflow run %s in %s (%d epochs logged)", self.run_id, uri,
                      self.logged_epochs)
             return
-        experiment_id = self._experiment(cfg.logger.experiment_name)
+        experiment_id = self._experiment(experiment)
         tags = {"config_hash": self.config_hash, "train_hash": train_hash(cfg), "run_dir": str(files.root),
                 "flowvae_version": __version__}
         # a sweep's job folders (0_planar_K10_s0, ...) repeat from sweep to sweep: the sweep's name goes first

@@ -283,3 +283,58 @@ def test_an_untracked_run_is_evaluated_into_a_store_when_asked(tmp_path):
     assert run.data.tags["evaluates"] == ""  # its training was not tracked
     out = run_flowvae(["evaluate", trained["run_dir"], "logger=wandb"], cwd=tmp_path)
     assert out.returncode == 2 and "logger=wandb is not allowed: one of none, mlflow" in out.stderr
+
+
+# --- the experiment's name: the data's identity -----------------------------------------------------------------
+
+
+def _sha8(*parts: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(b"".join(parts)).hexdigest()[:8]
+
+
+def _events_file(path: Path, seed: int):
+    import numpy as np
+
+    np.save(path, np.random.default_rng(seed).normal(1.0, 0.5, size=(60, 3, 10)).astype(np.float32))
+    return path
+
+
+def test_each_data_file_is_its_own_experiment_named_by_its_stem_and_contents(tmp_path):
+    from flowvae.tracking import experiment_name
+
+    a, b = _events_file(tmp_path / "a.npy", 0), _events_file(tmp_path / "b.npy", 1)
+    (tmp_path / "elsewhere").mkdir()
+    copy = tmp_path / "elsewhere" / "a.npy"
+    copy.write_bytes(a.read_bytes())
+
+    def name(*overrides, launch_dir=tmp_path):
+        return experiment_name(compose_config("logger=mlflow", *overrides), launch_dir)
+
+    assert name() == "flowvae_gaussian" and name("data=jets") == "flowvae_jets"
+    # the hash is sha256 over data.key (None for a .npy), a newline, and the file's bytes
+    assert name("data=npy", "data.path=a.npy") == f"flowvae_a_{_sha8(b'None', bytes([10]), a.read_bytes())}"
+    assert name("data=npy", "data.path=b.npy") == f"flowvae_b_{_sha8(b'None', bytes([10]), b.read_bytes())}"
+    # the same bytes elsewhere (a relative path from another launch directory) are the same data
+    assert name("data=npy", "data.path=a.npy", launch_dir=tmp_path / "elsewhere") == name("data=npy",
+                                                                                          f"data.path={a}")
+    # JetNet's files: the array's name is part of it
+    jets = Path(__file__).parent / "data" / "gluon_30p_slice.npz"
+    assert name("data=jetnet", f"data.path={jets}") == (
+        f"flowvae_gluon_30p_slice_{_sha8(b'particle_features', bytes([10]), jets.read_bytes())}")
+    assert name("data=npy", "data.path=a.npy", "logger.experiment_name=mine") == "mine"
+
+
+def test_a_tracked_run_on_a_file_lands_in_that_files_experiment(tmp_path):
+    from flowvae.tracking import open_tracker
+
+    data = _events_file(tmp_path / "particles.npy", 0)
+    cfg = compose_config("logger=mlflow", f"logger.tracking_uri={_store(tmp_path)}", "data=npy",
+                         "data.path=particles.npy")
+    (tmp_path / "run").mkdir()
+    tracker = open_tracker(cfg, RunFiles(tmp_path / "run"), launch_dir=tmp_path)
+    tracker.finish("ok", {"kl_sum": 0.5})
+    client, runs = _runs(tmp_path, f"flowvae_particles_{_sha8(b'None', bytes([10]), data.read_bytes())}")
+    assert [run.info.run_id for run in runs] == [tracker.run_id] and runs[0].data.metrics["kl_sum"] == 0.5
+    assert client.get_experiment_by_name("flowvae_npy") is None

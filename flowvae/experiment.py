@@ -196,6 +196,11 @@ def generate_blocks(model: FlowVAE, n: int, source: str, decode: str, test_x: to
     then the decoder's sample noise, then the multiplicity. The block size is part of the stream.
     """
     block = GENERATE_BATCH if block is None else block
+    if source == "posterior" and n > len(test_x):
+        # not wrong, but it bounds what the events can show: the user should know their number is not N
+        log.warning("posterior generation: %d events from %d held-out events, each encoded about %.3g times (event i "
+                    "from held-out event i mod %d): they are draws from %d posteriors, not %d independent events",
+                    n, len(test_x), n / len(test_x), len(test_x), len(test_x), n)
     model.eval()
     device = test_x.device
     generator = torch.Generator(device=device).manual_seed(seed + 1)

@@ -1,4 +1,5 @@
-"""``flowvae generate RUN_DIR --n N --out FILE``: N new events from a finished run's model, streamed to a file.
+"""``flowvae generate RUN_DIR --n N --out FILE``: N new events from a finished run's model, streamed to a file;
+``--source heldout``: the run's held-out events, the reference it was scored against.
 
 The run is rebuilt from its directory: the composed config (``.hydra/config.yaml``), the data it was trained on
 (relative paths from where the run was launched, ``hydra.runtime.cwd``), the same feature transforms and scaler
@@ -24,7 +25,14 @@ posterior —, then the decoder's sample noise, then the multiplicity draw). The
 the seed, the source, the read-out and N (and, as for training, of the device and the torch build; thread counts
 can differ at rounding level); whole blocks are shared: the first k blocks of any N of at least k blocks are the
 same events. With the run's own settings (the defaults of ``--seed``, ``--source`` and ``--decode``) and ``--n``
-equal to its ``eval.n_samples``, the first 1000 events equal the run's ``generated_sample.npy``.
+equal to its ``eval.n_samples``, the first 1000 events equal the run's ``generated_sample.npy``. Posterior events
+beyond the number held out reuse them (N events from n_test posteriors, not N independent ones): a warning says so.
+
+``--source heldout`` writes the events the run held out and scored its generated events against (all of them, or
+the first N with ``--n``), in the same units, layout, mask and file format as generated events, as float32 (what
+was scored): ``flowvae score GEN HELDOUT`` with the data's flags scores any generator against exactly the run's
+reference, and scoring the run's own events this way gives its row's numbers. They are the run's data, rebuilt
+from its config (``data.seed`` draws the toys and splits a file): no model, so no checkpoint is needed.
 
 A run whose training did not finish (its checkpoint is before ``train.epochs``, or inside an epoch: interrupted,
 diverged, or still training) is refused unless ``--allow-unfinished``; a checkpoint whose recorded config hash is
@@ -63,12 +71,13 @@ from flowvae import stopping
 from flowvae.config import DECODES, DEVICES, SOURCES, ConfigError
 from flowvae.files import RunFiles, replaced, resolve_path
 
-__all__ = ["main", "GenerateError", "Run", "load_run", "run_launch_dir", "file_blocks", "write_events",
-           "SUFFIXES", "NPZ_EVENTS", "NPZ_MASK"]
+__all__ = ["main", "GenerateError", "Run", "load_run", "run_launch_dir", "file_blocks", "held_out_blocks",
+           "write_events", "SUFFIXES", "NPZ_EVENTS", "NPZ_MASK", "HELDOUT"]
 
 SUFFIXES = (".npy", ".npz")
 NPZ_EVENTS = "events"  # the events' name in a .npz when the data has no array name of its own
 NPZ_MASK = "mask"  # the (N, P) boolean mask in a .npz, when the data has one
+HELDOUT = "heldout"  # --source: the run's held-out events, not generated ones
 _COPY_BUFFER = 1 << 20
 _PROG = "flowvae generate"
 
@@ -123,13 +132,16 @@ def _parse_args(args: list[str]) -> argparse.Namespace:
                     "`flowvae score` reads. Events are generated and written in blocks: memory does not grow "
                     "with N. The same run, seed, source, decode and N give the same file.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `flowvae train` (hydra.run.dir)")
-    parser.add_argument("--n", type=_count, required=True, metavar="N", help="events to generate (e.g. 10000, 1e6)")
+    parser.add_argument("--n", type=_count, default=None, metavar="N",
+                        help="events to generate (e.g. 10000, 1e6); with --source heldout the first N held-out "
+                             "events (default: all)")
     parser.add_argument("--out", required=True, metavar="FILE",
                         help=".npy (the events) or .npz (the events under the data's array name, or 'events', "
                              "and 'mask' (N, P) when the data has a mask)")
-    parser.add_argument("--source", choices=SOURCES, default=None,
+    parser.add_argument("--source", choices=(*SOURCES, HELDOUT), default=None,
                         help="prior: z ~ N(0, I); posterior: held-out events through q0 and the flows, cycled "
-                             "(default: the run's eval.source)")
+                             "(default: the run's eval.source); heldout: not generated, the run's held-out events "
+                             "themselves, the reference its row was scored against")
     parser.add_argument("--decode", choices=DECODES, default=None,
                         help="sample: x ~ p(x|z); mean: the decoder's mean (default: the run's eval.decode)")
     parser.add_argument("--seed", type=int, default=None,
@@ -167,7 +179,7 @@ class Run:
 
     @property
     def layout(self) -> str:
-        return self.cfg.data.get("layout") or "features_first"
+        return _layout(self.cfg)
 
     def test_input(self, source: str):
         """The held-out events as the model's input on its device, which posterior generation encodes; for the
@@ -183,9 +195,18 @@ class Run:
 
     def file_shape(self, n: int) -> tuple[int, int, int]:
         """The shape of N events as the data's file holds them (the mask feature included)."""
-        n_features = self.events.n_features + (1 if self.has_mask else 0)
-        n_particles = self.events.n_particles
-        return (n, n_particles, n_features) if self.layout == "particles_first" else (n, n_features, n_particles)
+        return file_shape(self.events, self.layout, n)
+
+
+def _layout(cfg) -> str:
+    return cfg.data.get("layout") or "features_first"
+
+
+def file_shape(events, layout: str, n: int) -> tuple[int, int, int]:
+    """The shape of N of ``events`` (:class:`flowvae.data.Events`) as the data's file holds them, in ``layout``
+    (the mask feature included)."""
+    n_features = events.n_features + (1 if events.train_mask is not None else 0)
+    return (n, events.n_particles, n_features) if layout == "particles_first" else (n, n_features, events.n_particles)
 
 
 def _run_config(files: RunFiles):
@@ -262,26 +283,48 @@ def _status(files: RunFiles) -> str:
     return f"; status {status.get('status')}" + (f": {message}" if message else "")
 
 
-def load_run(run_dir: str | os.PathLike, device: str = "auto", allow_unfinished: bool = False) -> Run:
-    """Rebuild the trained run in ``run_dir`` on ``device``. Raises :class:`GenerateError` for anything the user
-    can fix: not a run directory, no or a foreign checkpoint, unfinished training, data that is gone."""
-    from flowvae.data import load_events
-    from flowvae.experiment import choose_device, fit_feature_map
-    from flowvae.model import build_model
-
+def _run_files(run_dir: str | os.PathLike) -> RunFiles:
     root = resolve_path(str(run_dir))
     if not root.is_dir():
         raise GenerateError(f"{run_dir}: no such run directory" if not root.exists() else
                             f"{run_dir}: not a directory (a run directory of `flowvae train` is)")
-    files = RunFiles(root)
+    return RunFiles(root)
+
+
+def _run_events(cfg, files: RunFiles):
+    """The run's events, made or read again as the run did (a relative data path from where it was launched)."""
+    from flowvae.data import load_events
+
+    try:
+        return load_events(cfg.data, _launch_dir(files))
+    except ConfigError as err:
+        raise GenerateError(f"the run's data cannot be loaded again: {err}") from None
+
+
+def load_held_out(run_dir: str | os.PathLike):
+    """(the run's config, its events (:class:`flowvae.data.Events`)) for its held-out events: no model, no
+    checkpoint. Raises :class:`GenerateError` for a directory that is not a run's, or data that is gone."""
+    files = _run_files(run_dir)
+    cfg, _ = _run_config(files)
+    return cfg, _run_events(cfg, files)
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "auto", allow_unfinished: bool = False) -> Run:
+    """Rebuild the trained run in ``run_dir`` on ``device``. Raises :class:`GenerateError` for anything the user
+    can fix: not a run directory, no or a foreign checkpoint, unfinished training, data that is gone."""
+    from flowvae.experiment import choose_device, fit_feature_map
+    from flowvae.model import build_model
+
+    files = _run_files(run_dir)
+    root = files.root
     cfg, key = _run_config(files)
     try:
         torch_device = choose_device(device)
     except ConfigError as err:
         raise GenerateError(f"--device {device}: {err.allowed}") from None
     state = _load_checkpoint(files, key, int(cfg.train.epochs), allow_unfinished)
+    events = _run_events(cfg, files)
     try:
-        events = load_events(cfg.data, _launch_dir(files))
         feature_map = fit_feature_map(cfg, events)
     except ConfigError as err:
         raise GenerateError(f"the run's data cannot be loaded again: {err}") from None
@@ -313,6 +356,18 @@ def file_blocks(run: Run, n: int, source: str, decode: str, seed: int
         values = run.feature_map.inverse(values, mask)
         yield file_array(values, None if mask is None else mask.astype(values.dtype), mask_feature,
                          run.layout), mask
+
+
+def held_out_blocks(cfg, events, n: int, block: int = 2000) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """The first N held-out events as the data's file holds them, block by block, as :func:`file_blocks` gives
+    generated ones: (events in the data's units and layout with the mask at ``data.mask_feature``, mask or None)."""
+    from flowvae.data import file_array
+
+    for start in range(0, n, block):
+        values = events.test[start:min(n, start + block)]
+        mask = None if events.test_mask is None else events.test_mask[start:start + len(values)]
+        yield file_array(values, None if mask is None else mask.astype(values.dtype), cfg.data.get("mask_feature"),
+                         _layout(cfg)), mask
 
 
 # --- writing -------------------------------------------------------------------------------------------------
@@ -409,6 +464,11 @@ def _bar(total: int, mode: str):
 
 def _generate(options: argparse.Namespace) -> str:
     out = _check_out(options.out)
+    if options.source == HELDOUT:
+        return _write_held_out(options, out)
+    if options.n is None:
+        raise GenerateError(f"the following arguments are required: --n (how many events to generate; only "
+                            f"--source {HELDOUT} takes all of them by default)")
     from flowvae.cores import usable_cores
     from flowvae.experiment import configure_torch
 
@@ -418,29 +478,56 @@ def _generate(options: argparse.Namespace) -> str:
     source = options.source or run.cfg.eval.source
     decode = options.decode or run.cfg.eval.decode
     n = options.n
-    key = run.cfg.data.get("key") if run.cfg.data.name == "npy" else None
-    blocks = file_blocks(run, n, source, decode, seed)
-    bar = _bar(n, options.progress)
+    seconds = _write(out, file_blocks(run, n, source, decode, seed), run.cfg, run.events, n, options.progress)
+    return (f"{n} events ({_described(run.cfg, run.events, n)}; {source}, {decode}, seed {seed}, epoch {run.epoch}) "
+            f"written to {out} in {seconds:.1f} s")
+
+
+def _write_held_out(options: argparse.Namespace, out: Path) -> str:
+    """``--source heldout``: the run's held-out events (all, or the first ``--n``), as generated ones are written."""
+    for flag in ("decode", "seed"):
+        if getattr(options, flag) is not None:
+            raise GenerateError(f"--{flag} {getattr(options, flag)}: --source {HELDOUT} writes the run's own held-out "
+                                f"events, nothing is generated (leave --{flag} out)")
+    cfg, events = load_held_out(options.run_dir)
+    held_out = len(events.test)
+    n = held_out if options.n is None else options.n
+    if n > held_out:
+        raise GenerateError(f"--n {n}: the run held out {held_out} events (--source {HELDOUT} writes them, or the "
+                            f"first N of them)")
+    seconds = _write(out, held_out_blocks(cfg, events, n), cfg, events, n, options.progress)
+    return (f"{n} of the run's {held_out} held-out events ({_described(cfg, events, n)}; the reference its row was "
+            f"scored against) written to {out} in {seconds:.1f} s")
+
+
+def _write(out: Path, blocks, cfg, events, n: int, progress: str) -> float:
+    """Stream N events' ``blocks`` to ``out`` as the data's file holds them; returns the seconds it took."""
+    key = cfg.data.get("key") if cfg.data.name == "npy" else None
+    has_mask = events.test_mask is not None
+    bar = _bar(n, progress)
 
     def advance(count: int) -> None:
         if bar is not None:
             bar.update(count)
-        stopping.check("while generating; no file was written")
+        stopping.check("while writing; no file was written")
 
     started = time.perf_counter()
     try:
-        write_events(out, blocks, run.file_shape(n), (n, run.events.n_particles) if run.has_mask else None,
+        write_events(out, blocks, file_shape(events, _layout(cfg), n), (n, events.n_particles) if has_mask else None,
                      events_name=key or NPZ_EVENTS, on_block=advance)
     except OSError as err:
         raise _WriteFailed(f"writing {out} failed, nothing was written: {err}") from None
     finally:
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - started
-    shape = "x".join(map(str, run.file_shape(n)))
-    mask = f", the mask at feature {run.cfg.data.mask_feature}" if run.has_mask else ""
-    return (f"{n} events ({shape}, {run.layout}{mask}; {source}, {decode}, seed {seed}, epoch {run.epoch}) "
-            f"written to {out} in {seconds:.1f} s")
+    return time.perf_counter() - started
+
+
+def _described(cfg, events, n: int) -> str:
+    """The file's shape, layout and mask, as the summary line says them."""
+    shape = "x".join(map(str, file_shape(events, _layout(cfg), n)))
+    mask = f", the mask at feature {cfg.data.mask_feature}" if events.test_mask is not None else ""
+    return f"{shape}, {_layout(cfg)}{mask}"
 
 
 def main(args: list[str]) -> int:

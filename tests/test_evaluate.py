@@ -69,6 +69,14 @@ def test_other_eval_settings_give_a_row_that_differs_only_there(trained, evaluat
     assert code == 0 and "skipped" in out and len(pd.read_csv(trained / "evals.csv")) == 2
 
 
+def test_more_posterior_events_than_held_out_ones_are_said_to_reuse_them(trained, evaluate, caplog):
+    code, _, err = evaluate("run0", "eval.source=posterior", "eval.n_samples=500", "results_csv=reused.csv")
+    assert code == 0, err
+    # TINY holds out 200 events: 500 posterior events encode each 2.5 times
+    assert ("posterior generation: 500 events from 200 held-out events, each encoded about 2.5 times (event i from "
+            "held-out event i mod 200): they are draws from 200 posteriors, not 500 independent events") in caplog.text
+
+
 @pytest.mark.parametrize("args, message", [
     (["run0", "train.lr=0.1"], "train.lr=0.1 is not allowed: only eval.*, results_csv, skip_existing and logger"),
     (["run0", "n_flows=3"], "n_flows"),

@@ -164,6 +164,61 @@ def test_score_reads_the_files(runs, generate, tmp_path, capsys):
     assert score_main([str(tmp_path / "toy.npy"), str(runs["gauss"] / "generated_sample.npy"), "--bins", "20"]) == 0
 
 
+# --- the held-out events: the reference a run was scored against --------------------------------------------
+
+
+def test_the_held_out_events_are_the_files_own_and_score_the_run_to_its_row(runs, generate, tmp_path):
+    run = runs["jets_pf"]
+    _ok(generate, run, "--n", 300, "--out", tmp_path / "gen.npz")  # the run's own generated events (eval.n_samples)
+    line = _ok(generate, run, "--source", "heldout", "--out", tmp_path / "held_out.npz")
+    assert "80 of the run's 80 held-out events (80x30x4, particles_first, the mask at feature 3" in line
+    original = np.load(GLUON30)["particle_features"]
+    with np.load(tmp_path / "held_out.npz") as held_out:
+        assert sorted(held_out.files) == [NPZ_MASK, "particle_features"]
+        events, mask = held_out["particle_features"], held_out[NPZ_MASK]
+    # 20% of the file's 400 jets, each one of the file's own jets, in its units and layout, mask at index 3
+    assert events.shape == (80, 30, 4) and events.dtype == np.float32 and mask.shape == (80, 30)
+    file_jets = {jet.astype(np.float32).tobytes() for jet in original}
+    assert len(original) == 400 and len({jet.tobytes() for jet in events}) == 80
+    assert all(jet.tobytes() in file_jets for jet in events)
+    assert np.array_equal(events[:, :, 3], mask.astype(np.float32))
+    # scored with the data's flags, the run's generated events against them give the run's row
+    assert score_main([str(tmp_path / "gen.npz"), str(tmp_path / "held_out.npz"), *JETNET, "--bins", "20", "--csv",
+                       str(tmp_path / "scores.csv")]) == 0
+    scored, trained = pd.read_csv(tmp_path / "scores.csv").iloc[0], _row(run)
+    columns = [c for c in scored.index if c.startswith(("kl_", "w1", "js_", "gen_", "input_", "noise", "fpd", "kpd"))]
+    assert len(columns) > 30
+    for column in columns:
+        assert scored[column] == pytest.approx(trained[column], rel=1e-9, abs=1e-12), column
+
+
+def test_the_toys_held_out_events_without_a_checkpoint_all_or_the_first_n(runs, generate, tmp_path):
+    run = _copy(runs["gauss"], tmp_path, checkpoint=False)  # the data needs no model
+    _ok(generate, run, "--source", "heldout", "--out", tmp_path / "all.npy")
+    _ok(generate, run, "--source", "heldout", "--out", tmp_path / "first.npy", "--n", 50)
+    events = np.load(tmp_path / "all.npy")
+    assert events.shape == (200, 3, 10) and np.array_equal(np.load(tmp_path / "first.npy"), events[:50])
+    row = _row(runs["gauss"])  # the row's input moments are the held-out events'
+    for i in range(3):
+        assert events[:, i].astype(np.float64).mean() == pytest.approx(row[f"input_mean_{i}"], rel=1e-9)
+    code, _, err = generate(run, "--source", "heldout", "--out", tmp_path / "more.npy", "--n", 201)
+    assert code == 2 and "--n 201: the run held out 200 events" in err
+    code, _, err = generate(run, "--source", "heldout", "--out", tmp_path / "seeded.npy", "--seed", 3)
+    assert code == 2 and "--seed 3: --source heldout writes the run's own held-out events" in err
+    assert not (tmp_path / "more.npy").exists() and not (tmp_path / "seeded.npy").exists()
+
+
+def test_posterior_events_beyond_the_held_out_ones_are_said_to_reuse_them(runs, generate, tmp_path, caplog):
+    assert "300 events from 80 held-out events, each encoded about 3.75 times" in (
+        runs["jets_pf"] / "train.log").read_text()  # the training run's own scoring (eval.n_samples=300)
+    caplog.clear()
+    _ok(generate, runs["jets_pf"], "--n", 80, "--out", tmp_path / "gen.npy", "--source", "posterior")
+    assert "posterior generation" not in caplog.text  # one event per held-out jet: nothing to say
+    _ok(generate, runs["jets_pf"], "--n", 200, "--out", tmp_path / "gen.npy", "--source", "posterior")
+    assert ("posterior generation: 200 events from 80 held-out events, each encoded about 2.5 times (event i from "
+            "held-out event i mod 80): they are draws from 80 posteriors, not 200 independent events") in caplog.text
+
+
 # --- determinism and blocks ----------------------------------------------------------------------------------
 
 
@@ -244,7 +299,11 @@ def test_the_console_command_writes_the_file_from_anywhere(runs, tmp_path):
     out = subprocess.run([sys.executable, "-m", "flowvae.generate", str(runs["jets_ff"]), "--n", "1e3", "--out",
                           "gen.npz"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stderr == "" and "1000 events (1000x4x30, features_first, the mask at feature 3" in out.stdout
+    # stderr: only the word that 1000 posterior events come from 80 held-out jets
+    assert out.stderr.splitlines() == ["posterior generation: 1000 events from 80 held-out events, each encoded about "
+                                       "12.5 times (event i from held-out event i mod 80): they are draws from 80 "
+                                       "posteriors, not 1000 independent events"]
+    assert "1000 events (1000x4x30, features_first, the mask at feature 3" in out.stdout
     assert np.load(tmp_path / "gen.npz")["particle_features"].shape == (1000, 4, 30)
 
 

@@ -132,7 +132,7 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int,
     except ResultsError as err:
         return _finish(files, "invalid", f"bad configuration: results_csv={cfg.results_csv}: {err}")
     identity = run_hash(cfg)
-    if cfg.skip_existing and (existing := ok_row(results_csv, identity)) is not None:
+    if (existing := _reusable_row(cfg, results_csv, identity, sweep_dir)) is not None:
         return _skip(files, existing, results_csv)
     started = time.time()
     try:
@@ -152,7 +152,7 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int,
     checked = _Checked(cfg, events, feature_map, results_csv, identity, started, launch_dir, parallel_jobs,
                        sweep_dir)
     with checked.index.claim(identity, lambda: stopping.check("while waiting for the other run of this config")):
-        if cfg.skip_existing and (existing := ok_row(results_csv, identity)) is not None:
+        if (existing := _reusable_row(cfg, results_csv, identity, sweep_dir)) is not None:
             return _skip(files, existing, results_csv)  # the run it waited for wrote it
         interrupted = _interrupted_run(checked, files)
         if interrupted is not None:
@@ -160,6 +160,19 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int,
             if code is not None:
                 return code
         return _work(checked, files)
+
+
+def _reusable_row(cfg: DictConfig, results_csv: Path, identity: str, sweep_dir: Path | None) -> dict | None:
+    """The ok row of this config that the run takes instead of training: any, with ``skip_existing``; in a sweep,
+    one that a job of the same sweep wrote, whatever ``skip_existing`` says — a sweep never trains one config
+    twice (its n_flows = 0 jobs are one plain VAE for every flow family)."""
+    if not cfg.skip_existing and sweep_dir is None:
+        return None
+    row = ok_row(results_csv, identity)
+    if row is None or cfg.skip_existing:
+        return row
+    run_dir = Path(str(row.get("run_dir") or ""))
+    return row if run_dir.is_absolute() and run_dir.resolve().is_relative_to(Path(sweep_dir).resolve()) else None
 
 
 def _skip(files: RunFiles, existing: dict, results_csv: Path) -> int:

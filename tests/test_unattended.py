@@ -196,12 +196,14 @@ def test_the_same_command_after_ctrl_c_resumes_the_interrupted_run(tmp_path, tin
     assert log.index("SIGINT received") < log.index("resuming the interrupted run") < log.index("ok: kl_sum")
 
 
-def test_two_concurrent_jobs_of_one_config_train_it_once(tmp_path, tiny):
-    """n_flows = 0 is one config whatever the flow: in a parallel sweep with skip_existing one job trains it, the
-    other waits for it and takes its row (skipped); the table gets one row."""
-    out = run_flowvae(["train", "-m", *tiny, "flow=planar,iaf", "n_flows=0", "skip_existing=true",
-                       "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                       f"results_csv={tmp_path / 'results.csv'}"], cwd=tmp_path)
+@pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], []],
+                         ids=["joblib", "basic"])
+def test_a_sweep_trains_each_config_once(tmp_path, tiny, launcher):
+    """n_flows = 0 is one config whatever the flow: in a sweep, even without skip_existing, one job trains it and
+    the other takes its row (skipped) — in parallel it waits for it first; the table gets one row."""
+    out = run_flowvae(["train", "-m", *tiny, "flow=planar,iaf", "n_flows=0", *launcher,
+                       f"hydra.sweep.dir={tmp_path / 'sweep'}", f"results_csv={tmp_path / 'results.csv'}"],
+                      cwd=tmp_path)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text
     assert "sweep finished: 1 ok, 1 skipped" in text

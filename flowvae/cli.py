@@ -31,6 +31,7 @@ usage:
   flowvae table [RESULTS_CSV] [OPTIONS]  the seed-style table of a results CSV   (flowvae table --help)
   flowvae score GENERATED REFERENCE [OPTIONS]   score two event files, e.g. from any generator (--help)
   flowvae generate RUN_DIR --n N --out FILE     N events from a trained run, in the data's units (--help)
+  flowvae generate RUN_DIR --source heldout --out FILE   the run's held-out events, its scoring reference
   flowvae evaluate RUN_DIR... [eval.KEY=VALUE]  score trained runs again with other eval settings (--help)
   flowvae --version
 

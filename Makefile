@@ -14,7 +14,8 @@ $(BIN)/flowvae: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,search,tracking]"
+	@# the editable build prints setuptools' generic "Editable installation" notice (10 lines) on every install
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e ".[dev,search,tracking]"
 	touch $(BIN)/flowvae
 
 install: $(BIN)/flowvae

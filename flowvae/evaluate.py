@@ -1,7 +1,7 @@
 """``flowvae evaluate RUN_DIR [RUN_DIR ...] [eval.KEY=VALUE ...]``: score trained runs again, without training.
 
 Comparing prior against posterior generation, a sampled against a mean read-out, more events or other bins needs
-no new training: the model is rebuilt from the run directory (:func:`flowvae.generate.load_run`), generates
+no new training: the model is rebuilt from the run directory (:func:`flowvae.rebuild.load_run`), generates
 with the new ``eval.*`` settings, is scored exactly as a run scores itself, and one row is appended to the run's
 results table (and to ``evaluations.csv`` in the run directory). The row's identity is the training identity plus
 the evaluation settings (:mod:`flowvae.identity`): its ``train_hash`` is the training run's, its ``config_hash``
@@ -85,8 +85,8 @@ def evaluate_run(run_dir: str, overrides: list[str], device: str = "auto") -> tu
     from flowvae import stopping
     from flowvae.config import validate
     from flowvae.files import RunFiles, resolve_path
-    from flowvae.generate import load_run, run_launch_dir
     from flowvae.identity import run_hash
+    from flowvae.rebuild import load_run, run_launch_dir
     from flowvae.results import check_writable, has_ok_row
 
     run = load_run(run_dir, device)
@@ -141,7 +141,7 @@ def main(args: list[str]) -> int:
         print(USAGE, end="")
         return 0 if args else 2
     from flowvae import stopping
-    from flowvae.generate import GenerateError
+    from flowvae.rebuild import RebuildError
     from flowvae.results import ResultsError
 
     stopping.install()
@@ -154,7 +154,7 @@ def main(args: list[str]) -> int:
     for run_dir in runs:
         try:
             status, message = evaluate_run(run_dir, overrides, device)
-        except (ConfigError, GenerateError, ResultsError) as err:
+        except (ConfigError, RebuildError, ResultsError) as err:
             print(f"flowvae evaluate: {run_dir}: {err}", file=sys.stderr)
             worst = max(worst, 2)
             continue

@@ -17,8 +17,9 @@ import yaml
 
 from flowvae import experiment, stopping
 from flowvae.data import file_array, split_mask
-from flowvae.generate import NPZ_MASK, load_run, main, write_events
+from flowvae.generate import NPZ_MASK, main, write_events
 from flowvae.metrics import feature_moments
+from flowvae.rebuild import load_run
 from flowvae.score import main as score_main
 from tests.conftest import TINY, run_flowvae
 

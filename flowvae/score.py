@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from flowvae import __version__, jet_metrics, metrics
+from flowvae import __version__, metrics
 from flowvae.config import LAYOUTS, ConfigError
 from flowvae.data import ZIP_MAGIC, read_array, split_mask
+from flowvae.metrics import distances, protocol
 
 __all__ = ["score_row", "jet_row", "row_columns", "jet_columns", "main"]
 
@@ -56,8 +57,9 @@ def row_columns(n_features: int, kinematics: bool = False, mask: bool = False, j
 def jet_columns(kinematics: bool = False, mask: bool = False) -> list[str]:
     """The jet-level columns: each metric and its error, then each metric's floor with the floor's error
     (``<metric>_floor``, ``<metric>_floor_err``: the metric between two halves of the reference, read like the
-    metric), and FPD's floor before its extrapolation (``fpd_floor_fd``, :func:`jet_metrics.fd_of_halves`)."""
-    columns = jet_metrics.jet_score_columns(kinematics, mask)
+    metric), and FPD's floor before its extrapolation (``fpd_floor_fd``,
+    :func:`flowvae.metrics.protocol.fd_of_halves`)."""
+    columns = protocol.jet_score_columns(kinematics, mask)
     floors = [f"{c}_floor{suffix}" for c in columns if not c.endswith("_err") for suffix in ("", "_err")]
     return [*columns, *floors, "fpd_floor_fd"]
 
@@ -74,7 +76,7 @@ def score_row(generated: np.ndarray, gen_mask: np.ndarray | None, reference: np.
         return jet_row(generated, gen_mask, reference, ref_mask, kinematics, seed=seed)
     kl_options = {"bins": bins, "eps": eps}
     values = metrics.score(generated, reference, gen_mask, ref_mask, **kl_options)
-    _, w1_err = jet_metrics.w1p(generated, gen_mask, reference, ref_mask, num_eval_samples=W1P_EVENTS, seed=seed)
+    _, w1_err = distances.w1p(generated, gen_mask, reference, ref_mask, num_eval_samples=W1P_EVENTS, seed=seed)
     values.update({f"w1_{i}_err": float(err) for i, err in enumerate(w1_err)})
     # the floors of the per-feature metrics: the same metrics between two random halves of the reference
     first, second = metrics.split_halves(len(reference), seed)
@@ -90,12 +92,12 @@ def jet_row(generated: np.ndarray, gen_mask: np.ndarray | None, reference: np.nd
             kinematics: tuple[int, int, int] | None = None, *, seed: int = 0) -> dict[str, float]:
     """The jet-level and multivariate metrics (W1 of jet mass with ``kinematics``, of the multiplicity with masks,
     FPD and KPD always) with their uncertainties, and their noise floors with theirs (:func:`jet_columns`)."""
-    values = jet_metrics.score_jets(generated, gen_mask, reference, ref_mask, kinematics, seed=seed)
-    floors = jet_metrics.jet_noise_floor(reference, ref_mask, kinematics, seed=seed)
+    values = protocol.score_jets(generated, gen_mask, reference, ref_mask, kinematics, seed=seed)
+    floors = protocol.jet_noise_floor(reference, ref_mask, kinematics, seed=seed)
     for key, value in floors.items():
         metric, suffix = (key.removesuffix("_err"), "_err") if key.endswith("_err") else (key, "")
         values[f"{metric}_floor{suffix}"] = value
-    values["fpd_floor_fd"] = jet_metrics.fd_of_halves(reference, ref_mask, kinematics, seed=seed)
+    values["fpd_floor_fd"] = protocol.fd_of_halves(reference, ref_mask, kinematics, seed=seed)
     return values
 
 

@@ -223,7 +223,8 @@ def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path, args):
 
 def test_the_wheel_holds_every_config_and_builds_without_warnings(tmp_path):
     """A non-editable install gets its configs from the wheel: every YAML of conf/ must be in it, under
-    flowvae/conf/. Built from a copy of the project, so the tree gets no build/ folder."""
+    flowvae/conf/, and every module of every subpackage. Built from a copy of the project, so the tree gets no
+    build/ folder."""
     pytest.importorskip("setuptools", minversion="77")
     root = Path(__file__).resolve().parents[1]
     project = tmp_path / "project"
@@ -238,9 +239,12 @@ def test_the_wheel_holds_every_config_and_builds_without_warnings(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "absent from the `packages` configuration" not in out.stdout + out.stderr  # one per group before
     (wheel,) = (tmp_path / "wheel").glob("flowvae-*.whl")
-    in_wheel = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".yaml")}
+    names = zipfile.ZipFile(wheel).namelist()
+    in_wheel = {name for name in names if name.endswith(".yaml")}
     configs = {"flowvae/conf/" + path.relative_to(root / "conf").as_posix() for path in (root / "conf").rglob("*.yaml")}
     assert len(configs) >= 10 and in_wheel == configs
+    modules = {path.relative_to(root).as_posix() for path in (root / "flowvae").rglob("*.py")}
+    assert modules <= set(names), f"modules missing from the wheel: {sorted(modules - set(names))}"  # subpackages
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):

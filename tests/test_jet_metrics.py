@@ -12,24 +12,10 @@ import pytest
 from scipy.linalg import sqrtm
 from scipy.stats import wasserstein_distance
 
-from flowvae.jet_metrics import (
-    EFP_GRAPHS,
-    efps,
-    event_features,
-    fpd,
-    frechet_distance,
-    jet_kinematics,
-    jet_noise_floor,
-    jet_score_columns,
-    kpd,
-    mmd2_unbiased,
-    multiplicity,
-    score_jets,
-    w1_batched,
-    w1_mult,
-    w1m,
-    w1p,
-)
+from flowvae.metrics.distances import fpd, frechet_distance, kpd, mmd2_unbiased, w1_batched, w1_mult, w1m, w1p
+from flowvae.metrics.efp import EFP_GRAPHS, efps, event_features
+from flowvae.metrics.jets import jet_kinematics, multiplicity
+from flowvae.metrics.protocol import jet_noise_floor, jet_score_columns, score_jets
 
 KIN = (0, 1, 2)  # (eta, phi, pt) as JetNet's etarel, phirel, ptrel
 

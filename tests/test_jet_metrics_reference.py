@@ -20,7 +20,8 @@ import pytest
 from scipy.linalg import sqrtm
 from scipy.stats import linregress, wasserstein_distance
 
-from flowvae.jet_metrics import fpd, kpd, mmd2_unbiased, score_jets
+from flowvae.metrics.distances import fpd, kpd, mmd2_unbiased
+from flowvae.metrics.protocol import score_jets
 
 # ---------------------------------------------------------------- the references
 

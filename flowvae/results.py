@@ -57,10 +57,13 @@ def _format(columns: list[str], rows: list[dict], header: bool) -> str:
 
 
 def _existing_header(path: Path) -> list[str] | None:
+    """The first line of an existing, non-empty file as CSV fields (at most :data:`HEADER_BYTES` of it), or None.
+    Raises UnicodeDecodeError for a binary file (an .npz, a picture, a checkpoint)."""
     if not path.exists() or path.stat().st_size == 0:
         return None
-    with path.open(newline="") as f:
-        return next(csv.reader(f), None)
+    with path.open("rb") as f:
+        first = f.readline(HEADER_BYTES)
+    return next(csv.reader([first.decode("utf-8").rstrip("\r\n")]), [])
 
 
 def _lock(path: Path, timeout: float) -> FileLock:
@@ -100,18 +103,13 @@ def _check_table(path: Path) -> None:
     """Refuse an existing, non-empty file whose first line is not a results table's header (a data file, a
     typo'd name), naming the file and the fix. Reads the first line only, without the lock: appends write whole
     lines and a widened table is renamed into place, so the header read is always whole."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
     try:
-        with path.open("rb") as f:
-            first = f.readline(HEADER_BYTES)
+        header = _existing_header(path)
     except OSError as err:
         raise ResultsError(f"cannot read {path}: {err.strerror or err}") from None
-    try:
-        header = next(csv.reader([first.decode("utf-8").rstrip("\r\n")]), [])
     except UnicodeDecodeError:  # binary: an .npz, a picture, a checkpoint
         header = []
-    if not set(REQUIRED_COLUMNS) <= set(header):
+    if header is not None and not set(REQUIRED_COLUMNS) <= set(header):
         raise ResultsError(f"{path} is not a flowvae results table (its first line is not a CSV header with the "
                            f"columns {', '.join(REQUIRED_COLUMNS)}); rows go to a new file or to an existing "
                            f"results table: give another file name, e.g. results.csv")

@@ -341,6 +341,7 @@ def exact_log_det(flow: torch.nn.Module, z: Tensor, params: Tensor) -> tuple[Ten
     dim, ones = z.shape[1], torch.ones_like(z[:, :1])
     if q is None:
         a_z, q_sign, q_log_det, q_bound, u_shift = a, 1.0, 0.0, 0.0, 0.0
+        abs_u = z.abs().double()  # |u| = |z|
     else:
         q = q.squeeze(1)  # (B, D, D)
         a_z = torch.tensor(exact_matmul(a, q.mT), dtype=torch.float64)  # A Q̄ᵀ to within float64's rounding
@@ -348,16 +349,15 @@ def exact_log_det(flow: torch.nn.Module, z: Tensor, params: Tensor) -> tuple[Ten
                                           for matrix in q.tolist()], dtype=torch.float64).T
         q_sign, q_log_det = q_sign * q_sign, 2 * q_log_det  # det(Q̄)²
         q_bound = rotation_bound(dim, getattr(flow, "num_householder", flow.rank), params.dtype)
-        u_shift = gamma(dim, params.dtype) * (a.abs().double() @ (q.abs().double().mT @ z.abs().double()
-                                                                  .unsqueeze(-1))).squeeze(-1)
-    with_bias = torch.cat([a_z.to(a.dtype) if q is None else a_z, b.unsqueeze(-1).to(a_z.dtype)], -1)
+        abs_u = (q.abs().double().mT @ z.abs().double().unsqueeze(-1)).squeeze(-1)  # |Q̄ᵀ||z| >= |u|
+        u_shift = gamma(dim, params.dtype) * (a.abs().double() @ abs_u.unsqueeze(-1)).squeeze(-1)
+    with_bias = torch.cat([a_z, b.unsqueeze(-1).to(a_z.dtype)], -1)
     pre = torch.tensor(
         exact_matmul(with_bias, torch.cat([z, ones], -1).to(with_bias.dtype).unsqueeze(-1)), dtype=torch.float64
     )[..., 0]
     gram = exact_matmul(a, c)  # G = A C, exact
     diagonal = torch.tensor([[1 + g[m][m] for m in range(len(g))] for g in gram], dtype=torch.float64)  # 1 + G_mm
-    inputs = torch.cat([z.abs(), ones], -1).double() if q is None else torch.cat(
-        [(q.abs().double().mT @ z.abs().double().unsqueeze(-1)).squeeze(-1), ones.double()], -1)
+    inputs = torch.cat([abs_u, ones.double()], -1)
     shift = gamma(dim + 1, params.dtype) * (torch.cat([a, b.unsqueeze(-1)], -1).abs().double()
                                             @ inputs.unsqueeze(-1)).squeeze(-1) + u_shift  # >= the flow's |ã - a|
 

@@ -20,7 +20,7 @@ from flowvae.cores import choose_threads
 from flowvae.data import Events, file_array
 from flowvae.files import RunFiles, replaced
 from flowvae.identity import train_hash
-from flowvae.model import FlowVAE, build_model
+from flowvae.models import FlowVAE, build_model
 from flowvae.train import CheckpointMismatch, check_checkpoint, fit
 from flowvae.transforms import FeatureMap
 

@@ -37,7 +37,7 @@ class Run:
     cfg: Any  # DictConfig
     events: Any  # flowvae.data.Events
     feature_map: Any  # flowvae.transforms.FeatureMap
-    model: Any  # flowvae.model.FlowVAE, in eval mode
+    model: Any  # flowvae.models.FlowVAE, in eval mode
     device: Any  # torch.device
     epoch: int  # epochs in the checkpoint
     root: Path  # the run directory
@@ -184,7 +184,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto", allow_unfinished:
     """Rebuild the trained run in ``run_dir`` on ``device``. Raises :class:`RebuildError` for anything the user
     can fix: not a run directory, no or a foreign checkpoint, unfinished training, data that is gone."""
     from flowvae.experiment import choose_device, fit_feature_map
-    from flowvae.model import build_model
+    from flowvae.models import build_model
 
     files = _run_files(run_dir)
     root = files.root

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from flowvae.files import replaced
-from flowvae.model import FlowVAE
+from flowvae.models import FlowVAE
 
 __all__ = ["TrainOutcome", "fit", "evaluate_loss", "save_atomic", "check_checkpoint", "CheckpointMismatch"]
 

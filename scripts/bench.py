@@ -41,7 +41,7 @@ from flowvae.cores import choose_threads, cpu_name
 from flowvae.data import load_events
 from flowvae.experiment import configure_torch, generate_events, model_input
 from flowvae.flows import FLOWS
-from flowvae.model import FlowVAE, build_model
+from flowvae.models import FlowVAE, build_model
 from flowvae.score import score_row
 from flowvae.train import _make_optimizer, _make_step, evaluate_loss, save_atomic
 

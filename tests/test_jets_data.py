@@ -10,7 +10,7 @@ import torch
 
 from flowvae.config import ConfigError, validate
 from flowvae.data import file_array, load_events, split_mask
-from flowvae.model import FlowVAE
+from flowvae.models import FlowVAE
 from flowvae.transforms import FeatureMap
 from tests.conftest import compose_config
 
@@ -139,7 +139,7 @@ def test_padded_particles_change_no_loss():
     z = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
     mean, log_var = model.decode(z)
     weight = mask.repeat(1, 2)
-    from flowvae.model import _gaussian_log_prob
+    from flowvae.models.vae import _gaussian_log_prob
 
     assert torch.equal(_gaussian_log_prob(values.flatten(1), mean, log_var, weight),
                        _gaussian_log_prob(moved.flatten(1), mean, log_var, weight))

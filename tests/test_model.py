@@ -9,7 +9,7 @@ import torch
 from torch.distributions import Normal
 
 from flowvae.flows import FLOWS as REGISTRY
-from flowvae.model import MSE_SIGMA, FlowVAE
+from flowvae.models import MSE_SIGMA, FlowVAE
 
 FLOWS = list(REGISTRY)  # every registered family, "none" included
 

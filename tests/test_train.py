@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from flowvae import train as train_module
-from flowvae.model import FlowVAE
+from flowvae.models import FlowVAE
 from flowvae.train import CheckpointMismatch, check_checkpoint, evaluate_loss, fit
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from flowvae import flows
 
-__all__ = ["FlowVAE", "LossTerms", "build_model"]
+__all__ = ["FlowVAE", "LossTerms", "MSE_SIGMA"]
 
 LOG_2PI = math.log(2 * math.pi)
 # The MSE-sum loss sum (x - mean)^2 is -log N(x; mean, 1/2) up to a constant: its implied noise has variance 1/2.
@@ -182,11 +182,3 @@ class FlowVAE(nn.Module):
         slots = torch.arange(self.n_mask, device=z.device)
         mask = (slots < multiplicity[:, None]).to(events.dtype)
         return torch.cat([events * mask.repeat(1, self.n_in // self.n_mask), mask], dim=-1)
-
-
-def build_model(n_in: int, cfg_model, cfg_flow, n_flows: int, n_mask: int = 0) -> FlowVAE:
-    """The VAE of the ``model.*`` config with the flow stack of ``flow.*`` and ``n_flows``; ``n_mask`` = P for
-    events with a particle mask."""
-    options = {k: v for k, v in cfg_flow.items() if k != "name" and v is not None}
-    return FlowVAE(n_in, list(cfg_model.hidden), cfg_model.latent_dim, cfg_flow.name, n_flows, options,
-                   cfg_model.likelihood, cfg_model.sigma_x, n_mask)

@@ -1,0 +1,26 @@
+"""The VAE family: one module per architecture, chosen by ``model.name`` (the ``model=`` config group).
+
+* ``default`` (:mod:`flowvae.models.vae`): MLP encoder and decoder, p(x|z) a Gaussian per element (independent
+  given z), a categorical over the multiplicity for masked events.
+
+Every architecture shares the encoder, the posterior flows (``flow=``, ``n_flows``) and the loss.
+"""
+
+from __future__ import annotations
+
+from flowvae.models.vae import MSE_SIGMA, FlowVAE, LossTerms
+
+__all__ = ["FlowVAE", "LossTerms", "MSE_SIGMA", "MODELS", "build_model"]
+
+# model.name -> what it is, for errors and --help; the one list of architectures.
+MODELS = {
+    "default": "Gaussian per element given z (independent particles)",
+}
+
+
+def build_model(n_in: int, cfg_model, cfg_flow, n_flows: int, n_mask: int = 0) -> FlowVAE:
+    """The VAE of the ``model.*`` config with the flow stack of ``flow.*`` and ``n_flows``; ``n_mask`` = P for
+    events with a particle mask."""
+    options = {k: v for k, v in cfg_flow.items() if k != "name" and v is not None}
+    return FlowVAE(n_in, list(cfg_model.hidden), cfg_model.latent_dim, cfg_flow.name, n_flows, options,
+                   cfg_model.likelihood, cfg_model.sigma_x, n_mask)

@@ -24,7 +24,7 @@ from flowvae.config import ConfigError, per_feature
 from flowvae.files import resolve_path
 
 __all__ = ["Events", "Scaler", "gaussian_events", "jet_events", "read_array", "split_events", "split_mask",
-           "file_array", "npy_events", "load_events"]
+           "file_array", "order_particles", "npy_events", "load_events"]
 
 NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
 # Values per chunk when counting non-finite values, so a large array needs no full-size boolean mask.
@@ -271,6 +271,17 @@ def file_array(events: np.ndarray, mask: np.ndarray | None, mask_feature: int | 
     if mask is not None:
         events = np.insert(events, mask_feature if mask_feature is not None else events.shape[1], mask, axis=1)
     return np.ascontiguousarray(events.transpose(0, 2, 1) if layout == "particles_first" else events)
+
+
+def order_particles(events: np.ndarray, mask: np.ndarray | None, by: int) -> np.ndarray:
+    """``events`` (N, F, P) with each event's real particles sorted by feature ``by``, largest first, padded
+    particles after them: the order of JetNet's files (by pT). The mask, a prefix, is unchanged; the set of
+    particles of each event is the same, so no jet-level or pooled per-feature metric changes."""
+    key = np.asarray(events[:, by], dtype=np.float64)
+    if mask is not None:
+        key = np.where(mask, key, -np.inf)
+    order = np.argsort(-key, axis=1, kind="stable")
+    return np.take_along_axis(events, order[:, None, :], axis=2)
 
 
 def _modelled(indices, mask_feature: int | None):

@@ -123,7 +123,7 @@ def _score(cfg, run, results_csv: Path, identity: str, tracker: Tracker) -> tupl
     experiment.configure_torch(choose_threads(cfg.train.threads, 1))
     generated, gen_mask = experiment.generate_events(run.model, cfg.eval, run.test_input(cfg.eval.source),
                                                      cfg.seed, run.events.test.shape[1:])
-    generated = run.feature_map.inverse(generated, gen_mask)
+    generated = experiment.data_units(run.feature_map, generated, gen_mask, run.events.kinematics)
     stopping.check("while generating")
     values = experiment.score_events(cfg, run.events, generated, gen_mask)
     values.update(experiment.final_losses(run.history), epochs_run=0, resumed_from=run.epoch)

@@ -161,13 +161,13 @@ def file_blocks(run: Run, n: int, source: str, decode: str, seed: int
     """N events as the data's file holds them, block by block: (events in the data's units and layout with the
     mask at ``data.mask_feature``, the mask (b, P) bool or None)."""
     from flowvae.data import file_array
-    from flowvae.experiment import generate_blocks
+    from flowvae.experiment import data_units, generate_blocks
 
     events = run.events
     mask_feature = run.cfg.data.get("mask_feature")
     for values, mask in generate_blocks(run.model, n, source, decode, run.test_input(source), seed,
                                         events.test.shape[1:]):
-        values = run.feature_map.inverse(values, mask)
+        values = data_units(run.feature_map, values, mask, run.events.kinematics)
         yield file_array(values, None if mask is None else mask.astype(values.dtype), mask_feature,
                          run.layout), mask
 

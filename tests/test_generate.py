@@ -250,7 +250,7 @@ def test_many_blocks_give_the_events_of_one_in_memory_pass(runs, generate, tmp_p
     test_x = experiment.model_input(run.feature_map.forward(events.test, events.test_mask), "cpu", events.test_mask)
     cfg_eval = SimpleNamespace(n_samples=n, source=source, decode=decode)
     values, mask = experiment.generate_events(run.model, cfg_eval, test_x, 7, events.test.shape[1:])
-    values = run.feature_map.inverse(values, mask)
+    values = experiment.data_units(run.feature_map, values, mask, events.kinematics)
     expected = file_array(values, None if mask is None else mask.astype(values.dtype), run.cfg.data.mask_feature,
                           run.layout)
     assert np.array_equal(np.load(tmp_path / "gen.npy"), expected)

@@ -14,7 +14,12 @@ logits of a categorical over the multiplicity n = 0 … P. Then
     -log p(x|z_K) = -sum over real particles of log N(x; mean, var) - log Cat(n; softmax(logits)),
 
 padded particles enter no term, and a generated event has n ~ Cat(softmax(logits)) real particles (the first n
-slots).
+slots), n ≥ 1: a jet has at least one particle.
+
+With ``coupling_layers`` > 0 (the ``conditional_flow`` model) the Gaussian is the base of a coupling flow
+conditioned on z and the mask (:class:`flowvae.models.conditional_flow.CouplingFlow`), and log N(x; mean, var) above
+becomes log N(g⁻¹(x); mean, var) + log|det ∂g⁻¹/∂x|, over the real particles' values: their exact density given z
+and n, now with the particles correlated given z.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowvae import flows
+from flowvae.models.conditional_flow import CouplingFlow
 
 __all__ = ["FlowVAE", "LossTerms", "MSE_SIGMA"]
 
@@ -68,11 +74,14 @@ class FlowVAE(nn.Module):
 
     Events enter flattened, shape (B, n_in) with n_in = features * particles. ``likelihood`` is ``mse`` (the sum
     of squared errors), or ``gaussian`` with a learned per-element variance (``sigma_x=None``) or a fixed one.
+    ``coupling_layers`` > 0 pushes that Gaussian through a coupling flow conditioned on z (and the mask) with
+    ``coupling_hidden`` conditioner widths; it needs ``n_features`` to lay the event out as (F, P).
     """
 
     def __init__(self, n_in: int, hidden: list[int], latent_dim: int, flow: str = "none", n_flows: int = 0,
                  flow_options: dict | None = None, likelihood: str = "gaussian", sigma_x: float | None = None,
-                 n_mask: int = 0):
+                 n_mask: int = 0, coupling_layers: int = 0, coupling_hidden: list[int] | None = None,
+                 n_features: int | None = None):
         super().__init__()
         self.n_in, self.latent_dim, self.likelihood = n_in, latent_dim, likelihood
         self.n_mask = n_mask  # P when events carry a particle mask (appended to the input), else 0
@@ -87,6 +96,13 @@ class FlowVAE(nn.Module):
         self.decoder = _mlp([latent_dim, *reversed(hidden)])
         self.decoder_head = nn.Linear(hidden[0], 2 * n_in if self.learned_variance else n_in)
         self.multiplicity_head = nn.Linear(hidden[0], n_mask + 1) if n_mask else None
+        self.likelihood_flow = None
+        if coupling_layers:
+            if not n_features or n_in % n_features:
+                raise ValueError(f"a coupling likelihood needs the event's feature count dividing n_in={n_in}, "
+                                 f"got n_features={n_features}")
+            self.likelihood_flow = CouplingFlow(n_features, n_in // n_features, coupling_layers,
+                                                list(coupling_hidden or hidden), latent_dim + n_mask)
         self.flows = flows.build(flow, latent_dim, n_flows, **(flow_options or {}))
         # One matmul gives every flow's amortized parameters at once.
         n_params = self.flows.num_params
@@ -145,10 +161,14 @@ class FlowVAE(nn.Module):
         mean, log_var = self._decode(h)
         values, mask = self.split_input(x)
         weight = None if mask is None else mask.repeat(1, self.n_in // self.n_mask)  # (B, F·P), features first
+        log_det = 0.0
+        if self.likelihood_flow is not None:  # the base value u = g⁻¹(x) and log|det ∂g⁻¹/∂x|
+            values, log_det = self.likelihood_flow.inverse(values, self._context(z_k, mask), weight)
         if self.likelihood == "mse":
             recon = _sum((values - mean).pow(2), weight)
         else:
             recon = -_gaussian_log_prob(values, mean, log_var, weight)
+        recon = recon - log_det
         if mask is not None:
             multiplicity = mask.sum(-1).round().long()
             recon = recon + F.cross_entropy(self.multiplicity_head(h), multiplicity, reduction="none")
@@ -173,12 +193,23 @@ class FlowVAE(nn.Module):
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             events = mean + std * noise
         if not self.n_mask:
-            return events
-        logits = self.multiplicity_head(h)
+            return self._through_flow(events, z, None, None)
+        logits = self.multiplicity_head(h)[:, 1:]  # n = 1 … P: a jet has at least one particle
         if decode == "mean":
-            multiplicity = logits.argmax(-1)
+            multiplicity = logits.argmax(-1) + 1
         else:
-            multiplicity = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+            multiplicity = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1) + 1
         slots = torch.arange(self.n_mask, device=z.device)
         mask = (slots < multiplicity[:, None]).to(events.dtype)
-        return torch.cat([events * mask.repeat(1, self.n_in // self.n_mask), mask], dim=-1)
+        weight = mask.repeat(1, self.n_in // self.n_mask)
+        return torch.cat([self._through_flow(events * weight, z, mask, weight), mask], dim=-1)
+
+    def _context(self, z: Tensor, mask: Tensor | None) -> Tensor:
+        """What the likelihood's coupling layers are conditioned on: z, and the mask when events have one."""
+        return z if mask is None else torch.cat([z, mask], dim=-1)
+
+    def _through_flow(self, base: Tensor, z: Tensor, mask: Tensor | None, weight: Tensor | None) -> Tensor:
+        """Base values u (B, n_in) as events x = g(u; z, mask); u itself without a likelihood flow."""
+        if self.likelihood_flow is None:
+            return base
+        return self.likelihood_flow(base, self._context(z, mask), weight)[0]

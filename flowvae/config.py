@@ -26,6 +26,7 @@ LAYOUTS = ("features_first", "particles_first")
 TRANSFORMS = ("none", "log", "logit")
 SOURCES = ("prior", "posterior")
 DEVICES = ("auto", "cpu", "cuda")
+LR_SCHEDULES = ("constant", "cosine")
 LOGGERS = ("none", "mlflow")
 
 
@@ -93,6 +94,10 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0
     progress: str = "auto"
+    val_fraction: float = 0.0  # share of the training events held out for validation (0: none)
+    patience: int | None = None  # epochs without a better validation loss before training stops early
+    lr_schedule: str = "constant"  # constant, cosine (per step, from lr to lr * lr_min_factor over the epochs)
+    lr_min_factor: float = 0.0
 
 
 @dataclass
@@ -238,6 +243,16 @@ def _validate_train(cfg: DictConfig) -> None:
              t.grad_clip, "a number > 0, or null for no clipping")
     _require(t.device in DEVICES, "train.device", t.device, f"one of {', '.join(DEVICES)}")
     _require(t.progress in ("auto", "bar", "log"), "train.progress", t.progress, "one of auto, bar, log")
+    _require(math.isfinite(t.val_fraction) and 0 <= t.val_fraction < 1, "train.val_fraction", t.val_fraction,
+             "a number in [0, 1): the share of the training events held out for validation, e.g. 0.1 (0: none)")
+    if t.patience is not None:
+        _positive_int(cfg, "train.patience")
+        _require(t.val_fraction > 0, "train.patience", t.patience,
+                 "null unless train.val_fraction > 0: early stopping watches the validation loss (set e.g. "
+                 "train.val_fraction=0.1, or train.patience=null)")
+    _require(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", t.lr_schedule, f"one of {', '.join(LR_SCHEDULES)}")
+    _require(math.isfinite(t.lr_min_factor) and 0 <= t.lr_min_factor <= 1, "train.lr_min_factor", t.lr_min_factor,
+             "a number in [0, 1]: the cosine schedule's last learning rate as a share of train.lr")
 
 
 def _validate_eval(cfg: DictConfig) -> None:

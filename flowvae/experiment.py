@@ -21,7 +21,7 @@ from flowvae.data import Events, file_array
 from flowvae.files import RunFiles, replaced
 from flowvae.identity import train_hash
 from flowvae.models import FlowVAE, build_model
-from flowvae.train import CheckpointMismatch, check_checkpoint, fit
+from flowvae.train import CheckpointMismatch, check_checkpoint, fit, split_validation
 from flowvae.transforms import FeatureMap
 
 __all__ = ["metric_columns", "event_metric_columns", "preflight", "train_and_score", "generate_blocks",
@@ -38,7 +38,7 @@ def metric_columns(n_features: int, kinematics: bool = False, mask: bool = False
     from flowvae.score import row_columns
 
     return [*row_columns(n_features, kinematics, mask), "final_train_loss", "final_test_loss", "final_recon",
-            "final_kl_term", "epochs_run", "resumed_from"]
+            "final_kl_term", "epochs_run", "resumed_from", "epochs_trained", "best_epoch"]
 
 
 def event_metric_columns(events: Events) -> list[str]:
@@ -107,12 +107,16 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
     torch.manual_seed(cfg.seed)
     n_mask = events.n_particles if events.train_mask is not None else 0
     model = build_model(events.n_features * events.n_particles, cfg.model, cfg.flow, cfg.n_flows, n_mask).to(device)
+    train_x, val_x = split_validation(train_x, cfg.train.val_fraction, cfg.data.seed)  # never the scoring set
     outcome = fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=files.checkpoint,
                   extra_state=checkpoint_key(cfg),
-                  on_epoch=lambda history: _epoch_done(files, history, on_epoch), should_stop=stopping.requested)
+                  on_epoch=lambda history: _epoch_done(files, history, on_epoch), should_stop=stopping.requested,
+                  val_x=val_x, best=files.best)
     if outcome.status == "interrupted":
         return outcome.status, outcome.message, {}
-    values: dict = {"epochs_run": outcome.epochs_run, "resumed_from": outcome.resumed_from}
+    values: dict = {"epochs_run": outcome.epochs_run, "resumed_from": outcome.resumed_from,
+                    "epochs_trained": outcome.epochs_trained,
+                    "best_epoch": "" if outcome.best_epoch is None else outcome.best_epoch}
     if outcome.status == "diverged":
         return outcome.status, outcome.message, values
 

@@ -49,6 +49,12 @@ class RunFiles:
         return self.root / "checkpoint.pt"
 
     @property
+    def best(self) -> Path:
+        """With validation (``train.val_fraction`` > 0): the weights of the epoch with the lowest validation loss,
+        the model that is generated from and scored."""
+        return self.root / "best.pt"
+
+    @property
     def curves(self) -> Path:
         """Per-epoch losses."""
         return self.root / "training_curves.csv"

@@ -4,8 +4,9 @@
 The run is rebuilt from its directory: the composed config (``.hydra/config.yaml``, merged onto the schema, so keys
 added since get their defaults), the data it was trained on (relative paths from where the run was launched,
 ``hydra.runtime.cwd``), the same feature transforms and scaler (fitted again on the same training events:
-deterministic), and the weights of ``checkpoint.pt``. Its held-out events alone need no model and no checkpoint
-(:func:`load_held_out`).
+deterministic), and the weights of ``checkpoint.pt``, or with validation (``train.val_fraction`` > 0) those of its
+best epoch, ``best.pt``, which the run generated from and scored. Its held-out events alone need no model and no
+checkpoint (:func:`load_held_out`).
 
 A run whose training did not finish (its checkpoint is before ``train.epochs``, or inside an epoch: interrupted,
 diverged, or still training) is refused unless ``allow_unfinished``; a checkpoint whose recorded config hash is
@@ -135,12 +136,32 @@ def _load_checkpoint(files: RunFiles, key: dict, epochs: int, allow_unfinished: 
     if recorded != key:
         raise RebuildError(f"{files.checkpoint} was written by another config ({recorded}) than the run's "
                             f".hydra/config.yaml ({key}); was the config edited or the checkpoint copied?")
-    unfinished = epoch < epochs or state.get("partial") is not None
+    validation = state.get("validation") or {}
+    unfinished = (epoch < epochs and not validation.get("stopped")) or state.get("partial") is not None
     if unfinished and not allow_unfinished:
         status = _status(files)
         raise RebuildError(f"{files.root}: training did not finish (checkpoint after epoch {epoch} of {epochs}"
                             f"{status}); pass --allow-unfinished to generate from this checkpoint anyway")
+    if validation.get("best_epoch"):
+        weights = _best_weights(files, key, int(validation["best_epoch"]))
     return {"model": weights, "epoch": epoch, "history": list(state.get("history") or [])}
+
+
+def _best_weights(files: RunFiles, key: dict, best_epoch: int) -> dict:
+    """The weights of the run's best validation epoch, from ``best.pt``, checked against the checkpoint's record."""
+    import torch
+
+    try:
+        state = torch.load(files.best, map_location="cpu", weights_only=True)
+        weights, epoch, recorded = state["model"], int(state["epoch"]), state.get("extra") or {}
+    except Exception as err:  # noqa: BLE001 - missing, damaged or foreign
+        raise RebuildError(f"{files.best}: the weights of the best validation epoch ({best_epoch}) cannot be read "
+                            f"({type(err).__name__}: {err})") from None
+    if epoch != best_epoch or recorded != key:
+        raise RebuildError(f"{files.best} holds epoch {epoch} of config {recorded}, not the checkpoint's best "
+                            f"validation epoch {best_epoch} of {key}: copied from another run, or written after the "
+                            f"last checkpoint (rerun the run's command to resume it)")
+    return weights
 
 
 def _status(files: RunFiles) -> str:

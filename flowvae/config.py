@@ -107,6 +107,7 @@ class EvalConfig:
     source: str = "prior"
     bins: int = 100
     eps: float = 1e-10
+    protocol: str = "scaled"
 
 
 @dataclass
@@ -262,6 +263,9 @@ def _validate_eval(cfg: DictConfig) -> None:
     _require(e.decode in DECODES, "eval.decode", e.decode, f"one of {', '.join(DECODES)}")
     _require(e.source in SOURCES, "eval.source", e.source, f"one of {', '.join(SOURCES)}")
     _require(math.isfinite(e.eps) and e.eps > 0, "eval.eps", e.eps, "a small number > 0, e.g. 1e-10")
+    from flowvae.metrics.protocol import PROTOCOLS  # numpy and scipy: only when a config is checked
+
+    _require(e.protocol in PROTOCOLS, "eval.protocol", e.protocol, f"one of {', '.join(PROTOCOLS)}")
 
 
 def _validate_logger(cfg: DictConfig) -> None:

@@ -131,7 +131,7 @@ def _score(cfg, run, results_csv: Path, identity: str, tracker: Tracker) -> tupl
     stopping.check("before its row was written")
     append_row(results_csv, row)
     append_row(run.root / "evaluations.csv", row)
-    tracker.finish("ok", metric_values(row, run.events))
+    tracker.finish("ok", metric_values(row, run.events, cfg.eval.protocol))
     return "ok", f"kl_sum={values['kl_sum']:.4g}, row appended to {results_csv}"
 
 

@@ -32,18 +32,25 @@ log = logging.getLogger(__name__)
 GENERATE_BATCH = 2000
 
 
-def metric_columns(n_features: int, kinematics: bool = False, mask: bool = False) -> list[str]:
+def metric_columns(n_features: int, kinematics: bool = False, mask: bool = False, protocol: str = "scaled"
+                   ) -> list[str]:
     """The result row's metric columns for events of ``n_features`` features, with jet kinematics and a
-    particle mask or not, in their order."""
+    particle mask or not, under metric ``protocol`` (``eval.protocol``), in their order."""
     from flowvae.score import row_columns
 
-    return [*row_columns(n_features, kinematics, mask), "final_train_loss", "final_test_loss", "final_recon",
-            "final_kl_term", "epochs_run", "resumed_from", "epochs_trained", "best_epoch"]
+    return [*row_columns(n_features, kinematics, mask, protocol=protocol), "final_train_loss", "final_test_loss",
+            "final_recon", "final_kl_term", "epochs_run", "resumed_from"]
 
 
-def event_metric_columns(events: Events) -> list[str]:
-    """The metric columns of a row scored on ``events`` (their features, kinematics and mask decide them)."""
-    return metric_columns(events.n_features, events.kinematics is not None, events.train_mask is not None)
+def event_metric_columns(events: Events, protocol: str) -> list[str]:
+    """The metric columns of a row scored on ``events`` under metric ``protocol`` (``cfg.eval.protocol``; the
+    events' features, kinematics and mask decide the rest). A protocol the events cannot be scored by (jetnet's
+    needs jet kinematics) is a :class:`ConfigError`."""
+    try:
+        return metric_columns(events.n_features, events.kinematics is not None, events.train_mask is not None,
+                              protocol)
+    except ValueError as err:
+        raise ConfigError("eval.protocol", protocol, f"{err}; use eval.protocol=scaled for these data") from None
 
 
 def choose_device(name: str) -> torch.device:
@@ -153,15 +160,21 @@ def fit_feature_map(cfg: DictConfig, events: Events) -> FeatureMap:
 
 
 def score_events(cfg: DictConfig, events: Events, generated: np.ndarray, gen_mask: np.ndarray | None) -> dict:
-    """The row's metrics of generated against held-out events (:func:`flowvae.score.score_row`)."""
+    """The row's metrics of generated against held-out events (:func:`flowvae.score.score_row`) under
+    ``cfg.eval.protocol``; jetnet's floors are the truth row, the held-out events against the run's training
+    events (a disjoint real set of the same kind, in the same units)."""
     from threadpoolctl import threadpool_limits
 
+    from flowvae.metrics.protocol import PROTOCOLS
     from flowvae.score import score_row
 
+    protocol = cfg.eval.protocol
+    event_metric_columns(events, protocol)  # a protocol these events cannot have: a ConfigError before the work
+    truth = (events.train, events.train_mask) if PROTOCOLS[protocol].floor == "truth" else None
     # numpy's BLAS takes every core by default: beside a sweep's other jobs that made scoring 10x slower
     with threadpool_limits(limits=torch.get_num_threads()):
         return score_row(generated, gen_mask, events.test, events.test_mask, events.kinematics,
-                         bins=cfg.eval.bins, eps=cfg.eval.eps, seed=cfg.seed)
+                         bins=cfg.eval.bins, eps=cfg.eval.eps, seed=cfg.seed, protocol=protocol, truth=truth)
 
 
 def _epoch_done(files: RunFiles, history: list[dict], then: Callable[[list[dict]], None] | None) -> None:

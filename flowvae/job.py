@@ -142,7 +142,7 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int,
 
         feature_map = experiment.fit_feature_map(cfg, events)  # a value outside a transform's domain
         experiment.preflight(cfg, files)
-        columns = experiment.event_metric_columns(events)
+        columns = experiment.event_metric_columns(events, cfg.eval.protocol)
         if cfg.optimize.metric not in columns:
             raise ConfigError("optimize.metric", cfg.optimize.metric, f"a metric column of this data's rows: "
                                                                       f"{', '.join(columns)}")
@@ -264,7 +264,7 @@ def _train(checked: _Checked, files: RunFiles, tracker: Tracker) -> int:
         log.error("run finished but its row is not in the table: %s", message)
     write_row_file(files.result, row)
     _remember(row)
-    tracker.finish(status, metric_values(row, events), message)
+    tracker.finish(status, metric_values(row, events, cfg.eval.protocol), message)
     log.info("%s: kl_sum=%s, row appended to %s; the run's files are in %s", status, row.get("kl_sum") or "n/a",
              checked.results_csv, files.root)
     return _finish(files, status, message)
@@ -277,7 +277,7 @@ def result_row(cfg: DictConfig, events, values: dict, status: str, message: str,
     columns, whatever its outcome."""
     from flowvae.experiment import event_metric_columns
 
-    columns = event_metric_columns(events)
+    columns = event_metric_columns(events, cfg.eval.protocol)
     settings = run_settings(cfg)
     cell = {key: settings.pop(key) for key in ("flow", "n_flows", "seed")}
     return {**cell, **{key: values.get(key, "") for key in columns}, "status": status, "error": message,
@@ -287,11 +287,12 @@ def result_row(cfg: DictConfig, events, values: dict, status: str, message: str,
             "host": platform.node()}
 
 
-def metric_values(row: dict, events) -> dict:
-    """What a tracker logs of a row scored on ``events``: its metric columns and its wall time."""
+def metric_values(row: dict, events, protocol: str) -> dict:
+    """What a tracker logs of a row scored on ``events`` under metric ``protocol`` (``cfg.eval.protocol``): its
+    metric columns and its wall time."""
     from flowvae.experiment import event_metric_columns
 
-    return {key: row[key] for key in (*event_metric_columns(events), "wall_seconds")}
+    return {key: row[key] for key in (*event_metric_columns(events, protocol), "wall_seconds")}
 
 
 @contextmanager

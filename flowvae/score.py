@@ -27,7 +27,8 @@ import numpy as np
 from flowvae import __version__, metrics
 from flowvae.config import LAYOUTS, ConfigError
 from flowvae.data import ZIP_MAGIC, read_array, split_mask
-from flowvae.metrics import distances, protocol
+from flowvae.metrics import distances
+from flowvae.metrics import protocol as jet_protocol
 
 __all__ = ["score_row", "jet_row", "row_columns", "jet_columns", "main"]
 
@@ -40,40 +41,49 @@ AXES = {"features_first": "(events, features, particles)", "particles_first": "(
 JET_LEVEL = "W1 of jet mass and multiplicity, FPD, KPD and their floors"
 
 
+# What each --protocol is, for --help.
+PROTOCOL_HELP = {"scaled": "batch sizes scaled to the sets, jet mass and pT beside the EFPs (default)",
+                 "jetnet": "jetnet's published defaults (W1M, W1P, W1EFP, FPD, KPD), floors against --truth"}
+
+
 class ScoreError(ValueError):
     """The two files cannot be compared as given; the message says what differs and the likely fix."""
 
 
-def row_columns(n_features: int, kinematics: bool = False, mask: bool = False, jet_level_only: bool = False
-                ) -> list[str]:
+def row_columns(n_features: int, kinematics: bool = False, mask: bool = False, jet_level_only: bool = False,
+                protocol: str = "scaled") -> list[str]:
     """The columns of :func:`score_row` for events of ``n_features`` features, with kinematics and a mask or
     not, in their order; ``jet_level_only``: the jet-level ones alone (:func:`jet_columns`)."""
     if jet_level_only:
-        return jet_columns(kinematics, mask)
+        return jet_columns(kinematics, mask, protocol, n_features)
     return [*metrics.score_columns(n_features), *[f"w1_{i}_err" for i in range(n_features)], "noise_floor",
-            "w1_sum_floor", "js_sum_floor", *jet_columns(kinematics, mask)]
+            "w1_sum_floor", "js_sum_floor", *jet_columns(kinematics, mask, protocol, n_features)]
 
 
-def jet_columns(kinematics: bool = False, mask: bool = False) -> list[str]:
-    """The jet-level columns: each metric and its error, then each metric's floor with the floor's error
-    (``<metric>_floor``, ``<metric>_floor_err``: the metric between two halves of the reference, read like the
-    metric), and FPD's floor before its extrapolation (``fpd_floor_fd``,
-    :func:`flowvae.metrics.protocol.fd_of_halves`)."""
-    columns = protocol.jet_score_columns(kinematics, mask)
-    floors = [f"{c}_floor{suffix}" for c in columns if not c.endswith("_err") for suffix in ("", "_err")]
-    return [*columns, *floors, "fpd_floor_fd"]
+def jet_columns(kinematics: bool = False, mask: bool = False, protocol: str = "scaled", n_features: int = 0
+                ) -> list[str]:
+    """The jet-level columns of ``protocol`` (:data:`flowvae.metrics.protocol.PROTOCOLS`): each metric and its
+    error, then each metric's floor with the floor's error (``<metric>_floor``, ``<metric>_floor_err``, read like
+    the metric: under ``scaled`` between two halves of the reference, under ``jetnet`` between the reference and
+    a disjoint real set), and under ``scaled`` FPD's floor before its extrapolation (``fpd_floor_fd``,
+    :func:`flowvae.metrics.protocol.fd_of_halves`). ``n_features`` names jetnet's per-feature W1P columns."""
+    chosen = jet_protocol.get_protocol(protocol)
+    return [*chosen.columns(n_features, kinematics, mask), *chosen.floor_columns(n_features, kinematics, mask)]
 
 
 def score_row(generated: np.ndarray, gen_mask: np.ndarray | None, reference: np.ndarray,
               ref_mask: np.ndarray | None, kinematics: tuple[int, int, int] | None = None, *, bins: int = 100,
-              eps: float = 1e-10, seed: int = 0, jet_level_only: bool = False) -> dict[str, float]:
+              eps: float = 1e-10, seed: int = 0, jet_level_only: bool = False, protocol: str = "scaled",
+              truth: tuple[np.ndarray, np.ndarray | None] | None = None) -> dict[str, float]:
     """Every metric of generated vs reference events (N, F, P), masks (N, P) optional: per-feature KL, W1 (with
     its spread over batches, ``w1_i_err``, as jetnet's w1p), JS and moments with the noise floors of kl_sum,
-    w1_sum and js_sum, then the jet-level metrics (:func:`jet_row`). ``jet_level_only`` leaves the per-feature
-    ones out: they pool each feature over the particle slots, so both sides need the same slots; the jet-level
-    ones compare whole jets, whatever their slot counts."""
+    w1_sum and js_sum (between two halves of the reference, whatever the protocol), then the jet-level metrics
+    of ``protocol`` (:func:`jet_row`, with ``truth``). ``jet_level_only`` leaves the per-feature ones out: they
+    pool each feature over the particle slots, so both sides need the same slots; the jet-level ones compare
+    whole jets, whatever their slot counts."""
+    jet_options = {"seed": seed, "protocol": protocol, "truth": truth}
     if jet_level_only:
-        return jet_row(generated, gen_mask, reference, ref_mask, kinematics, seed=seed)
+        return jet_row(generated, gen_mask, reference, ref_mask, kinematics, **jet_options)
     kl_options = {"bins": bins, "eps": eps}
     values = metrics.score(generated, reference, gen_mask, ref_mask, **kl_options)
     _, w1_err = distances.w1p(generated, gen_mask, reference, ref_mask, num_eval_samples=W1P_EVENTS, seed=seed)
@@ -84,21 +94,43 @@ def score_row(generated: np.ndarray, gen_mask: np.ndarray | None, reference: np.
                                                    np.asarray(ref_mask, dtype=bool)[second])
     halves = metrics.score(reference[first], reference[second], *masks, **kl_options)
     values.update(noise_floor=halves["kl_sum"], w1_sum_floor=halves["w1_sum"], js_sum_floor=halves["js_sum"])
-    values.update(jet_row(generated, gen_mask, reference, ref_mask, kinematics, seed=seed))
+    values.update(jet_row(generated, gen_mask, reference, ref_mask, kinematics, **jet_options))
     return values
 
 
 def jet_row(generated: np.ndarray, gen_mask: np.ndarray | None, reference: np.ndarray, ref_mask: np.ndarray | None,
-            kinematics: tuple[int, int, int] | None = None, *, seed: int = 0) -> dict[str, float]:
-    """The jet-level and multivariate metrics (W1 of jet mass with ``kinematics``, of the multiplicity with masks,
-    FPD and KPD always) with their uncertainties, and their noise floors with theirs (:func:`jet_columns`)."""
-    values = protocol.score_jets(generated, gen_mask, reference, ref_mask, kinematics, seed=seed)
-    floors = protocol.jet_noise_floor(reference, ref_mask, kinematics, seed=seed)
+            kinematics: tuple[int, int, int] | None = None, *, seed: int = 0, protocol: str = "scaled",
+            truth: tuple[np.ndarray, np.ndarray | None] | None = None) -> dict[str, float]:
+    """The jet-level and multivariate metrics of ``protocol`` with their uncertainties, and their floors with
+    theirs (:func:`jet_columns`).
+
+    The floors: under ``scaled``, the metrics between two halves of the reference; under ``jetnet``, the truth
+    row, the metrics between the reference and ``truth`` = (events, mask), a real set of the same kind that
+    shares no event with it (a run's training events against its held-out ones), at full size. Without a truth
+    set, ``jetnet`` falls back to two halves of the reference (half the events each: W1 floors somewhat above a
+    disjoint set's). A truth set that is the reference itself is refused; ``scaled`` takes none.
+    """
+    chosen = jet_protocol.get_protocol(protocol)
+    if truth is not None and _same_events(truth, (reference, ref_mask)):
+        raise ValueError("the truth set is the reference itself: the truth row needs real events disjoint from "
+                         "the reference (e.g. a run's training events against its held-out ones)")
+    values = jet_protocol.score_protocol(chosen, generated, gen_mask, reference, ref_mask, kinematics, seed)
+    floors = jet_protocol.protocol_floor(chosen, reference, ref_mask, kinematics, seed=seed, truth=truth)
     for key, value in floors.items():
         metric, suffix = (key.removesuffix("_err"), "_err") if key.endswith("_err") else (key, "")
         values[f"{metric}_floor{suffix}"] = value
-    values["fpd_floor_fd"] = protocol.fd_of_halves(reference, ref_mask, kinematics, seed=seed)
+    if chosen.floor_fd:
+        values["fpd_floor_fd"] = jet_protocol.fd_of_halves(reference, ref_mask, kinematics, seed=seed,
+                                                           include_mass_pt=chosen.include_mass_pt)
     return values
+
+
+def _same_events(one: tuple, other: tuple) -> bool:
+    """Whether two (events, mask) pairs hold the same events (masks compared when both have one)."""
+    (a, a_mask), (b, b_mask) = one, other
+    if np.shape(a) != np.shape(b) or not np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True):
+        return False
+    return a_mask is None or b_mask is None or np.array_equal(np.asarray(a_mask), np.asarray(b_mask))
 
 
 def _parse_args(args: list[str]):
@@ -125,6 +157,12 @@ def _parse_args(args: list[str]):
                              f"slots, e.g. 30 against 150, which the per-feature metrics cannot compare")
     parser.add_argument("--bins", type=int, default=100, help="histogram bins of the KL estimator (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the batches and halves (default 0)")
+    parser.add_argument("--protocol", default="scaled", metavar="NAME",
+                        help=f"the jet-level metrics: {'; '.join(f'{n}: {d}' for n, d in PROTOCOL_HELP.items())}")
+    parser.add_argument("--truth", default=None, metavar="REAL",
+                        help="real events of the reference's kind that share none with it (read with the same "
+                             "--key, --layout, --mask-feature): --protocol jetnet's floors are the metrics between "
+                             "it and the reference (without it, between two halves of the reference)")
     parser.add_argument("--csv", default=None, metavar="OUT", help="append the row to this results CSV (locked)")
     return parser.parse_args(args)
 
@@ -251,6 +289,25 @@ def _load(options) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarra
     return generated, gen_mask, reference, ref_mask, kinematics, names
 
 
+def _load_truth(options, n_features: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """--truth's events and mask, read as the reference is; None without --truth. Refused under a protocol that
+    takes no truth set, and when its features are not the reference's."""
+    if options.truth is None:
+        return None
+    if jet_protocol.PROTOCOLS[options.protocol].floor != "truth":
+        truthful = ", ".join(n for n, p in jet_protocol.PROTOCOLS.items() if p.floor == "truth")
+        raise ConfigError("--truth", options.truth, f"a truth set is used by --protocol {truthful} only; the "
+                                                    f"floors of --protocol {options.protocol} are between halves of "
+                                                    f"the reference")
+    truth, names = _read(options.truth, options.key, options.layout)
+    _check_names_fit(options.truth, truth, names, options.layout)
+    truth, truth_mask = split_mask(np.asarray(truth, dtype=np.float64), options.mask_feature, "--mask-feature")
+    if truth.shape[1] != n_features:
+        raise ScoreError(f"--truth {options.truth} has {truth.shape[1]} features and the reference {n_features} "
+                         f"(after the mask); score against real events of the reference's features")
+    return truth, truth_mask
+
+
 def main(args: list[str]) -> int:
     """``flowvae score``: print the metrics; with --csv, append them as one row."""
     options = _parse_args(args)
@@ -259,11 +316,17 @@ def main(args: list[str]) -> int:
     try:
         if options.bins < 1:
             raise ConfigError("--bins", options.bins, "an integer >= 1")
+        if options.protocol not in jet_protocol.PROTOCOLS:
+            raise ConfigError("--protocol", options.protocol, f"one of {', '.join(jet_protocol.PROTOCOLS)}")
         if options.csv:
             check_writable(options.csv)
         generated, gen_mask, reference, ref_mask, kinematics, names = _load(options)
+        truth = _load_truth(options, reference.shape[1])
+        if jet_protocol.PROTOCOLS[options.protocol].needs_kinematics and kinematics is None:
+            raise ConfigError("--protocol", options.protocol, "needs --jet-kinematics I,J,K (JetNet: 0,1,2): its "
+                                                              "metrics are of jet mass and energy-flow polynomials")
         row = score_row(generated, gen_mask, reference, ref_mask, kinematics, bins=options.bins, seed=options.seed,
-                        jet_level_only=options.jet_level_only)
+                        jet_level_only=options.jet_level_only, protocol=options.protocol, truth=truth)
     except ConfigError as err:
         about = err.value if err.key.startswith("data.") else f"{err.key} {err.value}"  # a file, or a flag
         print(f"flowvae score: {about}: {err.allowed}", file=sys.stderr)
@@ -275,6 +338,10 @@ def main(args: list[str]) -> int:
                                                                  f"particle slots")
     print(f"{options.generated} against {options.reference}: {len(generated)} vs {len(reference)} events{slots}, "
           f"features {', '.join(names)}")
+    if options.protocol != "scaled":
+        floors = (f"against --truth {options.truth} ({len(truth[0])} events)" if truth is not None
+                  else "between two halves of the reference (no --truth)")
+        print(f"  protocol {options.protocol}: the jet-level floors are the metrics {floors}")
     if options.jet_level_only:
         print(f"  jet-level metrics only (--jet-level-only): {JET_LEVEL}; the per-feature KL, W1, JS and moments "
               f"are left out")
@@ -287,6 +354,10 @@ def main(args: list[str]) -> int:
                     "jet_kinematics": options.jet_kinematics, "bins": options.bins, "seed": options.seed}
         if options.jet_level_only:  # a setting only when used, so the rows of full scores keep their identity
             settings["jet_level_only"] = True
+        if options.protocol != "scaled":  # likewise
+            settings["protocol"] = options.protocol
+        if options.truth is not None:
+            settings["truth"] = str(Path(options.truth).resolve())
         identity = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         append_row(options.csv, {"flow": "", "n_flows": "", "seed": options.seed, **row, "status": "ok",
                                  "error": "", **{f"score.{k}": ("" if v is None else v) for k, v in settings.items()},

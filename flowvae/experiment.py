@@ -39,7 +39,7 @@ def metric_columns(n_features: int, kinematics: bool = False, mask: bool = False
     from flowvae.score import row_columns
 
     return [*row_columns(n_features, kinematics, mask, protocol=protocol), "final_train_loss", "final_test_loss",
-            "final_recon", "final_kl_term", "epochs_run", "resumed_from"]
+            "final_recon", "final_kl_term", "epochs_run", "resumed_from", "epochs_trained", "best_epoch"]
 
 
 def event_metric_columns(events: Events, protocol: str) -> list[str]:

@@ -34,6 +34,8 @@ def build_model(n_in: int, cfg_model, cfg_flow, n_flows: int, n_mask: int = 0, n
     if name == "conditional_flow":
         hidden = cfg_model.get("coupling_hidden")
         coupling = {"coupling_layers": cfg_model.coupling_layers, "n_features": n_features,
-                    "coupling_hidden": list(hidden) if hidden is not None else None}
+                    "coupling_hidden": list(hidden) if hidden is not None else None,
+                    "coupling_transform": cfg_model.get("coupling_transform", "affine"),
+                    "coupling_bins": cfg_model.get("coupling_bins", 8)}
     return FlowVAE(n_in, list(cfg_model.hidden), cfg_model.latent_dim, cfg_flow.name, n_flows, options,
                    cfg_model.likelihood, cfg_model.sigma_x, n_mask, **coupling)

@@ -26,10 +26,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CouplingFlow", "LOG_SCALE_BOUND", "active_sets"]
+__all__ = ["CouplingFlow", "LOG_SCALE_BOUND", "TRANSFORMS", "active_sets"]
 
-# The largest |log scale| one coupling layer applies to a value: e^3 ≈ 20.
+# The largest |log scale| one affine coupling layer applies to a value: e^3 ≈ 20.
 LOG_SCALE_BOUND = 3.0
+# How a coupling layer moves one value (model.coupling_transform).
+TRANSFORMS = ("affine", "spline")
 
 
 def active_sets(n_features: int, n_particles: int, n_layers: int) -> Tensor:
@@ -57,45 +59,76 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
 
 
 class CouplingFlow(nn.Module):
-    """L affine coupling layers over flattened events (B, F·P), conditioned on a context (B, C) — z and the mask.
+    """L coupling layers over flattened events (B, F·P), conditioned on a context (B, C) — z and the mask.
 
     ``forward(u, context, weight)`` maps base values to events (generation) and ``inverse(x, context, weight)``
     events to base values (the likelihood); both return the log|det| of the map they apply, (B,). ``weight``
     (B, F·P) is 1 for a real particle's values and 0 for a padded one's (None: every value is real).
+
+    ``transform`` is each moved value's map: ``affine`` (x·exp(s) + t, |s| ≤ :data:`LOG_SCALE_BOUND`) or
+    ``spline`` (a monotonic rational-quadratic spline of ``bins`` bins on [−``bound``, ``bound``], the identity
+    outside; Durkan et al., "Neural Spline Flows", NeurIPS 2019, as :class:`zuko.transforms.MonotonicRQSTransform`).
+    A spline layer maps [−B, B] onto itself, so however its conditioner extrapolates it cannot throw a value far
+    out: what keeps generated jets from growing a tail of far-off particles. Each layer's conditioner outputs the
+    parameters of its active values only.
     """
 
-    def __init__(self, n_features: int, n_particles: int, n_layers: int, hidden: list[int], context_dim: int):
+    def __init__(self, n_features: int, n_particles: int, n_layers: int, hidden: list[int], context_dim: int,
+                 transform: str = "affine", bins: int = 8, bound: float = 5.0):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"a coupling flow needs at least one layer, got {n_layers}")
+        if transform not in TRANSFORMS:
+            raise ValueError(f"unknown coupling transform {transform!r}: one of {', '.join(TRANSFORMS)}")
+        self.transform, self.bins, self.bound = transform, bins, bound
         n_values = n_features * n_particles
-        self.register_buffer("active", active_sets(n_features, n_particles, n_layers), persistent=False)
-        self.nets = nn.ModuleList(_mlp([n_values + context_dim, *hidden, 2 * n_values]) for _ in range(n_layers))
+        self.n_params = 2 if transform == "affine" else 3 * bins - 1  # per moved value
+        sets = active_sets(n_features, n_particles, n_layers)
+        self.register_buffer("active", sets, persistent=False)
+        self.indices = [torch.nonzero(row).squeeze(-1) for row in sets]
+        self.nets = nn.ModuleList(_mlp([n_values + context_dim, *hidden, len(index) * self.n_params])
+                                  for index in self.indices)
 
-    def _scale_shift(self, layer: int, x: Tensor, context: Tensor, active: Tensor, weight: Tensor | None
-                     ) -> tuple[Tensor, Tensor]:
-        """Layer ``layer``'s log-scale and shift (B, F·P), zero off the active real values; its conditioner sees
-        the passive real values (active and padded ones zeroed) and the context."""
+    def _layer(self, layer: int, x: Tensor, context: Tensor, weight: Tensor | None, inverse: bool
+               ) -> tuple[Tensor, Tensor]:
+        """Layer ``layer`` (or its inverse) applied to ``x``: (x', log|det|). Its conditioner sees the passive real
+        values (active and padded ones zeroed) and the context; a padded value is never moved."""
+        active = self.active[layer]
+        index = self.indices[layer].to(x.device)
         passive = x * (1.0 - active) if weight is None else x * (1.0 - active) * weight
-        raw_s, t = self.nets[layer](torch.cat([passive, context], dim=-1)).chunk(2, dim=-1)
-        moved = active if weight is None else active * weight
-        s = LOG_SCALE_BOUND * torch.tanh(raw_s / LOG_SCALE_BOUND)
-        return s * moved, t * moved
+        params = self.nets[layer](torch.cat([passive, context], dim=-1)).view(len(x), len(index), self.n_params)
+        values = x[:, index]
+        if self.transform == "affine":
+            s = LOG_SCALE_BOUND * torch.tanh(params[..., 0] / LOG_SCALE_BOUND)
+            t = params[..., 1]
+            if inverse:
+                moved, ladj = (values - t) * torch.exp(-s), -s
+            else:
+                moved, ladj = values * torch.exp(s) + t, s
+        else:
+            from zuko.transforms import MonotonicRQSTransform
+
+            k = self.bins
+            spline = MonotonicRQSTransform(params[..., :k], params[..., k:2 * k], params[..., 2 * k:], self.bound)
+            moved, ladj = (spline.inv if inverse else spline).call_and_ladj(values)
+        if weight is not None:
+            real = weight[:, index]
+            moved = torch.where(real > 0, moved, values)
+            ladj = ladj * real
+        return x.index_copy(1, index, moved), ladj.sum(-1)
 
     def forward(self, u: Tensor, context: Tensor, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x = g_L ∘ … ∘ g_1(u) and Σ_l log|det ∂g_l/∂u|, shapes (B, F·P) and (B,)."""
         log_det = u.new_zeros(u.shape[0])
         for layer in range(len(self.nets)):
-            s, t = self._scale_shift(layer, u, context, self.active[layer], weight)
-            u = u * torch.exp(s) + t
-            log_det = log_det + s.sum(-1)
+            u, ladj = self._layer(layer, u, context, weight, inverse=False)
+            log_det = log_det + ladj
         return u, log_det
 
     def inverse(self, x: Tensor, context: Tensor, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """u = g_1⁻¹ ∘ … ∘ g_L⁻¹(x) and Σ_l log|det ∂g_l⁻¹/∂x|, shapes (B, F·P) and (B,)."""
         log_det = x.new_zeros(x.shape[0])
         for layer in reversed(range(len(self.nets))):
-            s, t = self._scale_shift(layer, x, context, self.active[layer], weight)
-            x = (x - t) * torch.exp(-s)
-            log_det = log_det - s.sum(-1)
+            x, ladj = self._layer(layer, x, context, weight, inverse=True)
+            log_det = log_det + ladj
         return x, log_det

@@ -75,13 +75,14 @@ class FlowVAE(nn.Module):
     Events enter flattened, shape (B, n_in) with n_in = features * particles. ``likelihood`` is ``mse`` (the sum
     of squared errors), or ``gaussian`` with a learned per-element variance (``sigma_x=None``) or a fixed one.
     ``coupling_layers`` > 0 pushes that Gaussian through a coupling flow conditioned on z (and the mask) with
-    ``coupling_hidden`` conditioner widths; it needs ``n_features`` to lay the event out as (F, P).
+    ``coupling_hidden`` conditioner widths, each moving a value by ``coupling_transform`` (``affine`` or a
+    ``spline`` of ``coupling_bins`` bins); it needs ``n_features`` to lay the event out as (F, P).
     """
 
     def __init__(self, n_in: int, hidden: list[int], latent_dim: int, flow: str = "none", n_flows: int = 0,
                  flow_options: dict | None = None, likelihood: str = "gaussian", sigma_x: float | None = None,
                  n_mask: int = 0, coupling_layers: int = 0, coupling_hidden: list[int] | None = None,
-                 n_features: int | None = None):
+                 n_features: int | None = None, coupling_transform: str = "affine", coupling_bins: int = 8):
         super().__init__()
         self.n_in, self.latent_dim, self.likelihood = n_in, latent_dim, likelihood
         self.n_mask = n_mask  # P when events carry a particle mask (appended to the input), else 0
@@ -102,7 +103,8 @@ class FlowVAE(nn.Module):
                 raise ValueError(f"a coupling likelihood needs the event's feature count dividing n_in={n_in}, "
                                  f"got n_features={n_features}")
             self.likelihood_flow = CouplingFlow(n_features, n_in // n_features, coupling_layers,
-                                                list(coupling_hidden or hidden), latent_dim + n_mask)
+                                                list(coupling_hidden or hidden), latent_dim + n_mask,
+                                                coupling_transform, coupling_bins)
         self.flows = flows.build(flow, latent_dim, n_flows, **(flow_options or {}))
         # One matmul gives every flow's amortized parameters at once.
         n_params = self.flows.num_params

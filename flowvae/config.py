@@ -76,10 +76,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    name: str = "default"  # the architecture (flowvae.models.MODELS), the model= group's option
     hidden: list[int] = field(default_factory=lambda: [256, 256])
     latent_dim: int = 8
     likelihood: str = "gaussian"
     sigma_x: float | None = None
+    coupling_layers: int = 0  # conditional_flow: coupling layers of p(x|z)
+    coupling_hidden: list[int] | None = None  # conditional_flow: conditioner widths (null: model.hidden)
+    coupling_transform: str = "spline"  # conditional_flow: how a layer moves a value (affine, spline)
+    coupling_bins: int = 8  # conditional_flow, spline: bins per spline
 
 
 @dataclass
@@ -217,6 +222,23 @@ def _validate_flow(cfg: DictConfig) -> None:
 
 
 def _validate_model(cfg: DictConfig) -> None:
+    from flowvae.models import MODELS
+
+    m = cfg.model
+    _require(m.name in MODELS, "model.name", m.name, f"one of {', '.join(MODELS)} (choose it with model=NAME)")
+    if m.name == "conditional_flow":
+        _positive_int(cfg, "model.coupling_layers")
+    else:
+        _require(m.coupling_layers == 0, "model.coupling_layers", m.coupling_layers,
+                 f"0 for model={m.name} (coupling layers belong to model=conditional_flow)")
+    from flowvae.models.conditional_flow import TRANSFORMS as COUPLING_TRANSFORMS
+
+    _require(m.coupling_transform in COUPLING_TRANSFORMS, "model.coupling_transform", m.coupling_transform,
+             f"one of {', '.join(COUPLING_TRANSFORMS)}")
+    _positive_int(cfg, "model.coupling_bins", 2)
+    if m.coupling_hidden is not None:
+        _require(len(m.coupling_hidden) >= 1 and all(h >= 1 for h in m.coupling_hidden), "model.coupling_hidden",
+                 list(m.coupling_hidden), "a non-empty list of layer widths >= 1, or null for model.hidden")
     _positive_int(cfg, "model.latent_dim")
     hidden = list(cfg.model.hidden)
     _require(len(hidden) >= 1 and all(h >= 1 for h in hidden), "model.hidden", hidden,

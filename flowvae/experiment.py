@@ -17,14 +17,14 @@ from omegaconf import DictConfig
 from flowvae import stopping
 from flowvae.config import ConfigError
 from flowvae.cores import choose_threads
-from flowvae.data import Events, file_array
+from flowvae.data import Events, file_array, order_particles
 from flowvae.files import RunFiles, replaced
 from flowvae.identity import train_hash
 from flowvae.models import FlowVAE, build_model
 from flowvae.train import CheckpointMismatch, check_checkpoint, fit, split_validation
 from flowvae.transforms import FeatureMap
 
-__all__ = ["metric_columns", "event_metric_columns", "preflight", "train_and_score", "generate_blocks",
+__all__ = ["metric_columns", "event_metric_columns", "preflight", "train_and_score", "generate_blocks", "data_units",
            "generate_events", "choose_device", "configure_torch", "model_input"]
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
 
     torch.manual_seed(cfg.seed)
     n_mask = events.n_particles if events.train_mask is not None else 0
-    model = build_model(events.n_features * events.n_particles, cfg.model, cfg.flow, cfg.n_flows, n_mask).to(device)
+    model = build_model(events.n_features * events.n_particles, cfg.model, cfg.flow, cfg.n_flows, n_mask,
+                        events.n_features).to(device)
     train_x, val_x = split_validation(train_x, cfg.train.val_fraction, cfg.data.seed)  # never the scoring set
     outcome = fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=files.checkpoint,
                   extra_state=checkpoint_key(cfg),
@@ -129,7 +130,7 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
 
     stopping.check("after training, before generating (training is saved: the rerun only scores)")
     generated, gen_mask = generate_events(model, cfg.eval, test_x, cfg.seed, events.test.shape[1:])
-    generated = feature_map.inverse(generated, gen_mask)
+    generated = data_units(feature_map, generated, gen_mask, events.kinematics)
     stopping.check("while generating (training is saved: the rerun only scores)")
     values.update(score_events(cfg, events, generated, gen_mask))
     values.update(final_losses(outcome.history))
@@ -143,6 +144,14 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
     with replaced(files.sample) as tmp:  # in the data's own units and layout, the mask where the file has it
         np.save(tmp, sample)
     return "ok", "", values
+
+
+def data_units(feature_map: FeatureMap, values: np.ndarray, mask: np.ndarray | None,
+               kinematics: tuple[int, int, int] | None) -> np.ndarray:
+    """Generated events from model space to what a data file holds: the feature map's inverse, then (with jet
+    kinematics) each jet's particles ordered by pT, largest first, as in the data (:func:`order_particles`)."""
+    events = feature_map.inverse(values, mask)
+    return events if kinematics is None else order_particles(events, mask, kinematics[2])
 
 
 def final_losses(history: list[dict]) -> dict:

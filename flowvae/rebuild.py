@@ -222,7 +222,8 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto", allow_unfinished:
         raise RebuildError(f"the run's data cannot be loaded again: {err}") from None
     n_mask = events.n_particles if events.train_mask is not None else 0
     try:
-        model = build_model(events.n_features * events.n_particles, cfg.model, cfg.flow, cfg.n_flows, n_mask)
+        model = build_model(events.n_features * events.n_particles, cfg.model, cfg.flow, cfg.n_flows, n_mask,
+                            events.n_features)
         model.load_state_dict(state["model"])
     except (RuntimeError, ValueError, TypeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -213,7 +213,8 @@ def _full_run(tmp_path, name):
     return model, outcome
 
 
-@pytest.mark.parametrize("stop_at", [7, 10, 13])  # inside epoch 2 (5 steps an epoch), at its end, inside epoch 3
+# inside epoch 2 (5 steps an epoch), at its end, inside epoch 3, inside epoch 4 (after the best epoch, 3)
+@pytest.mark.parametrize("stop_at", [7, 10, 13, 18])
 def test_resume_with_validation_cosine_and_patience_gives_the_uninterrupted_numbers(tmp_path, monkeypatch,
                                                                                       stop_at):
     reference, whole = _full_run(tmp_path, "whole")
@@ -329,3 +330,45 @@ def test_the_row_the_curves_and_a_rebuilt_run_use_the_best_epoch(tmp_path, monke
     assert row["best_epoch"] == "" and int(row["epochs_trained"]) == 2
     assert not RunFiles(tmp_path / "plain").best.exists()
     assert math.isnan(pd.read_csv(tmp_path / "plain.csv").iloc[0]["best_epoch"])
+
+
+def test_a_run_stopped_by_sigterm_and_rerun_scores_what_an_uninterrupted_run_scores(tmp_path, monkeypatch):
+    """The whole job, with validation, cosine and patience on: SIGTERM after the first epoch, then the same
+    command again, gives the row of a run never stopped. The validation loss is made to rise with training (its
+    sign turned: still a function of the weights), so epoch 1 is the best, written before the stop, and the
+    resumed run stops after epoch 2 and scores epoch 1's weights from best.pt."""
+    import os
+    import signal
+
+    evaluate = train_module.evaluate_loss
+
+    def rising(model, x, seed=0, batch_size=1000):
+        losses = evaluate(model, x, seed, batch_size)
+        return {**losses, "loss": -losses["loss"]} if seed % 10 == train_module.VAL_SEED_OFFSET else losses
+
+    monkeypatch.setattr(train_module, "evaluate_loss", rising)
+    settings = [*TINY, "seed=10", "train.epochs=4", "train.val_fraction=0.25", "train.patience=1",
+                "train.lr_schedule=cosine"]
+    original = experiment._write_curves
+
+    def sigterm(path, history):
+        original(path, history)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(experiment, "_write_curves", sigterm)
+        cfg = compose_config(*settings, f"results_csv={tmp_path / 'stopped.csv'}")
+        assert job.run(cfg, tmp_path / "stopped", tmp_path) == job.EXIT_INTERRUPTED
+    stopping.reset()
+    assert job.run(cfg, tmp_path / "stopped", tmp_path) == 0
+    stopping.reset()
+    whole = compose_config(*settings, f"results_csv={tmp_path / 'whole.csv'}")
+    assert job.run(whole, tmp_path / "whole", tmp_path) == 0
+    stopping.reset()
+    resumed, uninterrupted = pd.read_csv(tmp_path / "stopped.csv").iloc[0], pd.read_csv(tmp_path / "whole.csv").iloc[0]
+    assert resumed["resumed_from"] == 1 and uninterrupted["resumed_from"] == 0
+    scored = [c for c in resumed.index
+              if c.startswith(("kl_", "w1_", "final_")) or c in ("epochs_trained", "best_epoch")]
+    assert (resumed[scored] == uninterrupted[scored]).all()
+    assert (uninterrupted["best_epoch"], uninterrupted["epochs_trained"]) == (1, 2)  # it did stop early
+    assert resumed["epochs_run"] + resumed["resumed_from"] == resumed["epochs_trained"]

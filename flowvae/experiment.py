@@ -124,7 +124,8 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
         return outcome.status, outcome.message, {}
     values: dict = {"epochs_run": outcome.epochs_run, "resumed_from": outcome.resumed_from,
                     "epochs_trained": outcome.epochs_trained,
-                    "best_epoch": "" if outcome.best_epoch is None else outcome.best_epoch}
+                    # the epoch whose weights are scored: the best by validation loss, else the last
+                    "best_epoch": outcome.epochs_trained if outcome.best_epoch is None else outcome.best_epoch}
     if outcome.status == "diverged":
         return outcome.status, outcome.message, values
 

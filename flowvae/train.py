@@ -240,9 +240,10 @@ def fit(model: FlowVAE, train_x: Tensor, test_x: Tensor, cfg_train, *, seed: int
         if outcome.status == "interrupted":
             break
         train_loss, train_recon, train_kl = (sums / len(train_x)).tolist()
-        row = {"epoch": epoch + 1, "beta": _beta((epoch + 1) * steps_per_epoch, warmup_steps),
-               "lr": optimizer.param_groups[0]["lr"],  # the epoch's last step's
-               "train_loss": train_loss, "train_recon": train_recon, "train_kl": train_kl}
+        row = {"epoch": epoch + 1, "beta": _beta((epoch + 1) * steps_per_epoch, warmup_steps)}
+        if scheduled:  # the epoch's last step's; a constant one is train.lr, and the curves stay as they were
+            row["lr"] = optimizer.param_groups[0]["lr"]
+        row.update(train_loss=train_loss, train_recon=train_recon, train_kl=train_kl)
         if not math.isfinite(train_loss):
             outcome.status = "diverged"
             outcome.message = (f"non-finite training loss ({train_loss}) in epoch {epoch + 1}; try a smaller "

@@ -277,6 +277,8 @@ def test_the_defaults_train_the_numbers_of_before():
     losses = [(row["train_loss"], row["test_loss"]) for row in outcome.history]
     np.testing.assert_allclose(losses, BEFORE, rtol=1e-6)  # bit-equal on the machine that recorded them
     assert outcome.best_epoch is None and outcome.epochs_trained == 3
+    assert list(outcome.history[0]) == ["epoch", "beta", "train_loss", "train_recon", "train_kl", "test_loss",
+                                        "test_recon", "test_kl", "seconds"]  # the curves' columns of before
     defaults = OmegaConf.to_container(compose_config().train)
     present = _model()
     split, val_x = split_validation(train_x, defaults["val_fraction"], 0)

@@ -126,7 +126,8 @@ def _score(cfg, run, results_csv: Path, identity: str, tracker: Tracker) -> tupl
     generated = experiment.data_units(run.feature_map, generated, gen_mask, run.events.kinematics)
     stopping.check("while generating")
     values = experiment.score_events(cfg, run.events, generated, gen_mask)
-    values.update(experiment.final_losses(run.history), epochs_run=0, resumed_from=run.epoch)
+    values.update(experiment.final_losses(run.history), epochs_run=0, resumed_from=run.epoch,
+                  epochs_trained=run.epoch, best_epoch=run.scored_epoch)
     row = result_row(cfg, run.events, values, "ok", "", started, run.root, identity)
     stopping.check("before its row was written")
     append_row(results_csv, row)

@@ -43,6 +43,12 @@ class Run:
     epoch: int  # epochs in the checkpoint
     root: Path  # the run directory
     history: list  # the checkpoint's per-epoch losses
+    best_epoch: int | None = None  # the epoch whose weights these are (None: the checkpoint's last, ``epoch``)
+
+    @property
+    def scored_epoch(self) -> int:
+        """The epoch whose weights the model holds: the best validation epoch, else the last one trained."""
+        return self.best_epoch if self.best_epoch is not None else self.epoch
 
     @property
     def has_mask(self) -> bool:
@@ -142,9 +148,10 @@ def _load_checkpoint(files: RunFiles, key: dict, epochs: int, allow_unfinished: 
         status = _status(files)
         raise RebuildError(f"{files.root}: training did not finish (checkpoint after epoch {epoch} of {epochs}"
                             f"{status}); pass --allow-unfinished to generate from this checkpoint anyway")
-    if validation.get("best_epoch"):
-        weights = _best_weights(files, key, int(validation["best_epoch"]))
-    return {"model": weights, "epoch": epoch, "history": list(state.get("history") or [])}
+    best_epoch = int(validation["best_epoch"]) if validation.get("best_epoch") else None
+    if best_epoch is not None:
+        weights = _best_weights(files, key, best_epoch)
+    return {"model": weights, "epoch": epoch, "history": list(state.get("history") or []), "best_epoch": best_epoch}
 
 
 def _best_weights(files: RunFiles, key: dict, best_epoch: int) -> dict:
@@ -229,4 +236,5 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto", allow_unfinished:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RebuildError(f"{files.checkpoint} does not fit the model of the run's config: {first}") from None
     model.to(torch_device).eval()
-    return Run(cfg, events, feature_map, model, torch_device, state["epoch"], root, state["history"])
+    return Run(cfg, events, feature_map, model, torch_device, state["epoch"], root, state["history"],
+               state["best_epoch"])

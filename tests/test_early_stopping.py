@@ -320,7 +320,7 @@ def test_the_row_the_curves_and_a_rebuilt_run_use_the_best_epoch(tmp_path, monke
     best = torch.load(files.best, weights_only=True)
     last = torch.load(files.checkpoint, weights_only=False)["model"]
     run = load_run(tmp_path / "run", device="cpu")  # stopped early: finished, though before train.epochs
-    assert best["epoch"] == 2
+    assert best["epoch"] == 2 and run.scored_epoch == run.best_epoch == 2 and run.epoch == 4
     for name, tensor in run.model.state_dict().items():
         assert torch.equal(tensor, best["model"][name]), name
     assert any(not torch.equal(best["model"][n], last[n]) for n in last)

@@ -48,6 +48,8 @@ def test_the_runs_own_eval_settings_give_the_training_rows_metrics_exactly(train
     assert (_metrics(again) == _metrics(training)).all()
     assert again["config_hash"] == training["config_hash"] and again["train_hash"] == training["train_hash"]
     assert again["epochs_run"] == 0 and again["resumed_from"] == 2
+    assert again["epochs_trained"] == training["epochs_trained"] == 2
+    assert again["best_epoch"] == training["best_epoch"] == 2  # the weights scored: the last epoch's here
 
 
 def test_other_eval_settings_give_a_row_that_differs_only_there(trained, evaluate):

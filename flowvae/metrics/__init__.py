@@ -7,7 +7,9 @@
   kinematics;
 - :mod:`~flowvae.metrics.efp`: the 36 energy-flow polynomials with d ≤ 4 and the feature vector of FPD/KPD;
 - :mod:`~flowvae.metrics.distances`: W1 with errors (jet mass, multiplicity, particle features), FPD, KPD;
-- :mod:`~flowvae.metrics.protocol`: the jet-level part of a row, with noise floors.
+- :mod:`~flowvae.metrics.protocol`: the jet-level part of a row, with noise floors, under a named protocol
+  (``PROTOCOLS``): ``scaled`` (the differences below) or ``jetnet``, jetnet.evaluation's published defaults
+  exactly, whose docstring lists what still differs from jetnet's code and by how much.
 
 Layers: marginal and jets import nothing of flowvae's but marginal; efp and distances import jets; protocol
 imports them all.

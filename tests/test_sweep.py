@@ -35,6 +35,20 @@ def test_seed_table_preset_expands_to_the_full_grid(tmp_path):
         assert count_jobs(cfg) == 5 * 11 * 5
 
 
+def test_the_jetnet_study_preset_is_each_model_by_plain_and_two_flows_under_jetnets_protocol():
+    register_configs()
+    with initialize_config_module(config_module="flowvae.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=jetnet_study", "data.path=jets.npz"],
+                      return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params["model"].split(",") == ["default", "conditional_flow"]
+    assert (params["flow"], params["n_flows"], params["seed"]) == ("orthogonal,triangular", "0,10", "0,1,2")
+    assert count_jobs(cfg) == 2 * 2 * 2 * 3  # n_flows=0 twice per model and seed: one trains, one is skipped
+    assert (cfg.data.name, cfg.data.test_fraction, cfg.eval.protocol, cfg.eval.n_samples) == ("npy", 0.5, "jetnet",
+                                                                                             50_000)
+    assert (cfg.train.val_fraction, cfg.train.patience, cfg.train.lr_schedule) == (0.1, 4, "constant")
+
+
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_multirun_writes_a_row_per_job_and_table_gives_the_means(tmp_path, tiny, launcher):
     extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []

@@ -2,8 +2,8 @@
 
 * ``default`` (:mod:`flowvae.models.vae`): MLP encoder and decoder, p(x|z) a Gaussian per element (independent
   given z), a categorical over the multiplicity for masked events.
-* ``conditional_flow`` (:mod:`flowvae.models.conditional_flow`): the default's Gaussian pushed through affine
-  coupling layers conditioned on z and the mask, so a jet's particles are correlated given z.
+* ``conditional_flow`` (:mod:`flowvae.models.conditional_flow`): the default's Gaussian pushed through spline (or
+  affine) coupling layers conditioned on z and the mask, so a jet's particles are correlated given z.
 
 Every architecture shares the encoder, the posterior flows (``flow=``, ``n_flows``) and the loss.
 """
@@ -35,7 +35,6 @@ def build_model(n_in: int, cfg_model, cfg_flow, n_flows: int, n_mask: int = 0, n
         hidden = cfg_model.get("coupling_hidden")
         coupling = {"coupling_layers": cfg_model.coupling_layers, "n_features": n_features,
                     "coupling_hidden": list(hidden) if hidden is not None else None,
-                    "coupling_transform": cfg_model.get("coupling_transform", "affine"),
-                    "coupling_bins": cfg_model.get("coupling_bins", 8)}
+                    "coupling_transform": cfg_model.coupling_transform, "coupling_bins": cfg_model.coupling_bins}
     return FlowVAE(n_in, list(cfg_model.hidden), cfg_model.latent_dim, cfg_flow.name, n_flows, options,
                    cfg_model.likelihood, cfg_model.sigma_x, n_mask, **coupling)

@@ -1,24 +1,25 @@
-"""A likelihood whose particles are correlated given z: affine coupling layers conditioned on z over the event.
+"""A likelihood whose particles are correlated given z: coupling layers conditioned on z over the whole event.
 
-The ``conditional_flow`` model's p(x|z) is the default model's Gaussian N(mean(z), diag var(z)) pushed through L
-affine coupling layers (Dinh et al., "Density estimation using Real NVP", ICLR 2017) whose parameters depend on z
-and the event's mask:
+The ``conditional_flow`` model's p(x|z) is a Gaussian N(mean(z), diag var(z)) (the default model's, its std capped
+at 1) pushed through L coupling layers (Dinh et al., "Density estimation using Real NVP", ICLR 2017) whose
+parameters depend on z and the event's mask:
 
     u ~ N(mean(z), diag var(z)),   x = g_L ∘ … ∘ g_1(u; z, mask)
     log p(x|z) = log N(g⁻¹(x); mean, var) + Σ_l log|det ∂g_l⁻¹/∂x|
 
-Layer l splits the event's F × P values into an active set A_l and the rest: the active values are scaled and
-shifted, x'_a = x_a · exp(s_a) + t_a, with (s, t) an MLP of the passive values, the mask and z, so its Jacobian is
-triangular with log-det Σ_{a ∈ A_l} s_a, and its inverse is closed form. The active sets cycle through "feature f
-of every particle" for each feature, then the even and the odd particle slots: after one cycle every value has
-been moved given every other, which is what makes a jet's particles depend on each other given z.
+Layer l splits the event's F × P values into an active set A_l and the rest. Each active value goes through a
+monotonic map whose parameters are an MLP of the passive values, the mask and z: a rational-quadratic spline on
+[−B, B], the identity outside (``spline``, Durkan et al., "Neural Spline Flows", NeurIPS 2019), or x·exp(s) + t
+(``affine``). The Jacobian is triangular, its log-det the sum of the active values' log-slopes, and the inverse is
+closed form. The active sets cycle through "feature f of every particle" for each feature, then the even and the
+odd particle slots: after one cycle every value has been moved given every other, which is what makes a jet's
+particles depend on each other given z.
 
-Masks, exactly: a padded particle is never active (s = t = 0 there) and enters no conditioner (its values are
-zeroed in their input), so for an event with n real particles each layer is a bijection of the n·F real values
-alone, and the density above — summed over the real values only — is the exact density of those values given z
-and n. The log-scales are soft-clamped, s = S tanh(raw / S) with S = :data:`LOG_SCALE_BOUND`, so no layer can
-scale by more than e^S; each layer's last linear map starts at zero, so an untrained flow is the identity and the
-model starts as the default one.
+Masks, exactly: a padded particle is never moved and enters no conditioner (its values are zeroed in their
+input), so for an event with n real particles each layer is a bijection of the n·F real values alone, and the
+density above — summed over the real values only — is the exact density of those values given z and n. An affine
+layer's log-scale is soft-clamped, s = S tanh(raw / S) with S = :data:`LOG_SCALE_BOUND`; a spline layer maps
+[−B, B] onto itself. Each layer's last linear map starts at zero, so an untrained flow is the identity.
 """
 
 from __future__ import annotations

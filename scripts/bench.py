@@ -97,7 +97,7 @@ class Runner:
 
     def __init__(self, cfg: DictConfig, train_x: torch.Tensor, test_x: torch.Tensor, batch_size: int) -> None:
         torch.manual_seed(cfg.seed)
-        self.model = build_model(train_x.shape[1], cfg.model, cfg.flow, cfg.n_flows)
+        self.model = build_model(train_x.shape[1], cfg.model, cfg.flow, cfg.n_flows, n_features=cfg.data.n_features)
         optimizer = _make_optimizer(self.model, cfg.train)
         self.step_fn = _make_step(self.model, optimizer, cfg.train.grad_clip)
         self.train_x, self.test_x, self.batch_size = train_x, test_x, batch_size
@@ -165,7 +165,7 @@ def measure_generation(cfg_overrides: list[str], repeats: int = 3) -> dict[str, 
     events = load_events(cfg.data)
     test_x = model_input(events.test)
     torch.manual_seed(cfg.seed)
-    model = build_model(test_x.shape[1], cfg.model, cfg.flow, 0)
+    model = build_model(test_x.shape[1], cfg.model, cfg.flow, 0, n_features=cfg.data.n_features)
     optimizer = _make_optimizer(model, cfg.train)
     kl_options = {"bins": cfg.eval.bins, "eps": cfg.eval.eps}
     # score_s: every metric of the row (per-feature, W1 errors, floors, FPD, KPD); noise_floor_s: the KL's alone
@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             measured = pool.map(_worker, [job] * args.jobs)
     rows = _step_rows(measured, base, threads, args.jobs)
-    plain_model = build_model(base.data.n_features * base.data.n_particles, base.model, base.flow, 0)
+    plain_model = build_model(base.data.n_features * base.data.n_particles, base.model, base.flow, 0,
+                              n_features=base.data.n_features)
     plain = rows[0]
     plain["gflops"] = matmul_flops(plain_model, batch_size) / plain["ms_per_step"] / 1e6
     plain["fraction_of_peak"] = plain["gflops"] / peak

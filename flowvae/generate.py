@@ -293,7 +293,8 @@ def _generate(options: argparse.Namespace) -> str:
     decode = options.decode or run.cfg.eval.decode
     n = options.n
     seconds = _write(out, file_blocks(run, n, source, decode, seed), run.cfg, run.events, n, options.progress)
-    return (f"{n} events ({_described(run.cfg, run.events, n)}; {source}, {decode}, seed {seed}, epoch {run.epoch}) "
+    return (f"{n} events ({_described(run.cfg, run.events, n)}; {source}, {decode}, seed {seed}, "
+            f"{_weights(run)}) "
             f"written to {out} in {seconds:.1f} s")
 
 
@@ -336,6 +337,13 @@ def _write(out: Path, blocks, cfg, events, n: int, progress: str) -> float:
         if bar is not None:
             bar.close()
     return time.perf_counter() - started
+
+
+def _weights(run: Run) -> str:
+    """Which epoch's weights generated: the best validation epoch's when it is not the last one trained."""
+    if run.scored_epoch == run.epoch:
+        return f"epoch {run.epoch}"
+    return f"epoch {run.scored_epoch}, the best validation epoch of {run.epoch}"
 
 
 def _described(cfg, events, n: int) -> str:

@@ -302,7 +302,7 @@ def test_bad_training_settings_are_refused_with_what_is_allowed(override, messag
     validate(compose_config("train.val_fraction=0.1", "train.patience=5", "train.lr_schedule=cosine"))
 
 
-def test_the_row_the_curves_and_a_rebuilt_run_use_the_best_epoch(tmp_path, monkeypatch):
+def test_the_row_the_curves_and_a_rebuilt_run_use_the_best_epoch(tmp_path, monkeypatch, capsys):
     """An early-stopped run: its row says where it stopped and which epoch it scored, its curves have the
     validation loss and learning rate, and the rebuilt run (generate, evaluate) holds the best epoch's weights."""
     _validation_losses(monkeypatch, [2.0, 1.0, 1.5, 1.7, 1.1])
@@ -324,6 +324,11 @@ def test_the_row_the_curves_and_a_rebuilt_run_use_the_best_epoch(tmp_path, monke
     for name, tensor in run.model.state_dict().items():
         assert torch.equal(tensor, best["model"][name]), name
     assert any(not torch.equal(best["model"][n], last[n]) for n in last)
+    from flowvae.generate import main as generate_main
+
+    capsys.readouterr()
+    assert generate_main([str(tmp_path / "run"), "--n", "10", "--out", str(tmp_path / "gen.npy")]) == 0
+    assert "epoch 2, the best validation epoch of 4" in capsys.readouterr().out  # says which weights generated
 
     plain = compose_config(*TINY, f"results_csv={tmp_path / 'plain.csv'}")
     assert job.run(plain, tmp_path / "plain", tmp_path) == 0

@@ -54,3 +54,23 @@ def require_extra(module: str, extra: str):
 
         return importlib.import_module(module)
     return pytest.importorskip(module, reason=f"the `{extra}` extra (make installs it)")
+
+
+def stop_after_step(monkeypatch, at_step: int):
+    """A ``should_stop`` that turns true once the training step has run ``at_step`` times (counting from 1)."""
+    from flowvae import train as train_module
+
+    make_step = train_module._make_step
+    calls = {"n": 0}
+
+    def patched(*args, **kwargs):
+        step = make_step(*args, **kwargs)
+
+        def counting(batch, beta):
+            calls["n"] += 1
+            return step(batch, beta)
+
+        return counting
+
+    monkeypatch.setattr(train_module, "_make_step", patched)
+    return lambda: calls["n"] >= at_step

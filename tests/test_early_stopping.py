@@ -18,7 +18,7 @@ from flowvae.files import RunFiles
 from flowvae.models import FlowVAE
 from flowvae.rebuild import load_run
 from flowvae.train import check_checkpoint, fit, learning_rate, split_validation
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, stop_after_step
 
 
 def _cfg(**overrides):
@@ -176,23 +176,6 @@ def test_the_cosine_schedule_trains_other_weights_than_constant():
     assert any(not torch.equal(a, b) for a, b in pairs)
 
 
-def _stop_after_step(monkeypatch, at_step: int):
-    make_step = train_module._make_step
-    calls = {"n": 0}
-
-    def patched(*args, **kwargs):
-        step = make_step(*args, **kwargs)
-
-        def counting(batch, beta):
-            calls["n"] += 1
-            return step(batch, beta)
-
-        return counting
-
-    monkeypatch.setattr(train_module, "_make_step", patched)
-    return lambda: calls["n"] >= at_step
-
-
 ALL_ON = {"epochs": 8, "lr": 0.03, "val_fraction": 0.2, "patience": 2, "lr_schedule": "cosine", "lr_min_factor": 0.1}
 
 
@@ -221,7 +204,7 @@ def test_resume_with_validation_cosine_and_patience_gives_the_uninterrupted_numb
     train_x, test_x, val_x = _shifted_split()
     checkpoint, best = tmp_path / "checkpoint.pt", tmp_path / "best.pt"
     with monkeypatch.context() as patch:
-        should_stop = _stop_after_step(patch, stop_at)
+        should_stop = stop_after_step(patch, stop_at)
         outcome = fit(_model(), train_x, test_x, _cfg(**ALL_ON), seed=0, val_x=val_x, checkpoint=checkpoint,
                       best=best, should_stop=should_stop)
     assert outcome.status == "interrupted"

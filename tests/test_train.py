@@ -8,9 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from flowvae import train as train_module
 from flowvae.models import FlowVAE
 from flowvae.train import CheckpointMismatch, check_checkpoint, evaluate_loss, fit
+from tests.conftest import stop_after_step
 
 
 def _cfg(**overrides):
@@ -29,24 +29,6 @@ def _data():
     return torch.randn(100, 30, generator=g), torch.randn(40, 30, generator=g)
 
 
-def _stop_after_step(monkeypatch, at_step: int):
-    """A ``should_stop`` that turns true once the training step has run ``at_step`` times (counting from 1)."""
-    make_step = train_module._make_step
-    calls = {"n": 0}
-
-    def patched(*args, **kwargs):
-        step = make_step(*args, **kwargs)
-
-        def counting(batch, beta):
-            calls["n"] += 1
-            return step(batch, beta)
-
-        return counting
-
-    monkeypatch.setattr(train_module, "_make_step", patched)
-    return lambda: calls["n"] >= at_step
-
-
 @pytest.mark.parametrize("stop_at", [7, 10])  # inside epoch 2 (5 steps an epoch), and at its end
 def test_resume_after_a_stop_gives_the_uninterrupted_numbers(tmp_path, monkeypatch, stop_at):
     train_x, test_x = _data()
@@ -55,7 +37,7 @@ def test_resume_after_a_stop_gives_the_uninterrupted_numbers(tmp_path, monkeypat
 
     model, checkpoint = _model(), tmp_path / "checkpoint.pt"
     with monkeypatch.context() as patch:
-        should_stop = _stop_after_step(patch, stop_at)
+        should_stop = stop_after_step(patch, stop_at)
         outcome = fit(model, train_x, test_x, _cfg(), seed=0, checkpoint=checkpoint, should_stop=should_stop)
     assert outcome.status == "interrupted" and f"epoch {stop_at // 5 + (stop_at % 5 > 0)}" in outcome.message
     assert check_checkpoint(checkpoint, {}) == stop_at // 5

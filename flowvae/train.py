@@ -31,7 +31,7 @@ from flowvae.files import replaced
 from flowvae.models import FlowVAE
 
 __all__ = ["TrainOutcome", "fit", "evaluate_loss", "save_atomic", "check_checkpoint", "CheckpointMismatch",
-           "split_validation", "learning_rate"]
+           "split_validation", "learning_rate", "trained_record", "TRAINED_KEY"]
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,15 @@ EVAL_SEED_OFFSET = 2
 VAL_SEED_OFFSET = 3
 # The validation split's stream: numpy's generator seeded with (data.seed, this), apart from data.seed's own draws.
 VAL_SPLIT_STREAM = 1
+# A checkpoint's record of a training that ended elsewhere (a stacked group of seeds, flowvae.stacked): its
+# outcome, so the seed's own job scores it without training and its row says what the training did.
+TRAINED_KEY = "trained"
 
 
 @dataclass
 class TrainOutcome:
-    """How training ended: ``ok``, ``diverged`` (a non-finite loss) or ``interrupted`` (asked to stop)."""
+    """How training ended: ``ok``, ``diverged`` (a non-finite loss), ``pruned`` (a search's pruner stopped it) or
+    ``interrupted`` (asked to stop)."""
 
     status: str
     history: list[dict] = field(default_factory=list)
@@ -177,7 +181,7 @@ def fit(model: FlowVAE, train_x: Tensor, test_x: Tensor, cfg_train, *, seed: int
         checkpoint: Path | None = None, extra_state: dict | None = None,
         on_epoch: Callable[[list[dict]], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False, val_x: Tensor | None = None,
-        best: Path | None = None) -> TrainOutcome:
+        best: Path | None = None, prune: Callable[[dict], str | None] | None = None) -> TrainOutcome:
     """Train ``model`` for ``cfg_train.epochs`` epochs, resuming from ``checkpoint`` when it exists.
 
     With ``val_x`` the validation loss is evaluated after every epoch, ``cfg_train.patience`` epochs without a
@@ -190,6 +194,11 @@ def fit(model: FlowVAE, train_x: Tensor, test_x: Tensor, cfg_train, *, seed: int
     ``should_stop`` says: its checkpoint is the finished model. ``extra_state`` is stored in every checkpoint
     (the run's config hash); a checkpoint whose extra state differs raises :class:`CheckpointMismatch` rather
     than silently mixing two configs (:func:`check_checkpoint` asks before any work).
+
+    ``prune`` gets every epoch's history row once it is complete; a message back ends training there with status
+    ``pruned`` (a search's pruner: the checkpoint is written, the model keeps that epoch's weights). A checkpoint
+    that records a finished training (:data:`TRAINED_KEY`, written by a stacked group of seeds) is not trained
+    further: fit returns the outcome it records, with the weights it holds (the best epoch's with validation).
     """
     patience = cfg_train.get("patience")
     if patience is not None and val_x is None:
@@ -206,9 +215,11 @@ def fit(model: FlowVAE, train_x: Tensor, test_x: Tensor, cfg_train, *, seed: int
     outcome = TrainOutcome(status="ok")
     start_epoch, partial = 0, None
     if checkpoint is not None and checkpoint.exists():
-        start_epoch, partial = _restore(checkpoint, model, optimizer, shuffle, outcome, extra_state or {},
-                                        validation)
+        start_epoch, partial, trained = _restore(checkpoint, model, optimizer, shuffle, outcome, extra_state or {},
+                                                 validation)
         outcome.resumed_from = start_epoch
+        if trained is not None:
+            return _trained_outcome(model, outcome, trained, validation)
         where = f"epoch {start_epoch + 1}, step {partial['step']}" if partial else f"the end of epoch {start_epoch}"
         log.info("resumed from %s at %s of %d epochs", checkpoint, where, cfg_train.epochs)
     step_fn = _make_step(model, optimizer, cfg_train.grad_clip)
@@ -266,6 +277,12 @@ def fit(model: FlowVAE, train_x: Tensor, test_x: Tensor, cfg_train, *, seed: int
         _report(row, cfg_train.epochs, bar, scheduled)
         if on_epoch is not None:
             on_epoch(outcome.history)
+        pruned = None if last or prune is None else prune(row)
+        if pruned:
+            outcome.status, outcome.message = "pruned", pruned
+            if save is not None:
+                save(epoch + 1)
+            break
         stop = not last and should_stop()
         if save is not None and (last or stop or (epoch + 1) % cfg_train.checkpoint_every == 0):
             save(epoch + 1)
@@ -369,8 +386,26 @@ def check_checkpoint(path: Path, extra_state: dict) -> int | None:
     return int(state["epoch"])
 
 
+def trained_record(outcome: TrainOutcome) -> dict:
+    """What a checkpoint keeps under :data:`TRAINED_KEY` of a training that ended elsewhere (a stacked group):
+    ``outcome`` without its history (the checkpoint has that already)."""
+    return {"status": outcome.status, "message": outcome.message, "epochs_run": outcome.epochs_run,
+            "resumed_from": outcome.resumed_from, "epochs_trained": outcome.epochs_trained,
+            "best_epoch": outcome.best_epoch}
+
+
+def _trained_outcome(model: FlowVAE, outcome: TrainOutcome, trained: dict, validation: _Validation | None
+                     ) -> TrainOutcome:
+    """The outcome a finished checkpoint records, the model holding the weights it is scored with."""
+    for key in ("status", "message", "epochs_run", "resumed_from", "epochs_trained", "best_epoch"):
+        setattr(outcome, key, trained[key])
+    if validation is not None and outcome.status == "ok" and outcome.best_epoch:
+        model.load_state_dict(validation.best_weights())
+    return outcome
+
+
 def _restore(path: Path, model, optimizer, shuffle: torch.Generator, outcome: TrainOutcome,
-             extra_state: dict, validation: _Validation | None = None) -> tuple[int, dict | None]:
+             extra_state: dict, validation: _Validation | None = None) -> tuple[int, dict | None, dict | None]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     _check_extra(path, state, extra_state)
     model.load_state_dict(state["model"])
@@ -382,4 +417,4 @@ def _restore(path: Path, model, optimizer, shuffle: torch.Generator, outcome: Tr
     outcome.history = list(state["history"])
     if validation is not None and state.get("validation") is not None:
         validation.restore(state["validation"])
-    return int(state["epoch"]), state.get("partial")
+    return int(state["epoch"]), state.get("partial"), state.get(TRAINED_KEY)

@@ -25,7 +25,7 @@ from flowvae.train import CheckpointMismatch, check_checkpoint, fit, split_valid
 from flowvae.transforms import FeatureMap
 
 __all__ = ["metric_columns", "event_metric_columns", "preflight", "train_and_score", "generate_blocks", "data_units",
-           "generate_events", "choose_device", "configure_torch", "model_input"]
+           "generate_events", "choose_device", "configure_torch", "model_input", "seeded_model"]
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +111,14 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
     train_x = model_input(feature_map.forward(events.train, events.train_mask), device, events.train_mask)
     test_x = model_input(feature_map.forward(events.test, events.test_mask), device, events.test_mask)
 
-    torch.manual_seed(cfg.seed)
-    n_mask = events.n_particles if events.train_mask is not None else 0
-    model = build_model(events.n_features * events.n_particles, cfg.model, cfg.flow, cfg.n_flows, n_mask,
-                        events.n_features).to(device)
+    model = seeded_model(cfg, events, device)
     train_x, val_x = split_validation(train_x, cfg.train.val_fraction, cfg.data.seed)  # never the scoring set
     outcome = fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=files.checkpoint,
                   extra_state=checkpoint_key(cfg),
                   on_epoch=lambda history: _epoch_done(files, history, on_epoch), should_stop=stopping.requested,
                   val_x=val_x, best=files.best)
+    if outcome.epochs_run == 0 and outcome.history and on_epoch is not None:
+        on_epoch(outcome.history)  # trained before this process (a stacked group): the tracker logs it now
     if outcome.status == "interrupted":
         return outcome.status, outcome.message, {}
     values: dict = {"epochs_run": outcome.epochs_run, "resumed_from": outcome.resumed_from,
@@ -145,6 +144,15 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
     with replaced(files.sample) as tmp:  # in the data's own units and layout, the mask where the file has it
         np.save(tmp, sample)
     return "ok", "", values
+
+
+def seeded_model(cfg: DictConfig, events: Events, device: torch.device) -> FlowVAE:
+    """The run's model on ``device``, initialised from torch's global stream seeded with ``cfg.seed``; training
+    draws its noise from that stream next, where building left it."""
+    torch.manual_seed(cfg.seed)
+    n_mask = events.n_particles if events.train_mask is not None else 0
+    return build_model(events.n_features * events.n_particles, cfg.model, cfg.flow, cfg.n_flows, n_mask,
+                       events.n_features).to(device)
 
 
 def data_units(feature_map: FeatureMap, values: np.ndarray, mask: np.ndarray | None,

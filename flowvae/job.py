@@ -132,7 +132,7 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int,
     except ResultsError as err:
         return _finish(files, "invalid", f"bad configuration: results_csv={cfg.results_csv}: {err}")
     identity = run_hash(cfg)
-    if (existing := _reusable_row(cfg, results_csv, identity, sweep_dir)) is not None:
+    if (existing := reusable_row(cfg, results_csv, identity, sweep_dir)) is not None:
         return _skip(files, existing, results_csv)
     started = time.time()
     try:
@@ -152,9 +152,9 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int,
     checked = _Checked(cfg, events, feature_map, results_csv, identity, started, launch_dir, parallel_jobs,
                        sweep_dir)
     with checked.index.claim(identity, lambda: stopping.check("while waiting for the other run of this config")):
-        if (existing := _reusable_row(cfg, results_csv, identity, sweep_dir)) is not None:
+        if (existing := reusable_row(cfg, results_csv, identity, sweep_dir)) is not None:
             return _skip(files, existing, results_csv)  # the run it waited for wrote it
-        interrupted = _interrupted_run(checked, files)
+        interrupted = interrupted_run(checked.cfg, checked.index, checked.identity, files)
         if interrupted is not None:
             code = _resume_in(interrupted, checked, files)
             if code is not None:
@@ -162,7 +162,7 @@ def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int,
         return _work(checked, files)
 
 
-def _reusable_row(cfg: DictConfig, results_csv: Path, identity: str, sweep_dir: Path | None) -> dict | None:
+def reusable_row(cfg: DictConfig, results_csv: Path, identity: str, sweep_dir: Path | None) -> dict | None:
     """The ok row of this config that the run takes instead of training: any, with ``skip_existing``; in a sweep,
     one that a job of the same sweep wrote, whatever ``skip_existing`` says — a sweep never trains one config
     twice (its n_flows = 0 jobs are one plain VAE for every flow family)."""
@@ -181,19 +181,19 @@ def _skip(files: RunFiles, existing: dict, results_csv: Path) -> int:
                                      f"({existing.get('config_hash')}), from {existing.get('run_dir') or 'a run'}")
 
 
-def _interrupted_run(checked: _Checked, files: RunFiles) -> RunFiles | None:
+def interrupted_run(cfg: DictConfig, index: RunIndex, identity: str, files: RunFiles) -> RunFiles | None:
     """This config's interrupted run to go on with, when ``files``' directory has nothing to resume (Hydra made
-    it for this command): the results table's index names it, and it holds a checkpoint of this config."""
+    it for this command): the results table's ``index`` names it, and it holds a checkpoint of this config."""
     if files.checkpoint.exists():
         return None  # resumed in place: the command named its directory (hydra.run.dir, a fixed sweep dir)
-    found = checked.index.unfinished(checked.identity)
+    found = index.unfinished(identity)
     if found is None or found.resolve() == files.root.resolve():
         return None
     other = RunFiles(found)
     from flowvae import experiment
 
     try:
-        experiment.preflight(checked.cfg, other)
+        experiment.preflight(cfg, other)
     except ConfigError:
         return None
     return other if other.checkpoint.exists() else None

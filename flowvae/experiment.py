@@ -25,7 +25,8 @@ from flowvae.train import CheckpointMismatch, check_checkpoint, fit, split_valid
 from flowvae.transforms import FeatureMap
 
 __all__ = ["metric_columns", "event_metric_columns", "preflight", "train_and_score", "generate_blocks", "data_units",
-           "generate_events", "choose_device", "configure_torch", "model_input", "seeded_model"]
+           "generate_events", "choose_device", "configure_torch", "model_input", "seeded_model",
+           "write_curves", "checkpoint_key"]
 
 log = logging.getLogger(__name__)
 
@@ -197,12 +198,12 @@ def score_events(cfg: DictConfig, events: Events, generated: np.ndarray, gen_mas
 
 def _epoch_done(files: RunFiles, history: list[dict], then: Callable[[list[dict]], None] | None) -> None:
     """After every epoch: the curves file, then ``then`` (the run's experiment tracker)."""
-    _write_curves(files.curves, history)
+    write_curves(files.curves, history)
     if then is not None:
         then(history)
 
 
-def _write_curves(path: Path, history: list[dict]) -> None:
+def write_curves(path: Path, history: list[dict]) -> None:
     """The per-epoch losses so far, rewritten whole (temp file + rename) after every epoch."""
     import pandas as pd
 

@@ -337,14 +337,14 @@ def test_a_run_stopped_by_sigterm_and_rerun_scores_what_an_uninterrupted_run_sco
     monkeypatch.setattr(train_module, "evaluate_loss", rising)
     settings = [*TINY, "seed=10", "train.epochs=4", "train.val_fraction=0.25", "train.patience=1",
                 "train.lr_schedule=cosine"]
-    original = experiment._write_curves
+    original = experiment.write_curves
 
     def sigterm(path, history):
         original(path, history)
         os.kill(os.getpid(), signal.SIGTERM)
 
     with monkeypatch.context() as patch:
-        patch.setattr(experiment, "_write_curves", sigterm)
+        patch.setattr(experiment, "write_curves", sigterm)
         cfg = compose_config(*settings, f"results_csv={tmp_path / 'stopped.csv'}")
         assert job.run(cfg, tmp_path / "stopped", tmp_path) == job.EXIT_INTERRUPTED
     stopping.reset()

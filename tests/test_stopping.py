@@ -100,7 +100,7 @@ def test_sigterm_while_scoring_is_exit_3_and_the_rerun_only_scores(tmp_path, mon
 
 
 def test_sigterm_in_the_last_epoch_is_exit_3_not_a_finished_run(tmp_path, monkeypatch):
-    _sigterm_during(monkeypatch, experiment, "_write_curves")  # after every epoch, the last one included
+    _sigterm_during(monkeypatch, experiment, "write_curves")  # after every epoch, the last one included
     code, files = _run(tmp_path, "run", "train.epochs=1")
     assert code == 3 and _status(files)["exit_code"] == 3
     assert not (tmp_path / "results.csv").exists() and files.checkpoint.exists()
@@ -142,13 +142,13 @@ def test_a_clusters_time_limit_warning_saves_the_run_then_requeues_it(tmp_path, 
 
     previous = signal.signal(signal.SIGUSR2, submitit_handler)
     try:
-        original = experiment._write_curves
+        original = experiment.write_curves
 
         def warn(path, history):  # the cluster's warning arrives after the first epoch
             original(path, history)
             os.kill(os.getpid(), signal.SIGUSR2)
 
-        monkeypatch.setattr(experiment, "_write_curves", warn)
+        monkeypatch.setattr(experiment, "write_curves", warn)
         with pytest.raises(SystemExit):
             _run(tmp_path, "run", "train.epochs=3")
         files = RunFiles(tmp_path / "run")
@@ -170,7 +170,7 @@ def test_the_same_config_in_a_new_directory_resumes_the_interrupted_run(tmp_path
     """Hydra gives each command a new directory: the rerun goes on in the interrupted one, removes its own, and
     ends with the numbers of a run that was never interrupted."""
     with monkeypatch.context() as patch:
-        _sigterm_during(patch, experiment, "_write_curves")  # stopped after the first epoch
+        _sigterm_during(patch, experiment, "write_curves")  # stopped after the first epoch
         code, interrupted = _run(tmp_path, "first", "train.epochs=3")
     assert code == 3 and interrupted.checkpoint.exists()
     stopping.reset()
@@ -191,7 +191,7 @@ def test_an_interrupted_run_another_process_holds_is_not_resumed_twice(tmp_path,
     from filelock import FileLock
 
     with monkeypatch.context() as patch:
-        _sigterm_during(patch, experiment, "_write_curves")
+        _sigterm_during(patch, experiment, "write_curves")
         code, interrupted = _run(tmp_path, "first", "train.epochs=3")
     assert code == 3
     stopping.reset()

@@ -95,6 +95,9 @@ def _run_train(args: list[str]) -> int:
     from flowvae import callbacks
 
     stopping.install()  # from here on SIGTERM and Ctrl-C end the run (or sweep) with exit 3 and a status file
+    from hydra_plugins.flowvae_plugins import register
+
+    register()  # hydra/launcher=stacked (and flowvae's other plugins), in editable installs too
     program = Path(sys.argv[0]).name
     # Hydra names the program after argv[0] in its help; the completion script it installs registers that name,
     # which must be the executable alone (`flowvae`), not a second command called `train`.

@@ -164,11 +164,16 @@ class _Constants(nn.Module):
 
 
 class _TanhChain(torch.autograd.Function):
-    """The loop of :func:`tanh_chain`, with a backward that runs it in reverse (no per-flow autograd graph)."""
+    """The loop of :func:`tanh_chain`, with a backward that runs it in reverse (no per-flow autograd graph).
+
+    Written for torch.func (forward without ctx, :meth:`setup_context`): what the backward needs comes out of
+    forward as extra outputs, empty when no backward will run. Every input is per sample, so under ``vmap`` (a
+    stack of models, :mod:`flowvae.stacked`) the mapped axis is folded into the batch: one chain for all models.
+    """
 
     @staticmethod
-    def forward(ctx, z: Tensor, a: Tensor, c: Tensor, b: Tensor, q: Tensor | None,
-                for_backward: bool) -> tuple[Tensor, Tensor]:
+    def forward(z: Tensor, a: Tensor, c: Tensor, b: Tensor, q: Tensor | None,
+                for_backward: bool) -> tuple[Tensor, ...]:
         z = z.unsqueeze(-1)
         q_k = q.unbind(1) if q is not None else [None] * a.shape[1]
         flow_inputs, inputs, outputs, hidden = [], [], [], []
@@ -184,16 +189,38 @@ class _TanhChain(torch.autograd.Function):
                 outputs.append(z)
                 z = rotation @ z  # z' = Q (u + C h)
         h = torch.stack(hidden, 1).squeeze(-1)
-        if for_backward:
-            saved = [a, c, torch.stack(inputs, 1).squeeze(-1), h]
-            if q is not None:
-                saved += [q, torch.stack(flow_inputs, 1).squeeze(-1), torch.stack(outputs, 1).squeeze(-1)]
-            ctx.save_for_backward(*saved)
-        return z.squeeze(-1), h
+        saved = [inputs] + ([flow_inputs, outputs] if q is not None else [])
+        saved = [torch.stack(tensors, 1).squeeze(-1) if for_backward else h.new_empty(0) for tensors in saved]
+        return z.squeeze(-1), h, *saved
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: tuple[Tensor, ...]) -> None:
+        _, a, c, _, q, for_backward = inputs
+        _, h, *saved = output
+        ctx.mark_non_differentiable(*saved)
+        if for_backward:  # saved: each flow's input, and with rotations each flow's z and its updated u
+            ctx.save_for_backward(a, c, saved[0], h, *([q, *saved[1:]] if q is not None else []))
+
+    @staticmethod
+    def vmap(info, in_dims: tuple, z: Tensor, a: Tensor, c: Tensor, b: Tensor, q: Tensor | None,
+             for_backward: bool) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        """The mapped axis folded into the batch (every input is per sample): one chain for all of it."""
+
+        def fold(tensor: Tensor | None, dim: int | None) -> Tensor | None:
+            if tensor is None:
+                return None
+            tensor = tensor.movedim(dim, 0) if dim is not None else tensor.expand(info.batch_size, *tensor.shape)
+            return tensor.flatten(0, 1)
+
+        folded = [fold(tensor, dim) for tensor, dim in zip((z, a, c, b, q), in_dims[:5], strict=True)]
+        output = _TanhChain.apply(*folded, for_backward)
+        dims = tuple(0 if i < 2 or for_backward else None for i in range(len(output)))  # else empty placeholders
+        return tuple(out if dim is None else out.unflatten(0, (info.batch_size, -1))
+                     for out, dim in zip(output, dims, strict=True)), dims
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_z: Tensor | None, grad_h: Tensor | None):
+    def backward(ctx, grad_z: Tensor | None, grad_h: Tensor | None, *_):
         a, c, inputs, h, *rotated = ctx.saved_tensors
         q, flow_inputs, outputs = rotated if rotated else (None, None, None)
         if grad_z is None:
@@ -251,4 +278,4 @@ def tanh_chain(z: Tensor, a: Tensor, c: Tensor, b: Tensor, q: Tensor | None = No
     Shapes: z (B, D), a (B, K, M, D), c (B, K, D, M), b (B, K, M), q (B, K, D, D) or None
     -> z_K (B, D), h (B, K, M).
     """
-    return _TanhChain.apply(z, a, c, b, q, torch.is_grad_enabled())
+    return _TanhChain.apply(z, a, c, b, q, torch.is_grad_enabled())[:2]

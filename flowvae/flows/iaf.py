@@ -143,9 +143,9 @@ class IAF(Flow):
         middle_bias = stacked("middle", "bias")
         gate_logits = []
         for start, stop in chunks(len(flows), z.shape[0]):
-            z, gates = _MadeChain.apply(z, first_bias[:, start:stop], first[start:stop], middle[start:stop],
-                                        middle_bias[start:stop], last[start:stop], last_bias[start:stop],
-                                        torch.is_grad_enabled())
+            z, gates, *_ = _MadeChain.apply(z, first_bias[:, start:stop], first[start:stop], middle[start:stop],
+                                            middle_bias[start:stop], last[start:stop], last_bias[start:stop],
+                                            torch.is_grad_enabled())
             gate_logits.append(gates)
         gate_logits = torch.cat(gate_logits, 1) if len(gate_logits) > 1 else gate_logits[0]
         return z, F.logsigmoid(gate_logits).sum((1, 2))
@@ -161,9 +161,12 @@ class _MadeChain(torch.autograd.Function):
     passed only where the raw logit is above it).
     """
 
+    # torch.func (vmap over a stack of models, flowvae.stacked) runs forward and backward under vmap as they are
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, z: Tensor, first_bias: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
-                for_backward: bool) -> tuple[Tensor, Tensor]:
+    def forward(z: Tensor, first_bias: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
+                for_backward: bool) -> tuple[Tensor, ...]:
         saved: dict[str, list[Tensor]] = {"inputs": [], "h1": [], "h2": [], "mean": [], "gate": []}
         floor = gate_floor(z.dtype)
         for k in range(w1.shape[0]):
@@ -176,22 +179,30 @@ class _MadeChain(torch.autograd.Function):
             for name, value in zip(("h1", "h2", "mean", "gate"), (h1, h2, mean, gate), strict=True):
                 saved[name].append(value)
         gate = torch.stack(saved["gate"], 1)
+        # what the backward needs, as extra outputs (torch.func's form has no ctx here); empty without a backward
+        kept = [torch.stack(saved[name], 1) if for_backward else gate.new_empty(0)
+                for name in ("inputs", "h1", "h2", "mean")]
+        return z, gate, *kept
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: tuple[Tensor, ...]) -> None:
+        z, _, w1, w2, _, w3, _, for_backward = inputs
+        _, gate, *kept = output
+        ctx.mark_non_differentiable(*kept)
         if for_backward:
-            inputs, h1, h2, mean = (torch.stack(saved[name], 1) for name in ("inputs", "h1", "h2", "mean"))
-            ctx.save_for_backward(w1, w2, w3, inputs, h1, h2, mean, gate)
-            ctx.floor = floor
-        return z, gate
+            ctx.save_for_backward(w1, w2, w3, *kept, gate)
+            ctx.floor = gate_floor(z.dtype)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_z: Tensor | None, grad_gate: Tensor | None):
+    def backward(ctx, grad_z: Tensor | None, grad_gate: Tensor | None, *_):
         w1, w2, w3, inputs, h1, h2, mean, gate = ctx.saved_tensors
         sigma = torch.sigmoid(gate)
         # z' = m + sigma (z - m): dz'/dz = sigma, dz'/dm = 1 - sigma, dz'/dgate = (z - m) sigma (1 - sigma);
         # the floored logit passes the gradient only where the raw one is above the floor
         above = gate > ctx.floor
         keep, gate_slope = 1 - sigma, (inputs - mean) * sigma * (1 - sigma) * above
-        slope1, slope2 = ((h + 1).clamp_(max=1) for h in (h1, h2))  # elu'(x) = min(elu(x) + 1, 1)
+        slope1, slope2 = ((h + 1).clamp_max_(1) for h in (h1, h2))  # elu'(x) = min(elu(x) + 1, 1)
         g = torch.zeros_like(inputs[:, 0]) if grad_z is None else grad_z
         grad_gate = torch.zeros_like(gate) if grad_gate is None else grad_gate * above
         n_flows = w1.shape[0]

@@ -117,13 +117,17 @@ class FlowVAE(nn.Module):
         params = self.flow_head(h) if self.flow_head is not None else None
         return mean, log_var, params
 
-    def posterior_sample(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def posterior_sample(self, x: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
         """z0 ~ q0(z0|x), z_K = flows(z0) and log q0(z0|x) - sum log|det|, i.e. log q_K(z_K|x): each (B, ...).
 
-        The noise comes from ``generator`` when given (generation), else from torch's global stream (training).
+        The noise comes from ``generator`` when given (generation), else from torch's global stream (training);
+        ``noise`` (B, D) is the standard normal draw itself, drawn by the caller (a stack of models trained under
+        ``vmap``, each with its own stream: :mod:`flowvae.stacked`).
         """
         mean, log_var, params = self.encode(x)
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        eps = noise if noise is not None else torch.randn(mean.shape, generator=generator, device=mean.device,
+                                                          dtype=mean.dtype)
         z0 = mean + torch.exp(0.5 * log_var) * eps
         log_q0 = -0.5 * (eps.pow(2) + log_var + LOG_2PI).sum(-1)
         if params is None:
@@ -158,12 +162,14 @@ class FlowVAE(nn.Module):
             return x, None
         return x[:, :self.n_in], x[:, self.n_in:]
 
-    def loss(self, x: Tensor, beta: float = 1.0, generator: torch.Generator | None = None) -> LossTerms:
+    def loss(self, x: Tensor, beta: float = 1.0, generator: torch.Generator | None = None,
+             noise: Tensor | None = None) -> LossTerms:
         """The negative ELBO with a beta-weighted KL term, averaged over the batch.
 
-        z0's noise comes from ``generator`` when given (evaluation), else from the global stream (training).
+        z0's noise comes from ``generator`` when given (evaluation), else from the global stream (training), or is
+        ``noise`` (B, latent_dim) itself when given (see :meth:`posterior_sample`).
         """
-        _, z_k, log_q_k = self.posterior_sample(x, generator)
+        _, z_k, log_q_k = self.posterior_sample(x, generator, noise)
         h = self.decoder(z_k)
         mean, log_var = self._decode(h)
         values, mask = self.split_input(x)

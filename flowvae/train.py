@@ -347,10 +347,12 @@ def _report(row: dict, epochs: int, bar, scheduled: bool = False) -> None:
 
 
 def _save(path: Path, model, optimizer, shuffle: torch.Generator, outcome: TrainOutcome, epoch: int,
-          extra_state: dict, partial: dict | None = None, validation: _Validation | None = None) -> None:
+          extra_state: dict, partial: dict | None = None, validation: _Validation | None = None,
+          trained: dict | None = None) -> None:
     """``epoch`` whole epochs done, plus ``partial`` (step, order, sums) of the next one when stopped inside it;
     with validation its best loss, best epoch, epochs since, and whether it stopped training (the learning rate
-    needs no state: it is a function of the step, and the optimizer's holds the last one)."""
+    needs no state: it is a function of the step, and the optimizer's holds the last one); ``trained``, the
+    :func:`trained_record` of a training that ended (a stacked group's seed), under :data:`TRAINED_KEY`."""
     save_atomic({
         "epoch": epoch,
         "partial": partial,
@@ -362,6 +364,7 @@ def _save(path: Path, model, optimizer, shuffle: torch.Generator, outcome: Train
         "history": outcome.history,
         "extra": extra_state,
         "validation": None if validation is None else validation.state(),
+        **({} if trained is None else {TRAINED_KEY: trained}),
     }, path)
 
 

@@ -63,7 +63,7 @@ class _Seed:
     optimizer: torch.optim.Optimizer
     shuffle: torch.Generator  # the batch order (CPU, as fit's)
     noise: torch.Generator  # the posterior noise, on the model's device: the stream fit draws from
-    cpu_rng: Tensor  # torch's CPU stream as fit's checkpoint records it (the noise's own on the CPU)
+    cpu_rng: Tensor  # on another device, torch's CPU stream as fit leaves it (on the CPU, the noise is that stream)
     checkpoint: Path | None
     extra_state: dict
     on_epoch: Callable[[list[dict]], None] | None
@@ -84,8 +84,10 @@ class _Seed:
         if self.checkpoint is None:
             return
         with torch.random.fork_rng(devices=_cuda_devices()):
-            torch.random.set_rng_state(self.cpu_rng)
-            if self.noise.device.type == "cuda":
+            if self.noise.device.type == "cpu":
+                torch.random.set_rng_state(self.noise.get_state())
+            else:
+                torch.random.set_rng_state(self.cpu_rng)
                 torch.cuda.set_rng_state(self.noise.get_state(), self.noise.device)
             _save(self.checkpoint, self.model, self.optimizer, self.shuffle, self.outcome, epoch, self.extra_state,
                   partial, self.validation, trained)

@@ -30,7 +30,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
-	$(BIN)/ruff check flowvae tests scripts
+	$(BIN)/ruff check flowvae hydra_plugins tests scripts
 
 bench: install
 	$(BIN)/python scripts/bench.py

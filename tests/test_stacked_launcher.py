@@ -1,0 +1,102 @@
+"""``hydra/launcher=stacked``: a sweep's seeds trained as one model write the rows the basic launcher writes, in
+the same directories with the same identities; a seed that is done or in use is left to its own job; a stop
+during the group's training leaves every seed resumable."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from flowvae.group import group_key
+from tests.conftest import compose_config, flowvae_command, run_flowvae
+
+# The columns a stacked seed's row must share with its basic-launcher row exactly.
+SAME = ["flow", "n_flows", "seed", "status", "config_hash", "train_hash", "epochs_run", "resumed_from",
+        "epochs_trained", "best_epoch"]
+
+
+def _sweep(tmp_path, tiny, launcher, *overrides, name=None):
+    name = name or launcher
+    args = ["train", "-m", *tiny, f"hydra/launcher={launcher}", f"hydra.sweep.dir={tmp_path / name}",
+            f"results_csv={tmp_path / name / 'results.csv'}", "train.epochs=3", *overrides]
+    return run_flowvae(args, cwd=tmp_path, timeout=600)
+
+
+def test_configs_that_differ_in_seed_alone_share_a_group():
+    base = group_key(compose_config("flow=planar", "n_flows=2", "seed=0"))
+    assert group_key(compose_config("flow=planar", "n_flows=2", "seed=7")) == base
+    assert group_key(compose_config("flow=planar", "n_flows=3", "seed=0")) != base
+    assert group_key(compose_config("flow=planar", "n_flows=2", "seed=0", "data.seed=1")) != base
+    assert group_key(compose_config("flow=planar", "n_flows=2", "seed=0", "train.lr=0.01")) != base
+
+
+@pytest.mark.parametrize("flow", ["planar", "triangular"])
+def test_a_stacked_sweep_writes_the_rows_the_basic_launcher_writes(tmp_path, tiny, flow):
+    overrides = [f"flow={flow}", "n_flows=2", "seed=0,1,2", "train.val_fraction=0.2"]
+    basic = _sweep(tmp_path, tiny, "basic", *overrides)
+    stacked = _sweep(tmp_path, tiny, "stacked", *overrides)
+    assert basic.returncode == 0, basic.stdout + basic.stderr
+    assert stacked.returncode == 0, stacked.stdout + stacked.stderr
+    assert "training 3 seeds (0, 1, 2)" in stacked.stdout + stacked.stderr
+    rows = {name: pd.read_csv(tmp_path / name / "results.csv").sort_values("seed").reset_index(drop=True)
+            for name in ("basic", "stacked")}
+    assert list(rows["stacked"].columns) == list(rows["basic"].columns)
+    pd.testing.assert_frame_equal(rows["stacked"][SAME], rows["basic"][SAME])
+    assert (rows["stacked"]["epochs_run"] == 3).all() and (rows["stacked"]["resumed_from"] == 0).all()
+    # the same training up to the rounding of batched matrix products: the losses to 4 digits, and the
+    # generated events, drawn from the same streams, to within the histograms' resolution
+    for column in ("final_train_loss", "final_test_loss", "final_recon", "final_kl_term"):
+        assert rows["stacked"][column].to_numpy() == pytest.approx(rows["basic"][column].to_numpy(), rel=1e-4)
+    assert rows["stacked"]["kl_sum"].to_numpy() == pytest.approx(rows["basic"]["kl_sum"].to_numpy(), rel=0.05)
+    # each seed in its own directory, with the files a run of its own leaves
+    for run_dir in map(Path, rows["stacked"]["run_dir"]):
+        assert run_dir.parent == tmp_path / "stacked"
+        names = {path.name for path in run_dir.iterdir()}
+        assert {"checkpoint.pt", "best.pt", "training_curves.csv", "result.csv", "status.json"} <= names
+        assert list(pd.read_csv(run_dir / "training_curves.csv")["epoch"]) == [1, 2, 3]
+
+
+def test_a_seed_with_a_row_is_skipped_and_the_others_train_together(tmp_path, tiny):
+    first = _sweep(tmp_path, tiny, "stacked", "flow=planar", "n_flows=1", "seed=1", name="s")
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = _sweep(tmp_path, tiny, "stacked", "flow=planar", "n_flows=1", "seed=0,1,2", "skip_existing=true",
+                   name="s")
+    text = again.stdout + again.stderr
+    assert again.returncode == 0, text
+    assert "training 2 seeds (0, 2)" in text and "1 skipped" in text
+    rows = pd.read_csv(tmp_path / "s" / "results.csv")
+    assert sorted(rows["seed"]) == [0, 1, 2] and set(rows["status"]) == {"ok"}
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_groups_training_leaves_every_seed_to_resume(tmp_path, tiny):
+    """SIGTERM in the group's second epoch: no rows, every job interrupted (exit 3); the same command again
+    finishes from the checkpoints with the rows an uninterrupted stacked sweep writes."""
+    overrides = ["flow=planar", "n_flows=2", "seed=0,1", "train.epochs=40", "data.n_train=2000"]
+    args = ["train", "-m", *tiny, "hydra/launcher=stacked", f"results_csv={tmp_path / 'results.csv'}", *overrides]
+    process = subprocess.Popen([*flowvae_command(), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    curves = []
+    while time.time() < deadline and process.poll() is None:
+        curves = list(tmp_path.glob("outputs/multirun/*/*/training_curves.csv"))
+        if len(curves) == 2 and all(len(pd.read_csv(c)) >= 2 for c in curves):
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 3, out
+    statuses = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/multirun/*/*/status.json")]
+    assert [s["status"] for s in statuses] == ["interrupted", "interrupted"], out
+    assert not (tmp_path / "results.csv").exists()
+    again = run_flowvae(args, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    rows = pd.read_csv(tmp_path / "results.csv")
+    assert sorted(rows["seed"]) == [0, 1] and set(rows["status"]) == {"ok"}
+    assert (rows["epochs_trained"] == 40).all() and (rows["resumed_from"] > 0).all()

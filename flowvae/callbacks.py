@@ -109,8 +109,9 @@ def _report_search(config: DictConfig, sweep_dir: Path) -> None:
         return
     best = OmegaConf.load(results)
     metric = OmegaConf.select(config, "optimize.metric") or "objective"
+    # +search=... stays: its settings (train.val_fraction) are the trial's, and a single run ignores its sweeper
     fixed = [o for o in OmegaConf.select(config, "hydra.overrides.task") or [] if o.partition("=")[0]
-             not in best.best_params and not o.startswith("+search")]
+             not in best.best_params]
     found = [f"{key}={value}" for key, value in best.best_params.items()]
     log.info("best trial: %s = %s; rerun it with: flowvae train %s", metric, best.best_value,
              " ".join([*fixed, *found]))

@@ -39,12 +39,12 @@ examples:
   flowvae train flow=planar n_flows=10
   flowvae train -m flow=planar,iaf n_flows=0,1,2,5,10 seed=0,1,2
   flowvae train -m +experiment=seed_table hydra/launcher=joblib
-  flowvae train -m +search=default data=jets flow=planar n_flows=10 logger=mlflow   # a tracked search
+  flowvae train -m +search=default data=jets flow=planar n_flows=10 logger=mlflow   # a tracked Optuna search
   flowvae table outputs/results.csv
   flowvae score gen.npy jets.npz --key particle_features --layout particles_first --mask-feature 3 \\
       --jet-kinematics 0,1,2
 
-exit codes: 0 ok or skipped, 1 a run failed or diverged, 2 bad configuration, 3 interrupted (resumable)
+exit codes: 0 ok, skipped or pruned, 1 a run failed or diverged, 2 bad configuration, 3 interrupted (resumable)
 tab completion (bash): eval "$(flowvae train -sc install=bash)"
 """
 
@@ -65,8 +65,8 @@ _exit_codes: list[int] = []
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def train(cfg: DictConfig) -> int | float:
-    """Hydra's task: one run of the experiment in its run directory. Returns its exit code, or, under the Optuna
-    sweeper, the objective (``optimize.metric`` of its row, +inf when it has none)."""
+    """Hydra's task: one run of the experiment in its run directory. Returns its exit code, or, under flowvae's
+    Optuna sweeper (flowvae.sweeper), the objective (``optimize.metric`` of its row, +inf when it has none)."""
     from flowvae.job import run
 
     hc = HydraConfig.get()

@@ -117,7 +117,7 @@ class EvalConfig:
 
 @dataclass
 class OptimizeConfig:
-    """What a search (``hydra/sweeper=optuna``) minimizes: a metric column of the run's row."""
+    """What a search (``+search=default``, :mod:`flowvae.sweeper`) optimizes: a metric column of the run's row."""
 
     metric: str = "kl_sum"
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from flowvae import stopping
+from flowvae import pruning, stopping
 from flowvae.config import ConfigError
 from flowvae.cores import choose_threads
 from flowvae.data import Events, file_array, order_particles
@@ -99,7 +99,8 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
     training history after every epoch, after the curves file is written (the experiment tracker).
 
     Returns (status, message, values for the result row). A stop request ends training at a step boundary
-    (status ``interrupted``) and any later phase by :class:`flowvae.stopping.Interrupted`.
+    (status ``interrupted``) and any later phase by :class:`flowvae.stopping.Interrupted`; in a search's trial
+    the pruner may end it after an epoch (status ``pruned``, nothing scored: :mod:`flowvae.pruning`).
     """
     device = choose_device(cfg.train.device)
     threads = choose_threads(cfg.train.threads, parallel_jobs)
@@ -117,7 +118,7 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
     outcome = fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=files.checkpoint,
                   extra_state=checkpoint_key(cfg),
                   on_epoch=lambda history: _epoch_done(files, history, on_epoch), should_stop=stopping.requested,
-                  val_x=val_x, best=files.best)
+                  val_x=val_x, best=files.best, prune=pruning.hook())
     if outcome.epochs_run == 0 and outcome.history and on_epoch is not None:
         on_epoch(outcome.history)  # trained before this process (a stacked group): the tracker logs it now
     if outcome.status == "interrupted":
@@ -126,7 +127,7 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
                     "epochs_trained": outcome.epochs_trained,
                     # the epoch whose weights are scored: the best by validation loss, else the last
                     "best_epoch": outcome.epochs_trained if outcome.best_epoch is None else outcome.best_epoch}
-    if outcome.status == "diverged":
+    if outcome.status in ("diverged", "pruned"):
         return outcome.status, outcome.message, values
 
     stopping.check("after training, before generating (training is saved: the rerun only scores)")

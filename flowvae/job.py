@@ -1,8 +1,8 @@
 """One run of the experiment: validate, make data, train, generate, score, write.
 
 Everything a run can get wrong ends here as an exit code, never as an exception through Hydra: a sweep's
-other jobs go on, and the command's exit status tells cron what happened (0 ok or skipped, 1 failed or
-diverged, 2 bad configuration, 3 interrupted by SIGTERM with a checkpoint to resume from).
+other jobs go on, and the command's exit status tells cron what happened (0 ok, skipped, or pruned by a search,
+1 failed or diverged, 2 bad configuration, 3 interrupted by SIGTERM with a checkpoint to resume from).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ __all__ = ["run", "objective", "result_row", "metric_values", "EXIT_OK", "EXIT_F
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3
-EXIT_CODES = {"ok": EXIT_OK, "skipped": EXIT_OK, "failed": EXIT_FAILED, "diverged": EXIT_FAILED,
+# pruned: a search's pruner stopped the trial's training (flowvae.pruning); its row has no metrics
+EXIT_CODES = {"ok": EXIT_OK, "skipped": EXIT_OK, "pruned": EXIT_OK, "failed": EXIT_FAILED, "diverged": EXIT_FAILED,
               "invalid": EXIT_CONFIG, "interrupted": EXIT_INTERRUPTED}
 RESUME = "rerun the same command to resume this run"
 
@@ -47,8 +48,8 @@ _last_row: dict | None = None
 
 def objective(metric: str) -> float:
     """The last run's ``metric`` for a search to minimize: its row's value when the run finished ok (or was
-    skipped for an ok row), +inf otherwise (failed, diverged, refused, interrupted), so a bad trial never stops
-    a study."""
+    skipped for an ok row), +inf otherwise (failed, diverged, refused, interrupted, pruned), so a bad trial never
+    stops a study."""
     if _last_row is None or _last_row.get("status") != "ok":
         return math.inf
     try:

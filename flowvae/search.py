@@ -1,5 +1,11 @@
-"""An Optuna search's identity (``+search=default``): which study a command continues, and a search space that
-cannot work refused before its first trial.
+"""An Optuna search's space and identity (``+search=default``): the override grammar read into Optuna's
+distributions, which study a command continues, and a search space that cannot work refused before its first trial.
+
+The space is written in Hydra's override grammar, in ``hydra.sweeper.params`` or on the command line:
+``choice(a, b, ...)`` is a categorical, ``range(a, b[, step])`` an integer (or stepped float) range that includes
+b, ``interval(a, b)`` a float interval, ``tag(log, interval(a, b))`` (or ``tag(log, range(a, b))``) its log-uniform
+form; any other value fixes the key. :func:`parse_space` is the one reader of that grammar: the sweeper samples
+from what it returns and the study's identity hashes it.
 
 A study is keyed by everything the search does not sample: the run identity of the composed config
 (:func:`flowvae.identity.run_settings`) without the searched keys, with the data file named by its contents
@@ -11,9 +17,6 @@ number. conf/search/default.yaml names the study ``${flowvae.study:}``; this mod
 the launching process, when Hydra builds the sweeper, from the composed config (the command line's overrides in
 ``hydra.overrides.task``, the space in ``hydra.sweeper.params``). A study named on the command line
 (``hydra.sweeper.study_name=...``) is the user's: neither keyed nor checked.
-
-The space is read by the Optuna sweeper's own parser, so it is the one the trials will sample (its ``range(a, b)``
-includes b).
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
 from flowvae.config import ConfigError
 from flowvae.identity import data_label, run_settings
 
-__all__ = ["study_name", "search_space", "check_space", "register_resolver", "RESOLVER"]
+__all__ = ["study_name", "search_space", "parse_space", "sweeper_params", "check_space", "refuse",
+           "register_resolver", "RESOLVER"]
 
 RESOLVER = "flowvae.study"
 PARAMS_KEY = "hydra.sweeper.params"
@@ -43,13 +47,18 @@ def register_resolver() -> None:
 
 
 def _resolve(*, _root_: DictConfig) -> str:
-    """The resolver: a search that cannot work is refused in one line, exit 2, before any trial (Hydra would
-    print a traceback for an exception raised while it builds the sweeper)."""
+    """The resolver: a search that cannot work is refused before any trial."""
     try:
         return study_name(_root_)
     except ConfigError as err:
-        print(f"flowvae train: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        refuse(err)
+
+
+def refuse(err: ConfigError) -> NoReturn:
+    """Refuse a search in one line, exit 2 (Hydra would print a traceback for an exception raised while it
+    builds or runs the sweeper)."""
+    print(f"flowvae train: {err}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def study_name(root: DictConfig) -> str:
@@ -82,18 +91,77 @@ def study_name(root: DictConfig) -> str:
 
 
 def search_space(root: DictConfig) -> tuple[dict[str, Any], dict[str, str]]:
-    """(the sampled keys and their Optuna distributions, each key's definition as its source wrote it: ``KEY=TEXT``
-    on the command line, ``hydra.sweeper.params.KEY=TEXT`` in the search's config), as the sweeper reads them:
-    ``hydra.sweeper.params`` then the command line, a later fixed value taking a key out of the space."""
-    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
-
-    params = [f"{key}={value}" for key, value in (OmegaConf.select(root, PARAMS_KEY) or {}).items()]
+    """(the sampled keys, bare, and their Optuna distributions; each key's definition as its source wrote it:
+    ``KEY=TEXT`` on the command line, ``hydra.sweeper.params.KEY=TEXT`` in the search's config), as the sweeper
+    reads them (:func:`parse_space`): ``hydra.sweeper.params`` then the command line, a later value of a key
+    replacing an earlier one."""
+    params = sweeper_params(root)
     command_line = list(OmegaConf.select(root, "hydra.overrides.task") or [])
-    distributions, fixed = create_params_from_overrides([*params, *command_line])
+    space, _ = parse_space([*params, *command_line], sources=[f"{PARAMS_KEY}.{a}" for a in params] + command_line)
     written = {_bare(a.partition("=")[0]): f"{PARAMS_KEY}.{a}" for a in params}
     written.update({_bare(a.partition("=")[0]): a for a in command_line})
-    space = {_bare(name): d for name, d in distributions.items() if name not in fixed}
-    return space, written
+    return {_bare(name): d for name, d in space.items()}, written
+
+
+def sweeper_params(root: DictConfig) -> list[str]:
+    """``hydra.sweeper.params`` of the composed config as overrides, ``KEY=TEXT``."""
+    return [f"{key}={value}" for key, value in (OmegaConf.select(root, PARAMS_KEY) or {}).items()]
+
+
+def parse_space(arguments: list[str], sources: list[str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Overrides in Hydra's grammar as (each sampled key, as written with any ``+`` prefix, and its Optuna
+    distribution; each fixed key and its override as written), in their order, a later override of a key (with
+    or without a prefix) replacing an earlier one. ``range(a, b)`` includes b, as Optuna's integer distributions
+    do. Raises :class:`ConfigError` naming ``sources[i]`` (the
+    argument as its source wrote it; default the argument) for what a sampler cannot sample."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    chosen: dict[str, tuple[str, Any]] = {}  # bare key -> (key as written, distribution or the override's text)
+    for i, argument in enumerate(arguments):
+        source = sources[i] if sources else argument
+        try:
+            override = parser.parse_override(argument)
+        except HydraException as err:
+            key, _, text = source.partition("=")
+            raise ConfigError(key, text, f"an override in Hydra's grammar ({err})") from None
+        key = override.get_key_element()
+        chosen.pop(_bare(key), None)
+        chosen[_bare(key)] = (key, _distribution(override, source) if override.is_sweep_override() else argument)
+    space = {key: value for key, value in chosen.values() if not isinstance(value, str)}
+    fixed = {key: value for key, value in chosen.values() if isinstance(value, str)}
+    return space, fixed
+
+
+def _distribution(override: Any, source: str) -> Any:
+    """The Optuna distribution of a sweep override (choice, range or interval, maybe tagged log)."""
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep, Transformer
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    key, _, text = source.partition("=")
+    sweep = override.value()
+    if not isinstance(sweep, (ChoiceSweep, RangeSweep, IntervalSweep)):
+        raise ConfigError(key, text, "choice(a, b, ...), range(a, b), interval(a, b) or tag(log, interval(a, b))")
+    log = "log" in sweep.tags
+    if getattr(sweep, "shuffle", False):
+        raise ConfigError(key, text, "a choice(...), range(...) or interval(...) to sample from: shuffle() orders "
+                                     "a grid, which a search does not walk")
+    try:
+        if isinstance(sweep, ChoiceSweep):
+            if log:
+                raise ValueError("tag(log, ...) belongs to an interval(a, b) or a range(a, b), not to a choice")
+            # numbers and booleans as themselves, anything else as its override text (a string with a comma or a
+            # space escaped, a list in brackets), which goes back into the trial's override as it is
+            return CategoricalDistribution([x if isinstance(x, (int, float)) else Transformer.str(x)
+                                            for x in override.sweep_iterator()])
+        if isinstance(sweep, RangeSweep):
+            if any(isinstance(v, float) for v in (sweep.start, sweep.stop, sweep.step)):
+                return FloatDistribution(sweep.start, sweep.stop, step=sweep.step, log=log)
+            return IntDistribution(int(sweep.start), int(sweep.stop), step=int(sweep.step), log=log)
+        return FloatDistribution(sweep.start, sweep.end, log=log)
+    except ValueError as err:  # Optuna's own checks: low > high, log of a bound <= 0, log with a step
+        raise ConfigError(key, text, f"a distribution Optuna can sample ({err})") from None
 
 
 def check_space(space: dict[str, Any], written: dict[str, str], job: dict) -> None:
@@ -108,7 +176,7 @@ def check_space(space: dict[str, Any], written: dict[str, str], job: dict) -> No
     if longest < shortest:
         return
     sampled = warmup if warmup in space else epochs
-    shorter = (f"e.g. train.warmup_epochs='range(0,{int(shortest) - 1})' on the command line (Optuna's range "
+    shorter = (f"e.g. train.warmup_epochs='range(0,{int(shortest) - 1})' on the command line (a search's range "
                f"includes its end)" if shortest >= 2 else "e.g. train.warmup_epochs=0")
     trained = f"{epochs} from {shortest:g}" if epochs in space else f"{epochs}={shortest:g}"
     key, _, text = written[sampled].partition("=")

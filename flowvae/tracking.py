@@ -35,7 +35,8 @@ __all__ = ["Tracker", "open_tracker", "store_uri", "experiment_name", "ARTIFACTS
 log = logging.getLogger(__name__)
 
 # A run's status in the results table -> the MLflow run's end status.
-END_STATUS = {"ok": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "interrupted": "KILLED"}
+# A pruned trial (a search stopped its training) is KILLED like an interrupted run; its status tag says which.
+END_STATUS = {"ok": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "interrupted": "KILLED", "pruned": "KILLED"}
 # The run directory's files worth seeing beside the numbers (the checkpoint stays in the run directory).
 ARTIFACTS = ("histograms", "curves", "result", "sample")
 HYDRA_FILES = ("config", "overrides")  # the run's Hydra files, into the MLflow run's folder hydra/

@@ -229,7 +229,7 @@ def test_the_wheel_holds_every_config_and_builds_without_warnings(tmp_path):
     root = Path(__file__).resolve().parents[1]
     project = tmp_path / "project"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("flowvae", "conf"):
+    for folder in ("flowvae", "conf", "hydra_plugins"):
         shutil.copytree(root / folder, project / folder, ignore=ignore)
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(root / name, project / name)
@@ -243,7 +243,8 @@ def test_the_wheel_holds_every_config_and_builds_without_warnings(tmp_path):
     in_wheel = {name for name in names if name.endswith(".yaml")}
     configs = {"flowvae/conf/" + path.relative_to(root / "conf").as_posix() for path in (root / "conf").rglob("*.yaml")}
     assert len(configs) >= 10 and in_wheel == configs
-    modules = {path.relative_to(root).as_posix() for path in (root / "flowvae").rglob("*.py")}
+    modules = {path.relative_to(root).as_posix() for folder in ("flowvae", "hydra_plugins")
+               for path in (root / folder).rglob("*.py")}
     assert modules <= set(names), f"modules missing from the wheel: {sorted(modules - set(names))}"  # subpackages
 
 

@@ -1,13 +1,18 @@
-"""An Optuna search (`+search=default`, Hydra's Optuna sweeper): objectives from the rows, +inf for a bad trial,
-a study that the same command continues from its SQLite file and that any other command does not share, and a
-space that contradicts the fixed settings refused before its first trial."""
+"""An Optuna search (`+search=default`, flowvae's sweeper): the override grammar read into Optuna's distributions,
+objectives from the rows, +inf for a bad trial, n_trials as the study's total, a study that the same command
+continues from its journal (resuming a killed trial) and that any other command does not share, two processes on
+one study, and a space that contradicts the fixed settings refused before its first trial."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import shlex
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pandas as pd
@@ -15,50 +20,125 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from flowvae.config import register_configs
-from tests.conftest import TINY, require_extra, run_flowvae
+from flowvae.config import ConfigError, register_configs
+from tests.conftest import TINY, flowvae_command, require_extra, run_flowvae
 
 optuna = require_extra("optuna", "search")
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
 
 # TINY trains 2 epochs: the search's warm-up must stay below that (0 or 1 epoch)
 SHORT_WARMUP = "train.warmup_epochs=range(0,1)"
 
 
-def _search(tmp_path, *overrides, study="test", sweep="sweep"):
+def _args(tmp_path, *overrides, study="test", sweep="sweep"):
     named = [f"hydra.sweeper.study_name={study}"] if study else []
-    args = ["train", "-m", "+search=default", *TINY, SHORT_WARMUP, "flow=planar", "n_flows=1",
+    return ["train", "-m", "+search=default", *TINY, SHORT_WARMUP, "flow=planar", "n_flows=1",
             "results_csv=results.csv", f"hydra.sweep.dir={tmp_path / sweep}", *named, *overrides]
-    return run_flowvae(args, cwd=tmp_path)
 
 
-def _trials(tmp_path):
-    study = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}")
-    return study.trials
+def _search(tmp_path, *overrides, study="test", sweep="sweep"):
+    return run_flowvae(_args(tmp_path, *overrides, study=study, sweep=sweep), cwd=tmp_path)
+
+
+def _storage(tmp_path):
+    from flowvae.sweeper import open_storage
+
+    return open_storage(f"journal:{tmp_path / 'outputs' / 'optuna.journal'}")
+
+
+def _trials(tmp_path, study="test"):
+    return optuna.load_study(study_name=study, storage=_storage(tmp_path)).trials
+
+
+def _rows_by_run(tmp_path) -> dict:
+    rows = pd.read_csv(tmp_path / "results.csv", keep_default_na=False)
+    return {row["run_dir"]: row for _, row in rows.iterrows()}
+
+
+# --- the space: Hydra's override grammar as Optuna's distributions --------------------------------------------
+
+
+@pytest.mark.parametrize("argument, key, expected", [
+    ("train.lr=tag(log, interval(1e-4, 3e-3))", "train.lr", FloatDistribution(1e-4, 3e-3, log=True)),
+    ("train.lr=interval(0.1, 0.5)", "train.lr", FloatDistribution(0.1, 0.5)),
+    ("train.warmup_epochs=range(0, 5)", "train.warmup_epochs", IntDistribution(0, 5)),  # 5 included
+    ("train.epochs=range(1, 10, 3)", "train.epochs", IntDistribution(1, 10, step=3)),  # 1, 4, 7, 10
+    ("data.sigma=range(0.25, 1.0, 0.25)", "data.sigma", FloatDistribution(0.25, 1.0, step=0.25)),
+    ("train.batch_size=tag(log, range(16, 256))", "train.batch_size", IntDistribution(16, 256, log=True)),
+    ("train.grad_clip=choice(0.5, 1.0, 5.0)", "train.grad_clip", CategoricalDistribution([0.5, 1.0, 5.0])),
+    ("flow=choice(planar, iaf)", "flow", CategoricalDistribution(["planar", "iaf"])),
+    ("seed=0,1,2", "seed", CategoricalDistribution([0, 1, 2])),
+    ("+extra=choice(a, 'b c', 'x,y')", "+extra", CategoricalDistribution(["a", "b\\ c", "x\\,y"])),  # as overrides
+])
+def test_the_override_grammar_is_read_into_optunas_distributions(argument, key, expected):
+    from flowvae.search import parse_space
+
+    space, fixed = parse_space(["data=jets", argument])
+    assert space == {key: expected} and fixed == {"data": "data=jets"}
+
+
+def test_a_later_override_of_a_key_replaces_an_earlier_one():
+    from flowvae.search import parse_space
+
+    space, fixed = parse_space(["train.lr=interval(0.1, 0.5)", "seed=1", "train.lr=0.01", "+seed=range(0, 3)"])
+    assert space == {"+seed": IntDistribution(0, 3)} and fixed == {"train.lr": "train.lr=0.01"}
+
+
+@pytest.mark.parametrize("argument, says", [
+    ("seed=shuffle(range(3))", "shuffle() orders a grid"),
+    ("seed=tag(log, choice(1, 2))", "tag(log, ...) belongs to an interval"),
+    ("train.lr=interval(0.5, 0.1)", "a distribution Optuna can sample"),
+    ("train.lr=tag(log, interval(0, 1))", "a distribution Optuna can sample"),
+    ("train.lr=glob(*)", "choice(a, b, ...), range(a, b), interval(a, b)"),
+])
+def test_a_space_a_sampler_cannot_sample_is_refused_by_key(argument, says):
+    from flowvae.search import parse_space
+
+    with pytest.raises(ConfigError) as err:
+        parse_space([argument], sources=[f"hydra.sweeper.params.{argument}"])
+    key, _, text = argument.partition("=")
+    assert str(err.value).startswith(f"hydra.sweeper.params.{key}={text} is not allowed: ") and says in str(err.value)
+
+
+# --- searches ----------------------------------------------------------------------------------------------------
 
 
 def test_a_search_minimizes_the_rows_metric_and_says_how_to_rerun_the_best(tmp_path):
     out = _search(tmp_path, "hydra.sweeper.n_trials=3")
     assert out.returncode == 0, out.stdout + out.stderr
     rows = pd.read_csv(tmp_path / "results.csv")
-    values = [trial.value for trial in _trials(tmp_path)]
-    assert len(values) == 3 and values == list(rows["kl_sum"])  # one sequential trial per row, in order
+    trials = _trials(tmp_path)
+    assert [t.value for t in trials] == list(rows["kl_sum"])  # one sequential trial per row, in order
+    assert [t.user_attrs["run_dir"] for t in trials] == list(rows["run_dir"])
+    assert [t.params["train.lr"] for t in trials] == list(rows["train.lr"])
     best = rows.loc[rows["kl_sum"].idxmin()]
     text = out.stdout + out.stderr
     assert f"best trial: kl_sum = {best['kl_sum']}" in text
     assert f"train.lr={best['train.lr']}" in text and "flowvae train" in text
+    results = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
+    assert results.best_value == best["kl_sum"] and trials[results.best_trial].value == best["kl_sum"]
+    # n_trials is the study's total: the same command once more runs nothing, a larger total runs the rest
+    out = _search(tmp_path, "hydra.sweeper.n_trials=3", sweep="again")
+    assert out.returncode == 0 and "3 of 3 trials" in out.stdout + out.stderr, out.stdout + out.stderr
+    assert len(pd.read_csv(tmp_path / "results.csv")) == 3 and len(_trials(tmp_path)) == 3
+    out = _search(tmp_path, "hydra.sweeper.n_trials=4", sweep="more")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert len(pd.read_csv(tmp_path / "results.csv")) == 4 and len(_trials(tmp_path)) == 4
 
 
-def test_a_killed_search_goes_on_from_its_sqlite_study_and_a_failed_trial_scores_inf(tmp_path):
+def test_a_failed_trial_scores_inf_and_the_study_goes_on(tmp_path):
     out = _search(tmp_path, "hydra.sweeper.n_trials=2", "optimize.metric=w1_sum")
     assert out.returncode == 0, out.stdout + out.stderr
-    # the same study again (as after a kill), with a trial that cannot run: it scores +inf, the study goes on
-    out = _search(tmp_path, "hydra.sweeper.n_trials=1", "optimize.metric=w1_sum", "data.sigma=0")
+    # the same study again, with a trial that cannot run: it scores +inf, the study goes on
+    out = _search(tmp_path, "hydra.sweeper.n_trials=3", "optimize.metric=w1_sum", "data.sigma=0", sweep="bad")
     assert out.returncode == 2, out.stdout + out.stderr  # the sweep's exit code still says a run was refused
     trials = _trials(tmp_path)
     rows = pd.read_csv(tmp_path / "results.csv")
     assert len(trials) == 3 and len(rows) == 2
     assert [t.value for t in trials[:2]] == list(rows["w1_sum"])
-    assert math.isinf(trials[2].value) and trials[2].state == optuna.trial.TrialState.COMPLETE
+    assert math.isinf(trials[2].value) and trials[2].state == TrialState.COMPLETE
+    assert trials[2].user_attrs["status"] == "invalid"
 
 
 @pytest.mark.parametrize("status, value, expected", [("ok", "0.25", 0.25), ("diverged", "", math.inf),
@@ -145,10 +225,9 @@ def test_another_command_starts_its_own_study_and_its_best_trial_reruns_to_its_n
     assert out.returncode == 0, out.stdout + out.stderr
     other = pd.read_csv(tmp_path / "results.csv").iloc[-1]
     line = next(line for line in (out.stdout + out.stderr).splitlines() if "best trial:" in line)
-    out = _search(tmp_path, "hydra.sweeper.n_trials=1", study=None, sweep="again")  # the first one's study goes on
+    out = _search(tmp_path, "hydra.sweeper.n_trials=2", study=None, sweep="again")  # the first one's study goes on
     assert out.returncode == 0, out.stdout + out.stderr
-    storage = f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}"
-    studies = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
+    studies = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(_storage(tmp_path))}
     assert sorted(studies.values()) == [1, 2], studies
     # the second command's best trial is its own, and its command line gives its number again
     assert f"kl_sum = {other['kl_sum']};" in line
@@ -157,3 +236,78 @@ def test_another_command_starts_its_own_study_and_its_best_trial_reruns_to_its_n
                       cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert pd.read_csv(tmp_path / "rerun.csv").iloc[0]["kl_sum"] == other["kl_sum"]
+
+
+# --- several processes, kills and resumes ------------------------------------------------------------------------
+
+# trials long enough (40 epochs, about a second) to be caught while training
+LONG = ["train.epochs=40", "hydra.sweeper.pruner.name=none"]
+
+
+def _start(tmp_path, *overrides, sweep):
+    return subprocess.Popen([*flowvae_command(), *_args(tmp_path, *LONG, *overrides, sweep=sweep)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+
+
+def _wait_for(path_glob, tmp_path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not list(tmp_path.glob(path_glob)) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(path_glob)), f"nothing matched {path_glob}"
+
+
+def test_two_processes_share_one_study_and_its_budget(tmp_path):
+    """The README's two workers: the same command twice on one journal file (the second started while the first
+    trains); every trial runs once, in one of them, and the study ends with n_trials trials."""
+    first = _start(tmp_path, "hydra.sweeper.n_trials=6", sweep="a")
+    _wait_for("a/*/checkpoint.pt", tmp_path, first)
+    second = _start(tmp_path, "hydra.sweeper.n_trials=6", sweep="b")
+    outputs = [proc.communicate(timeout=300)[0] for proc in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], outputs
+    trials = _trials(tmp_path)
+    assert len(trials) == 6 and {t.state for t in trials} == {TrialState.COMPLETE}
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both contributed
+    rows = _rows_by_run(tmp_path)
+    assert len(rows) == 6 and {row["status"] for row in rows.values()} == {"ok"}
+    for trial in trials:  # no trial lost, none run twice: each is its own row, with its value and its parameters
+        row = rows[trial.user_attrs["run_dir"]]
+        assert row["kl_sum"] == trial.value and row["train.lr"] == trial.params["train.lr"]
+    assert {str(tmp_path / s) for s in ("a", "b")} == {os.path.dirname(run) for run in rows}
+    assert len({t.params["train.lr"] for t in trials}) == 6  # a second worker does not repeat the first's draws
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.slow)])
+def test_a_killed_search_resumes_its_interrupted_trial_in_the_same_study(tmp_path, stop):
+    """SIGTERM: the trial is told FAIL and queued again at once; SIGKILL: nobody tells, and the next start finds the
+    trial of a process that is gone. Either way the same command resumes the run from its checkpoint."""
+    proc = _start(tmp_path, "hydra.sweeper.n_trials=2", sweep="killed")
+    _wait_for("killed/*/checkpoint.pt", tmp_path, proc)
+    proc.send_signal(stop)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == (3 if stop == signal.SIGTERM else -signal.SIGKILL), output
+    killed = _trials(tmp_path)[0]
+    out = run_flowvae(_args(tmp_path, *LONG, "hydra.sweeper.n_trials=2", sweep="again"), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    if stop == signal.SIGKILL:
+        assert f"its process ({killed.user_attrs['worker']['pid']}) is gone" in out.stdout + out.stderr
+    trials = _trials(tmp_path)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    resumed = trials[1]
+    assert resumed.params == killed.params and resumed.user_attrs["resumes"] == 0
+    rows = _rows_by_run(tmp_path)
+    assert len(rows) == 2  # the interrupted run wrote none
+    row = rows[resumed.user_attrs["run_dir"]]
+    assert str(tmp_path / "killed") in row["run_dir"]  # went on in the killed run's own directory
+    assert 0 < int(row["resumed_from"]) < 40 and int(row["epochs_trained"]) == 40 and row["kl_sum"] == resumed.value
+
+
+def test_a_sampled_choice_goes_back_into_its_trials_override_as_the_value_it_was():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from flowvae.search import parse_space
+
+    space, _ = parse_space(["+extra=choice(planar, 'b c', 'x,y', 0.5, true)"])
+    parser = OverridesParser.create()
+    assert [parser.parse_override(f"+extra={c}").value() for c in space["+extra"].choices] == [
+        "planar", "b c", "x,y", 0.5, True]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 # module: class, of every plugin here
-PLUGINS = {"stacked_launcher": "StackedLauncher"}
+PLUGINS = {"stacked_launcher": "StackedLauncher", "optuna_sweeper": "OptunaSweeper"}
 
 
 def register() -> None:

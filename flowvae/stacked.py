@@ -219,21 +219,28 @@ class _Loss(nn.Module):
 class _Stack:
     """The training members' parameters, Adam state, batch orders and loss sums stacked on a leading seed axis,
     and the step that trains them all. :meth:`write_back` hands each member its slice (weights into its model,
-    moments into its own Adam) whenever a member's own copy is read: at an epoch's end and before a rebuild."""
+    moments into its own Adam) whenever a member's own copy is read: at an epoch's end and before a rebuild.
+
+    A matrix is stacked as its transpose, (S, in, out) for a Linear's (out, in) weight, and the model sees it
+    transposed back (a view): the layout in which the batched products read it, and write its gradient, without
+    a copy (stacked as it is, every weight and its gradient were copied once a step). Adam does not care.
+    """
 
     def __init__(self, members: list[_Seed], template: _Loss, cfg_train) -> None:
         self.members, self.grad_clip = members, cfg_train.grad_clip
         own = [dict(member.model.named_parameters()) for member in members]
         self.names = list(own[0])
+        self.matrices = {name for name, p in own[0].items() if p.dim() == 2}
         with torch.no_grad():
-            self.params = {name: torch.stack([params[name] for params in own]).requires_grad_() for name in self.names}
+            self.params = {name: self._stack([params[name] for params in own], name).requires_grad_()
+                           for name in self.names}
         first = members[0].optimizer
         self.optimizer = type(first)(list(self.params.values()), **first.defaults)
         self.optimizer.param_groups[0]["lr"] = first.param_groups[0]["lr"]
         for name, stacked in self.params.items():
             states = [member.optimizer.state.get(params[name]) for member, params in zip(members, own, strict=True)]
             if any(states):
-                self.optimizer.state[stacked] = _stack_state(states, name)
+                self.optimizer.state[stacked] = self._stack_state(states, name)
         self.orders = torch.stack([member.order for member in members])
         self.sums = torch.stack([member.sums for member in members])
         self.keys = {name: f"model.{name}" for name in self.names}
@@ -252,17 +259,37 @@ class _Stack:
         """One optimisation step of every member on its own batch ``order[start:stop]``."""
         x = train_x[self.orders[:, start:stop]]  # (S, B, n_in)
         dtype = self.params[self.names[0]].dtype
-        noise = torch.stack([torch.randn((stop - start, self.latent_dim), generator=member.noise,
+        noise = torch.stack([torch.randn((x.shape[1], self.latent_dim), generator=member.noise,
                                          device=x.device, dtype=dtype) for member in self.members])
         if lr is not None:
             self.optimizer.param_groups[0]["lr"] = lr
-        terms = self.loss({self.keys[name]: p for name, p in self.params.items()}, x, noise, beta)  # (S, 3)
+        params = {self.keys[name]: self._seeds_view(name, p) for name, p in self.params.items()}
+        terms = self.loss(params, x, noise, beta)  # (S, 3)
         self.optimizer.zero_grad(set_to_none=True)
         terms[:, 0].sum().backward()
         if self.grad_clip is not None:
             _clip_per_seed([p.grad for p in self.params.values() if p.grad is not None], self.grad_clip)
         self.optimizer.step()
         self.sums += terms.detach().double() * x.shape[1]
+
+    def _stack(self, tensors: list[Tensor], name: str) -> Tensor:
+        """The seeds' tensors of parameter ``name`` (or of its Adam state) as the stack holds them."""
+        return torch.stack([t.mT if name in self.matrices else t for t in tensors])
+
+    def _seeds_view(self, name: str, stacked: Tensor) -> Tensor:
+        """A stacked tensor of parameter ``name`` as (S, the seed's shape): a view."""
+        return stacked.mT if name in self.matrices else stacked
+
+    def _stack_state(self, states: list[dict | None], name: str) -> dict:
+        """One Adam state for the stacked parameter from the members' own (one step count: they train in step)."""
+        if not all(states):
+            raise RuntimeError(f"the seeds' optimizers disagree on parameter {name}: some have Adam state, some not")
+        steps = {float(state["step"]) for state in states}
+        if len(steps) > 1:
+            raise RuntimeError(f"the seeds' optimizers have taken different numbers of steps ({sorted(steps)}) on "
+                               f"{name}")
+        return {key: states[0][key].clone() if key == "step" else self._stack([state[key] for state in states], name)
+                for key in states[0]}
 
     @torch.no_grad()
     def write_back(self) -> None:
@@ -271,24 +298,17 @@ class _Stack:
         for j, member in enumerate(self.members):
             own = dict(member.model.named_parameters())
             for name, stacked in self.params.items():
-                own[name].copy_(stacked[j])
+                own[name].copy_(self._seeds_view(name, stacked)[j])
                 state = self.optimizer.state.get(stacked)
                 if state:
-                    member.optimizer.state[own[name]] = {key: value.clone() if key == "step" else value[j].clone()
-                                                         for key, value in state.items()}
+                    member.optimizer.state[own[name]] = {
+                        key: value.clone() if key == "step" else self._seeds_view(name, value)[j].clone(
+                            memory_format=torch.contiguous_format) for key, value in state.items()}
             member.optimizer.param_groups[0]["lr"] = group["lr"]
             member.order, member.sums = self.orders[j].clone(), self.sums[j].clone()
 
 
-def _stack_state(states: list[dict | None], name: str) -> dict:
-    """One Adam state for the stacked parameter from the members' own (one step count: they train in step)."""
-    if not all(states):
-        raise RuntimeError(f"the seeds' optimizers disagree on parameter {name}: some have Adam state, some not")
-    steps = {float(state["step"]) for state in states}
-    if len(steps) > 1:
-        raise RuntimeError(f"the seeds' optimizers have taken different numbers of steps ({sorted(steps)}) on {name}")
-    return {key: states[0][key].clone() if key == "step" else torch.stack([state[key] for state in states])
-            for key in states[0]}
+
 
 
 def _clip_per_seed(grads: list[Tensor], max_norm: float) -> None:

@@ -102,8 +102,9 @@ def _assert_same(expected, actual, exact: bool = False) -> None:
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_each_seed_ends_where_fit_leaves_it(name):
-    """Per seed: the same order, noise, Adam and clipping as fit, under a warm-up and a cosine rate."""
-    train_x, test_x = _data(masked="n_mask" in MODELS[name])
+    """Per seed: the same order, noise, Adam and clipping as fit, under a warm-up and a cosine rate; 110 events,
+    so each epoch ends with a batch of 10."""
+    train_x, test_x = _data(masked="n_mask" in MODELS[name], n_train=110)
     cfg = _cfg(grad_clip=5.0, lr_schedule="cosine", lr_min_factor=0.1, lr=3e-3)
     _assert_same(_fit_each(name, train_x, test_x, cfg), _stacked(name, train_x, test_x, cfg))
 
@@ -218,6 +219,10 @@ def test_interrupted_stack_resumes_stacked_or_alone(tmp_path, monkeypatch, stop_
     assert all(o.status == "interrupted" and o.message == where for o in outcomes)
     states = [torch.load(c, weights_only=False) for c in checkpoints]
     assert all(TRAINED_KEY not in s and (s["partial"] is not None) == (stop_at == 7) for s in states)
+    for s in states:  # each holds its own tensors, not a view of the stack's (which would store all of it)
+        for tensor in [*s["model"].values(), *(s["partial"] or {"order": torch.zeros(0)}).values()]:
+            if isinstance(tensor, torch.Tensor):
+                assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     copies = [tmp_path / f"copy{seed}.pt" for seed in SEEDS]
     for checkpoint, copy in zip(checkpoints, copies, strict=True):
         copy.write_bytes(checkpoint.read_bytes())
@@ -308,7 +313,8 @@ def test_checkpoints_have_fits_format(tmp_path):
             assert list(opt_a["state"][index]) == list(state)
             for key, tensor in state.items():
                 got = opt_a["state"][index][key]
-                assert got.shape == tensor.shape and got.dtype == tensor.dtype and got.device == tensor.device
+                assert (got.shape, got.stride(), got.dtype, got.device) == (tensor.shape, tensor.stride(),
+                                                                           tensor.dtype, tensor.device)
                 assert torch.equal(got, tensor) if key == "step" else torch.allclose(got, tensor, rtol=1e-3,
                                                                                      atol=1e-7)
         assert [sorted(row) for row in actual["history"]] == [sorted(row) for row in expected["history"]]

@@ -1,0 +1,245 @@
+"""How much faster S seeds train as one stacked model (flowvae.stacked) than one after the other (flowvae.train.fit).
+
+For each config (a preset of overrides) and S in --seeds: S models built as a run builds them, trained by fit's
+own step (``_make_step``, one seed after the other) and by fit_stacked's stacked step (all S at once), on the run's
+real data batched as both batch it. The figure is training throughput: seed-steps per second (S steps of the
+stacked model count S), and the speed-up is stacked over sequential.
+
+    python scripts/bench_stacked.py                                # default and jets presets, 1, 2, 4, 8 seeds
+    python scripts/bench_stacked.py --presets default --seeds 4 --csv stacked.csv --json stacked.json
+    python scripts/bench_stacked.py --presets planar10 --threads 1
+
+Timing as scripts/bench.py: every cell is warmed up, then the cells take turns (round-robin) timing a block of
+steps, ``--repeats`` times, and a cell's figure is the median over its blocks; taking turns puts other load on the
+machine on every cell alike, so the ratios hold where the absolute times do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from flowvae import stacked
+from flowvae.config import register_configs
+from flowvae.cores import choose_threads, cpu_name
+from flowvae.data import load_events
+from flowvae.experiment import configure_torch, model_input, seeded_model
+from flowvae.train import _make_optimizer, _make_step
+
+ROOT = Path(__file__).resolve().parents[1]
+# name -> overrides; jets: real gluon jets with their particle masks (the test slice: 30 particles, 4 features)
+PRESETS = {
+    "default": [],
+    "jets": ["data=jetnet", f"data.path={ROOT / 'tests/data/gluon_30p_slice.npz'}"],
+    "planar10": ["flow=planar", "n_flows=10"],
+    "iaf10": ["flow=iaf", "n_flows=10"],
+    "orthogonal10": ["flow=orthogonal", "n_flows=10"],
+    "jets_conditional_flow": ["data=jetnet", f"data.path={ROOT / 'tests/data/gluon_30p_slice.npz'}",
+                              "model=conditional_flow"],
+}
+BLOCK_SECONDS = 0.3  # each timed block of steps lasts about this long
+TARGET = {4: 2.0}  # the issue's target: 4 seeds stacked at least 2x the throughput of 4 one after the other
+
+
+@dataclass
+class Cell:
+    """One config, one number of seeds, one way of training them."""
+
+    preset: str
+    seeds: int
+    mode: str  # sequential or stacked
+    block_ms: list[float] = field(default_factory=list)  # ms per round (one step of every seed)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    register_configs()
+    with initialize_config_module(config_module="flowvae.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+class Sequential:
+    """S models, each with fit's optimizer and step and its own batch order: a round is one step of each."""
+
+    def __init__(self, cfg: DictConfig, events, train_x: torch.Tensor, seeds: list[int]) -> None:
+        self.steps, self.orders = [], []
+        for seed in seeds:
+            model = seeded_model(cfg_with_seed(cfg, seed), events, train_x.device)
+            self.steps.append(_make_step(model, _make_optimizer(model, cfg.train), cfg.train.grad_clip))
+            self.orders.append(torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed)))
+        self.train_x, self.batch = train_x, cfg.train.batch_size
+        self.steps_per_epoch = math.ceil(len(train_x) / self.batch)
+        self.next = 0
+
+    def rounds(self, n: int) -> float:
+        sums = torch.zeros(3, dtype=torch.float64)
+        started = time.perf_counter()
+        for _ in range(n):
+            i = self.next % self.steps_per_epoch
+            for step, order in zip(self.steps, self.orders, strict=True):
+                sums += step(self.train_x[order[i * self.batch:(i + 1) * self.batch]], 1.0)
+            self.next += 1
+        sums.tolist()  # fit reads its sums once per epoch
+        return (time.perf_counter() - started) / n * 1e3
+
+
+class Stacked:
+    """The same S models as fit_stacked stacks them: a round is one stacked step."""
+
+    def __init__(self, cfg: DictConfig, events, train_x: torch.Tensor, seeds: list[int]) -> None:
+        members = []
+        for seed in seeds:
+            model = seeded_model(cfg_with_seed(cfg, seed), events, train_x.device)
+            member = stacked._seed(model, seed, torch.get_rng_state(), None, {}, None, None, cfg.train,
+                                   train_x.device)
+            member.draw_order(len(train_x), train_x.device)
+            members.append(member)
+        template = copy.deepcopy(members[0].model)
+        self.stack = stacked._Stack(members, stacked._Loss(template), cfg.train)
+        self.train_x, self.batch = train_x, cfg.train.batch_size
+        self.steps_per_epoch = math.ceil(len(train_x) / self.batch)
+        self.next = 0
+
+    def rounds(self, n: int) -> float:
+        started = time.perf_counter()
+        for _ in range(n):
+            i = self.next % self.steps_per_epoch
+            self.stack.step(self.train_x, i * self.batch, (i + 1) * self.batch, 1.0, None)
+            self.next += 1
+        self.stack.sums.tolist()
+        return (time.perf_counter() - started) / n * 1e3
+
+
+def cfg_with_seed(cfg: DictConfig, seed: int) -> DictConfig:
+    cfg = copy.deepcopy(cfg)
+    cfg.seed = seed
+    return cfg
+
+
+def measure(presets: list[str], seed_counts: list[int], repeats: int, warmup: int) -> list[Cell]:
+    """Every cell built, warmed up, then timed in turns."""
+    cells, runners, block_rounds = [], [], []
+    for preset in presets:
+        cfg = compose_config(PRESETS[preset])
+        events = load_events(cfg.data, ROOT)
+        train_x = model_input(events.train, "cpu", events.train_mask)
+        for count in seed_counts:
+            seeds = list(range(count))
+            for mode, kind in (("sequential", Sequential), ("stacked", Stacked)):
+                runner = kind(cfg, events, train_x, seeds)
+                runner.rounds(warmup)
+                estimate = runner.rounds(max(2, warmup // 2))
+                cells.append(Cell(preset, count, mode))
+                runners.append(runner)
+                block_rounds.append(max(2, round(BLOCK_SECONDS * 1e3 / estimate)))
+                print(f"  {preset}, {count} seed(s), {mode}: ~{estimate:.1f} ms a round", flush=True)
+    for _ in range(repeats):
+        for cell, runner, n in zip(cells, runners, block_rounds, strict=True):
+            cell.block_ms.append(runner.rounds(n))
+    return cells
+
+
+def rows_of(cells: list[Cell], threads: int) -> list[dict]:
+    """One row per config and number of seeds: both ways' throughput and the speed-up."""
+    rows = []
+    by_key = {(c.preset, c.seeds, c.mode): c for c in cells}
+    for preset, count in dict.fromkeys((c.preset, c.seeds) for c in cells):
+        seq, stk = by_key[(preset, count, "sequential")], by_key[(preset, count, "stacked")]
+        seq_ms, stk_ms = statistics.median(seq.block_ms), statistics.median(stk.block_ms)
+        speedup = seq_ms / stk_ms
+        target = TARGET.get(count)
+        rows.append({
+            "preset": preset, "seeds": count, "threads": threads,
+            "sequential_ms_per_round": seq_ms, "stacked_ms_per_round": stk_ms,
+            "sequential_seed_steps_per_s": count * 1e3 / seq_ms, "stacked_seed_steps_per_s": count * 1e3 / stk_ms,
+            "speedup": speedup, "speedup_iqr": _iqr([a / b for a, b in zip(seq.block_ms, stk.block_ms,
+                                                                                 strict=True)]),
+            "target": target if target is not None else "",
+            "meets_target": "" if target is None else ("yes" if speedup >= target else "no"),
+        })
+    return rows
+
+
+def _iqr(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return q3 - q1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="default,jets",
+                        help=f"comma-separated configs (default: default,jets); any of {', '.join(PRESETS)}")
+    parser.add_argument("--seeds", default="1,2,4,8", help="comma-separated numbers of seeds (default: 1,2,4,8)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: this machine's cores)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed blocks per cell (median over them)")
+    parser.add_argument("--warmup", type=int, default=6, help="untimed rounds per cell first")
+    parser.add_argument("--csv", type=Path, help="write the table here")
+    parser.add_argument("--json", type=Path, help="write the table and the machine here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    presets = [p for p in args.presets.split(",") if p]
+    unknown = sorted(set(presets) - set(PRESETS))
+    if unknown:
+        raise SystemExit(f"unknown preset(s) {', '.join(unknown)}; allowed: {', '.join(PRESETS)}")
+    seed_counts = sorted({int(s) for s in args.seeds.split(",") if s})
+    threads = args.threads or choose_threads(0, 1)
+    configure_torch(threads)  # as a run sets it
+    machine = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread(s); load average "
+               f"at start {os.getloadavg()[0]:.1f}")
+    print(machine, flush=True)
+    started = time.time()
+    rows = rows_of(measure(presets, seed_counts, args.repeats, args.warmup), threads)
+    columns = ["preset", "seeds", "sequential_ms_per_round", "stacked_ms_per_round", "sequential_seed_steps_per_s",
+               "stacked_seed_steps_per_s", "speedup", "speedup_iqr", "target", "meets_target"]
+    _print_table(rows, columns)
+    if args.csv:
+        import csv
+
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with args.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": machine, "presets": {p: PRESETS[p] for p in presets},
+                                         "rows": rows}, indent=2))
+    print(f"bench took {time.time() - started:.0f} s; load average at the end {os.getloadavg()[0]:.1f}", flush=True)
+    return 0
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("\nTraining throughput, S seeds one after the other (fit's step) against stacked (one vmapped step)")
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -148,9 +148,7 @@ class OptunaSweeper(Sweeper):
                  study.study_name, self.storage, len(_counted(study)), self.n_trials)
         worker = _worker()
         while not stopping.requested():
-            with _budget_lock(spec):
-                _requeue_dead(study, worker)
-                trials = [self._ask(study, space, worker) for _ in range(self._batch(study))]
+            trials = self._next(study, spec, space, worker)
             if not trials:
                 break
             link = {"storage": spec, "study": study.study_name, "pruner": self.pruner}
@@ -230,6 +228,13 @@ class OptunaSweeper(Sweeper):
         with _budget_lock(spec):  # two processes creating one study at once
             return optuna.create_study(study_name=self.study_name, storage=storage, direction=self.direction,
                                        load_if_exists=True)
+
+    def _next(self, study, spec: str, space: dict[str, Any], worker: dict) -> list:
+        """The trials this process launches next, counted and asked under the storage's lock (so that no two
+        processes take the study's last trial)."""
+        with _budget_lock(spec):
+            _requeue_dead(study, worker)
+            return [self._ask(study, space, worker) for _ in range(self._batch(study))]
 
     def _batch(self, study) -> int:
         """How many trials this process launches now: ``n_jobs`` (default: the launcher's), at most what the

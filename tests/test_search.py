@@ -311,3 +311,42 @@ def test_a_sampled_choice_goes_back_into_its_trials_override_as_the_value_it_was
     parser = OverridesParser.create()
     assert [parser.parse_override(f"+extra={c}").value() for c in space["+extra"].choices] == [
         "planar", "b c", "x,y", 0.5, True]
+
+
+def _worker_asking_slowly(spec: str, done) -> None:
+    """One process of the test below: asks and tells trials until the study is full, each ask 50 ms late."""
+    from flowvae.sweeper import OptunaSweeper, _worker, open_storage
+
+    study = optuna.load_study(study_name="race", storage=open_storage(spec))
+    ask = study.ask
+
+    def slow_ask(*args, **kwargs):
+        time.sleep(0.05)  # between counting the trials and adding one: where another process could count too
+        return ask(*args, **kwargs)
+
+    study.ask = slow_ask
+    sweeper = OptunaSweeper(n_trials=5, n_jobs=1, sampler={"name": "random", "seed": 0})
+    space, worker = {"x": FloatDistribution(0, 1)}, _worker()
+    while trials := sweeper._next(study, spec, space, worker):
+        for trial in trials:
+            study.tell(trial, trial.params["x"])
+    done.put(os.getpid())
+
+
+def test_processes_that_ask_at_once_never_take_more_than_the_studys_trials(tmp_path):
+    import multiprocessing
+
+    from flowvae.sweeper import open_storage
+
+    spec = f"journal:{tmp_path / 'race.journal'}"
+    optuna.create_study(study_name="race", storage=open_storage(spec))
+    context = multiprocessing.get_context("fork")
+    done = context.Queue()
+    workers = [context.Process(target=_worker_asking_slowly, args=(spec, done)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert sorted(done.get(timeout=5) for _ in workers) == sorted(w.pid for w in workers)
+    trials = optuna.load_study(study_name="race", storage=open_storage(spec)).trials
+    assert len(trials) == 5 and {t.state for t in trials} == {TrialState.COMPLETE}

@@ -123,16 +123,24 @@ def test_validation_early_stopping_and_best_weights_per_seed(tmp_path):
     events, test_x = _data(n_train=125)
     train_x, val_x = split_validation(events, 0.2, 0)
     cfg = _cfg(epochs=8, lr=1e-2, warmup_epochs=0, patience=1)
-    expected = _fit_each("planar", train_x, test_x, cfg, val_x=val_x)
+    fits = [tmp_path / f"fit{seed}.pt" for seed in SEEDS]
+    expected = _fit_each("planar", train_x, test_x, cfg, val_x=val_x, checkpoints=fits)
     assert [o.epochs_trained for o in expected[1]] == [5, 8, 4]  # the case this test is about
-    bests = [tmp_path / f"best{seed}.pt" for seed in SEEDS]
-    actual = _stacked("planar", train_x, test_x, cfg, val_x=val_x, bests=bests)
+    bests, checkpoints = [tmp_path / f"best{seed}.pt" for seed in SEEDS], [tmp_path / f"c{seed}.pt" for seed in SEEDS]
+    actual = _stacked("planar", train_x, test_x, cfg, val_x=val_x, bests=bests, checkpoints=checkpoints)
     _assert_same(expected, actual)
     for outcome, best, model in zip(actual[1], bests, actual[0], strict=True):
         saved = torch.load(best, weights_only=True)
         assert saved["epoch"] == outcome.best_epoch < outcome.epochs_trained
         for key, tensor in model.state_dict().items():
             assert torch.equal(saved["model"][key], tensor), key
+    for fit_path, path in zip(fits, checkpoints, strict=True):  # the last epoch's weights, as fit's checkpoint
+        expected_state, state = (torch.load(p, weights_only=False) for p in (fit_path, path))
+        validation, expected_validation = state["validation"], expected_state["validation"]
+        assert validation.pop("best_loss") == pytest.approx(expected_validation.pop("best_loss"), rel=1e-6)
+        assert validation == expected_validation
+        for key, tensor in expected_state["model"].items():
+            torch.testing.assert_close(state["model"][key], tensor, **TOLERANCE)
 
 
 def test_a_diverging_seed_leaves_and_the_others_train_on(tmp_path, monkeypatch):

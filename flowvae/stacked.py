@@ -108,28 +108,29 @@ def fit_stacked(models: list[FlowVAE], train_x: Tensor, test_x: Tensor, cfg_trai
     seeds' outcomes, in order; each model ends with the weights fit leaves (the best epoch's with validation).
     """
     n = len(models)
-    lengths = {"seeds": seeds, "rng_states": rng_states, "checkpoints": checkpoints, "extra_states": extra_states,
-               "on_epoch": on_epoch if on_epoch is not None else [None] * n,
-               "bests": bests if bests is not None else [None] * n}
-    wrong = {name: len(values) for name, values in lengths.items() if len(values) != n}
+    on_epoch = on_epoch if on_epoch is not None else [None] * n
+    bests = bests if bests is not None else [None] * n
+    extra_states = [extra or {} for extra in extra_states]
+    given = {"seeds": seeds, "rng_states": rng_states, "checkpoints": checkpoints, "extra_states": extra_states,
+             "on_epoch": on_epoch, "bests": bests}
+    wrong = {name: len(values) for name, values in given.items() if len(values) != n}
     if wrong:
         raise ValueError(f"fit_stacked needs one entry per model ({n}); got {wrong}")
     patience = cfg_train.get("patience")
     if patience is not None and val_x is None:
         raise ValueError("train.patience needs validation events (train.val_fraction > 0)")
     _check_same_architecture(models)
-    group = [_seed(models[i], seeds[i], rng_states[i], lengths["checkpoints"][i], lengths["extra_states"][i],
-                   lengths["on_epoch"][i], None if val_x is None else _Validation(patience, lengths["bests"][i],
-                                                                                  lengths["extra_states"][i]),
-                   cfg_train, train_x.device) for i in range(n)]
+    group = [_seed(models[i], seeds[i], rng_states[i], checkpoints[i], extra_states[i], on_epoch[i],
+                   None if val_x is None else _Validation(patience, bests[i], extra_states[i]), cfg_train,
+                   train_x.device) for i in range(n)]
     waiting = [member for member in group if not member.done]
     if waiting:
         _Group(waiting, train_x, test_x, val_x, cfg_train, should_stop).run()
     return [member.outcome for member in group]
 
 
-def _seed(model: FlowVAE, seed: int, rng_state: Tensor, checkpoint: Path | None, extra_state: dict | None,
-          on_epoch, validation: _Validation | None, cfg_train, device: torch.device) -> _Seed:
+def _seed(model: FlowVAE, seed: int, rng_state: Tensor, checkpoint: Path | None, extra_state: dict, on_epoch,
+          validation: _Validation | None, cfg_train, device: torch.device) -> _Seed:
     """Seed ``seed``'s member, resumed from its checkpoint when there is one (by fit's code; torch's own streams
     are left as they were): a training it records as ended is its outcome, and it does not train."""
     noise = torch.Generator(device=device)
@@ -138,7 +139,7 @@ def _seed(model: FlowVAE, seed: int, rng_state: Tensor, checkpoint: Path | None,
     else:  # fit draws the noise from the device's stream, which torch.manual_seed(seed) seeded and building left
         noise.manual_seed(seed)
     member = _Seed(model, seed, _make_optimizer(model, cfg_train), torch.Generator(device="cpu").manual_seed(seed),
-                   noise, rng_state, checkpoint, extra_state or {}, on_epoch, validation)
+                   noise, rng_state, checkpoint, extra_state, on_epoch, validation)
     if checkpoint is None or not checkpoint.exists():
         return member
     with torch.random.fork_rng(devices=_cuda_devices()):

@@ -13,6 +13,10 @@ through Hydra's launcher, and trials whose validation loss falls behind pruned (
   process on the study (this command again, or another worker) runs them first, and flowvae resumes that run
   from its checkpoint. A trial left running by a process that died without a word (SIGKILL, a crash) on this
   machine is found at the next start and queued again the same way.
+- A trial's job is numbered after the trial (its folder in the sweep folder starts with the trial's number), so
+  workers that share one sweep folder (``hydra.sweep.dir=...``), or a search resumed into it, never share a run's
+  folder. A batch of ``n_jobs`` trials goes to the launcher at once and waits for its slowest trial; processes on
+  one study do not wait for each other.
 - The sampler (TPE, or random) is seeded with ``sampler.seed`` and the number of trials the study has when it
   asks: the same search gives the same trials, and a second worker or a resumed search does not repeat the
   first's draws.
@@ -125,13 +129,11 @@ class OptunaSweeper(Sweeper):
         self.params = params
         self.config: DictConfig | None = None
         self.launcher = None
-        self.job_idx = 0
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
                                                                 task_function=task_function)
-        self.job_idx = 0
 
     def sweep(self, arguments: list[str]) -> None:
         from flowvae.search import refuse
@@ -152,17 +154,19 @@ class OptunaSweeper(Sweeper):
             if not trials:
                 break
             link = {"storage": spec, "study": study.study_name, "pruner": self.pruner}
-            overrides = [[*fixed.values(), *(f"{key}={value}" for key, value in trial.params.items()),
-                          TrialLink(number=trial.number, **link).override()] for trial in trials]
-            try:
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-            except BaseException:
-                for trial in trials:  # they never told how they ended: run again, by this command or another
-                    _tell_interrupted(study, trial.number, "its launcher stopped")
-                raise
-            self.job_idx += len(returns)
-            for trial, ret in zip(trials, returns, strict=True):
-                self._tell(study, trial, ret)
+            for group in _numbered_runs(trials):
+                overrides = [[*fixed.values(), *(f"{key}={value}" for key, value in trial.params.items()),
+                              TrialLink(number=trial.number, **link).override()] for trial in group]
+                try:  # job number = trial number: its folder's, unique in the study whatever the sweep folder
+                    returns = self.launcher.launch(overrides, initial_job_idx=group[0].number)
+                except BaseException as err:
+                    stopped = stopping.requested() or isinstance(err, KeyboardInterrupt)
+                    for trial in trials:  # they never told how they ended
+                        _tell_interrupted(study, trial.number, "its launcher stopped" if stopped else
+                                          f"its launcher failed ({type(err).__name__})", again=stopped)
+                    raise
+                for trial, ret in zip(group, returns, strict=True):
+                    self._tell(study, trial, ret)
         self._report(study)
 
     # --- the steps ----------------------------------------------------------------------------------------------
@@ -351,17 +355,32 @@ def _states(study) -> dict[str, int]:
     return counts
 
 
-def _tell_interrupted(study, number: int, why: str) -> None:
-    """Trial ``number`` did not end: FAIL (not counted) and its parameters queued again, so its run resumes."""
+def _tell_interrupted(study, number: int, why: str, again: bool = True) -> None:
+    """Trial ``number`` did not end: FAIL (not counted) and, ``again``, its parameters queued again, so that its
+    run resumes."""
     from optuna.trial import TrialState
 
     trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
     if trial.state != TrialState.RUNNING:
         return
     study.tell(number, state=TrialState.FAIL)
+    if not again:
+        log.warning("trial %d: %s", number, why)
+        return
     study.enqueue_trial(trial.params, user_attrs={"resumes": number})
     log.warning("trial %d: %s; its parameters are queued again, and the next run of the search resumes it", number,
                 why)
+
+
+def _numbered_runs(trials: list) -> list[list]:
+    """``trials`` in runs of consecutive numbers (a batch's new trials are one; a queued trial has its own)."""
+    runs: list[list] = []
+    for trial in sorted(trials, key=lambda t: t.number):
+        if runs and trial.number == runs[-1][-1].number + 1:
+            runs[-1].append(trial)
+        else:
+            runs.append([trial])
+    return runs
 
 
 def _worker() -> dict:

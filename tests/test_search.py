@@ -274,6 +274,8 @@ def test_two_processes_share_one_study_and_its_budget(tmp_path):
         row = rows[trial.user_attrs["run_dir"]]
         assert row["kl_sum"] == trial.value and row["train.lr"] == trial.params["train.lr"]
     assert {str(tmp_path / s) for s in ("a", "b")} == {os.path.dirname(run) for run in rows}
+    # a trial's folder is numbered after it, whichever process ran it
+    assert sorted(int(os.path.basename(t.user_attrs["run_dir"]).split("_")[0]) for t in trials) == list(range(6))
     assert len({t.params["train.lr"] for t in trials}) == 6  # a second worker does not repeat the first's draws
 
 
@@ -350,3 +352,13 @@ def test_processes_that_ask_at_once_never_take_more_than_the_studys_trials(tmp_p
     assert sorted(done.get(timeout=5) for _ in workers) == sorted(w.pid for w in workers)
     trials = optuna.load_study(study_name="race", storage=open_storage(spec)).trials
     assert len(trials) == 5 and {t.state for t in trials} == {TrialState.COMPLETE}
+
+
+def test_a_batch_is_launched_in_runs_of_consecutive_trial_numbers():
+    """Job numbers are trial numbers; a queued trial (an older number) among new ones is launched on its own."""
+    from types import SimpleNamespace
+
+    from flowvae.sweeper import _numbered_runs
+
+    trials = [SimpleNamespace(number=n) for n in (12, 3, 13, 14, 7)]
+    assert [[t.number for t in run] for run in _numbered_runs(trials)] == [[3], [7], [12, 13, 14]]

@@ -213,7 +213,7 @@ def test_a_relative_sqlite_store_is_taken_from_where_the_user_launched(tmp_path,
 @pytest.mark.slow
 def test_mlflow_ui_serves_the_tracked_runs(tmp_path):
     """The README's `mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db` starts beside every extra flowvae
-    installs (MLflow 3.17's server does not with the search extra's SQLAlchemy < 2) and lists the run."""
+    installs and lists the run (from MLflow 3.17 on the server needs SQLAlchemy 2, which no extra holds back)."""
     import shutil
     import signal
     import subprocess

@@ -14,8 +14,8 @@ through Hydra's launcher, and trials whose validation loss falls behind pruned (
   from its checkpoint. A trial left running by a process that died without a word (SIGKILL, a crash) on this
   machine is found at the next start and queued again the same way.
 - A trial's job is numbered after the trial (its folder in the sweep folder starts with the trial's number), so
-  workers that share one sweep folder (``hydra.sweep.dir=...``), or a search resumed into it, never share a run's
-  folder. A batch of ``n_jobs`` trials goes to the launcher at once and waits for its slowest trial; processes on
+  a search resumed into the same sweep folder (``hydra.sweep.dir=...``) never reuses a run's folder. Each worker
+  keeps its own sweep folder (the default one is unique): its summary reads the status files there. A batch of ``n_jobs`` trials goes to the launcher at once and waits for its slowest trial; processes on
   one study do not wait for each other.
 - The sampler (TPE, or random) is seeded with ``sampler.seed`` and the number of trials the study has when it
   asks: the same search gives the same trials, and a second worker or a resumed search does not repeat the

@@ -122,9 +122,10 @@ def test_a_search_minimizes_the_rows_metric_and_says_how_to_rerun_the_best(tmp_p
     out = _search(tmp_path, "hydra.sweeper.n_trials=3", sweep="again")
     assert out.returncode == 0 and "3 of 3 trials" in out.stdout + out.stderr, out.stdout + out.stderr
     assert len(pd.read_csv(tmp_path / "results.csv")) == 3 and len(_trials(tmp_path)) == 3
-    out = _search(tmp_path, "hydra.sweeper.n_trials=4", sweep="more")
+    out = _search(tmp_path, "hydra.sweeper.n_trials=4")  # into the same sweep folder: trial 3 gets its own
     assert out.returncode == 0, out.stdout + out.stderr
     assert len(pd.read_csv(tmp_path / "results.csv")) == 4 and len(_trials(tmp_path)) == 4
+    assert _trials(tmp_path)[3].user_attrs["run_dir"] == str(tmp_path / "sweep" / "3_planar_K1_s0")
 
 
 def test_a_failed_trial_scores_inf_and_the_study_goes_on(tmp_path):

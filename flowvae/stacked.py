@@ -222,16 +222,17 @@ class _Stack:
     and the step that trains them all. :meth:`write_back` hands each member its slice (weights into its model,
     moments into its own Adam) whenever a member's own copy is read: at an epoch's end and before a rebuild.
 
-    A matrix is stacked as its transpose, (S, in, out) for a Linear's (out, in) weight, and the model sees it
-    transposed back (a view): the layout in which the batched products read it, and write its gradient, without
-    a copy (stacked as it is, every weight and its gradient were copied once a step). Adam does not care.
+    A Linear layer's (out, in) weight is stacked as its transpose, (S, in, out), and the model sees it transposed
+    back (a view): the layout in which the batched products read it, and write its gradient, without a copy
+    (stacked as it is, every weight and its gradient were copied once a step). Adam does not care.
     """
 
     def __init__(self, members: list[_Seed], template: _Loss, cfg_train) -> None:
         self.members, self.grad_clip = members, cfg_train.grad_clip
         own = [dict(member.model.named_parameters()) for member in members]
         self.names = list(own[0])
-        self.matrices = {name for name, p in own[0].items() if p.dim() == 2}
+        self.matrices = {f"{name}.weight" for name, module in members[0].model.named_modules()
+                         if type(module) is nn.Linear}  # the weights F.linear reads (not IAF's masked ones)
         with torch.no_grad():
             self.params = {name: self._stack([params[name] for params in own], name).requires_grad_()
                            for name in self.names}
@@ -245,8 +246,16 @@ class _Stack:
         self.orders = torch.stack([member.order for member in members])
         self.sums = torch.stack([member.sums for member in members])
         self.keys = {name: f"model.{name}" for name in self.names}
-        self.loss = vmap(lambda params, x, noise, beta: functional_call(template, params, (x, noise, beta)),
-                         in_dims=(0, 0, 0, None))
+
+        def loss(params: dict[str, Tensor], x: Tensor, noise: Tensor, beta: float) -> Tensor:
+            return functional_call(template, params, (x, noise, beta))
+
+        if len(members) > 1:
+            self.loss = vmap(loss, in_dims=(0, 0, 0, None))
+        else:  # a stack of one (the others have left): no vmap, whose overhead would buy nothing; squeezed, not
+            # indexed, so that the gradient flows back as a view (an index's backward fills a zero stack first)
+            self.loss = lambda params, x, noise, beta: loss({k: v.squeeze(0) for k, v in params.items()},
+                                                            x.squeeze(0), noise.squeeze(0), beta).unsqueeze(0)
         self.latent_dim = members[0].model.latent_dim
 
     def new_epoch(self, n: int) -> None:

@@ -159,28 +159,29 @@ class _MadeChain(torch.autograd.Function):
     w2 (K, H, H), w3 (K, 2D, H), biases b2 (K, H), b3 (K, 2D) with the forget bias added to its gate half.
     Returns z_K (B, D) and every flow's gate logits (B, K, D), floored at :func:`gate_floor` (the gradient is
     passed only where the raw logit is above it).
-    """
 
-    # torch.func (vmap over a stack of models, flowvae.stacked) runs forward and backward under vmap as they are
-    generate_vmap_rule = True
+    Every input may also carry one leading axis of S models (a stack trained under ``vmap``,
+    :mod:`flowvae.stacked`): the same steps then run as batched products, one chain for all S, and :meth:`vmap`
+    is that rule. Written for torch.func (forward without ctx): what the backward needs comes out of forward as
+    extra outputs, empty when no backward will run.
+    """
 
     @staticmethod
     def forward(z: Tensor, first_bias: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
                 for_backward: bool) -> tuple[Tensor, ...]:
         saved: dict[str, list[Tensor]] = {"inputs": [], "h1": [], "h2": [], "mean": [], "gate": []}
         floor = gate_floor(z.dtype)
-        for k in range(w1.shape[0]):
+        for k in range(w1.shape[-3]):
             saved["inputs"].append(z)
-            h1 = F.elu(torch.addmm(first_bias[:, k], z, w1[k].T))
-            h2 = F.elu(torch.addmm(b2[k], h1, w2[k].T))
-            mean, gate = torch.addmm(b3[k], h2, w3[k].T).chunk(2, dim=-1)
+            h1 = F.elu(_affine(first_bias.select(-2, k), z, w1.select(-3, k).mT))
+            h2 = F.elu(_affine(b2.select(-2, k), h1, w2.select(-3, k).mT))
+            mean, gate = _affine(b3.select(-2, k), h2, w3.select(-3, k).mT).chunk(2, dim=-1)
             gate = gate.clamp_min(floor)
             z = torch.lerp(mean, z, torch.sigmoid(gate))
             for name, value in zip(("h1", "h2", "mean", "gate"), (h1, h2, mean, gate), strict=True):
                 saved[name].append(value)
-        gate = torch.stack(saved["gate"], 1)
-        # what the backward needs, as extra outputs (torch.func's form has no ctx here); empty without a backward
-        kept = [torch.stack(saved[name], 1) if for_backward else gate.new_empty(0)
+        gate = torch.stack(saved["gate"], -2)
+        kept = [torch.stack(saved[name], -2) if for_backward else gate.new_empty(0)
                 for name in ("inputs", "h1", "h2", "mean")]
         return z, gate, *kept
 
@@ -194,6 +195,15 @@ class _MadeChain(torch.autograd.Function):
             ctx.floor = gate_floor(z.dtype)
 
     @staticmethod
+    def vmap(info, in_dims: tuple, *inputs) -> tuple[tuple[Tensor, ...], tuple[int | None, ...]]:
+        """The mapped axis as the leading axis of S models: one batched chain, its own written-out backward."""
+        *tensors, for_backward = inputs
+        tensors = [t.movedim(d, 0) if d is not None else t.expand(info.batch_size, *t.shape)
+                   for t, d in zip(tensors, in_dims[:-1], strict=True)]
+        output = _MadeChain.apply(*tensors, for_backward)
+        return output, (0, 0, *[0 if for_backward else None] * (len(output) - 2))
+
+    @staticmethod
     @once_differentiable
     def backward(ctx, grad_z: Tensor | None, grad_gate: Tensor | None, *_):
         w1, w2, w3, inputs, h1, h2, mean, gate = ctx.saved_tensors
@@ -203,19 +213,28 @@ class _MadeChain(torch.autograd.Function):
         above = gate > ctx.floor
         keep, gate_slope = 1 - sigma, (inputs - mean) * sigma * (1 - sigma) * above
         slope1, slope2 = ((h + 1).clamp_max_(1) for h in (h1, h2))  # elu'(x) = min(elu(x) + 1, 1)
-        g = torch.zeros_like(inputs[:, 0]) if grad_z is None else grad_z
+        g = torch.zeros_like(inputs.select(-2, 0)) if grad_z is None else grad_z
         grad_gate = torch.zeros_like(gate) if grad_gate is None else grad_gate * above
-        n_flows = w1.shape[0]
+        n_flows = w1.shape[-3]
         grad_out, grad_pre2, grad_pre1 = [None] * n_flows, [None] * n_flows, [None] * n_flows
         for k in reversed(range(n_flows)):
-            grad_out[k] = torch.cat([g * keep[:, k], torch.addcmul(grad_gate[:, k], g, gate_slope[:, k])], dim=-1)
-            grad_pre2[k] = (grad_out[k] @ w3[k]) * slope2[:, k]
-            grad_pre1[k] = (grad_pre2[k] @ w2[k]) * slope1[:, k]
-            g = torch.addmm(g * sigma[:, k], grad_pre1[k], w1[k])
-        grad_out, grad_pre2, grad_pre1 = (torch.stack(grads, 1) for grads in (grad_out, grad_pre2, grad_pre1))
+            grad_out[k] = torch.cat([g * keep.select(-2, k),
+                                     torch.addcmul(grad_gate.select(-2, k), g, gate_slope.select(-2, k))], dim=-1)
+            grad_pre2[k] = (grad_out[k] @ w3.select(-3, k)) * slope2.select(-2, k)
+            grad_pre1[k] = (grad_pre2[k] @ w2.select(-3, k)) * slope1.select(-2, k)
+            g = _affine(g * sigma.select(-2, k), grad_pre1[k], w1.select(-3, k))
+        grad_out, grad_pre2, grad_pre1 = (torch.stack(grads, -2) for grads in (grad_out, grad_pre2, grad_pre1))
 
         def weight_grad(grad_pre: Tensor, layer_input: Tensor) -> Tensor:
-            return torch.einsum("bko,bki->koi", grad_pre, layer_input)
+            return torch.einsum("bko,bki->koi" if grad_pre.dim() == 3 else "sbko,sbki->skoi", grad_pre, layer_input)
 
-        return (g, grad_pre1, weight_grad(grad_pre1, inputs), weight_grad(grad_pre2, h1), grad_pre2.sum(0),
-                weight_grad(grad_out, h2), grad_out.sum(0), None)
+        return (g, grad_pre1, weight_grad(grad_pre1, inputs), weight_grad(grad_pre2, h1), grad_pre2.sum(-3),
+                weight_grad(grad_out, h2), grad_out.sum(-3), None)
+
+
+def _affine(bias: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """bias + x @ weight: one addmm for one model, x (B, I) and weight (I, O); for a stack of S models, x (S, B, I),
+    weight (S, I, O) and bias (S, B, O) or (S, O), one baddbmm."""
+    if x.dim() == 2:
+        return torch.addmm(bias, x, weight)
+    return torch.baddbmm(bias if bias.dim() == 3 else bias.unsqueeze(-2), x, weight)

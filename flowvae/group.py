@@ -1,4 +1,5 @@
-"""Seeds of one config trained as one stacked model before their jobs run (``hydra/launcher=stacked``).
+"""Seeds of one config trained as one stacked model before their jobs run (``hydra/launcher=stacked``,
+:mod:`flowvae.stacked_launcher`).
 
 A group is the jobs of a sweep whose configs differ in ``seed`` alone (:func:`group_key`). :func:`train_group`
 checks each member as its job will (configuration, an ok row to take instead, the directory it works in, a
@@ -65,8 +66,9 @@ class _Joined:
     index: RunIndex
 
 
-def train_group(members: list[Member], launch_dir: Path, sweep_dir: Path | None) -> int:
+def train_group(members: list[Member], launch_dir: Path, sweep_dir: Path | None, parallel_jobs: int = 1) -> int:
     """Train the members of one group that need training as one stacked model; returns how many trained.
+    ``parallel_jobs`` stacks train side by side on this machine (``train.threads=0`` divides the cores).
 
     Never raises for a member's or the group's failure (each job reports its own); a stop request ends the
     training with every member's checkpoint written, and the jobs then record themselves as interrupted.
@@ -89,7 +91,7 @@ def train_group(members: list[Member], launch_dir: Path, sweep_dir: Path | None)
             return 0  # one seed trains in its own job, exactly as on the basic launcher
         try:
             with _logs_in([j.files.root / j.member.log_name for j in joined]):
-                _train(joined, events, feature_map)
+                _train(joined, events, feature_map, parallel_jobs)
         except stopping.Interrupted:
             pass  # the jobs record it
         except Exception as err:  # noqa: BLE001 - the jobs train alone and report what fails
@@ -145,7 +147,7 @@ def _give_up() -> None:
     raise _Busy
 
 
-def _train(joined: list[_Joined], events: Events, feature_map) -> None:
+def _train(joined: list[_Joined], events: Events, feature_map, parallel_jobs: int) -> None:
     """The stacked training itself: models seeded as their runs seed them, each member's files as fit writes."""
     import torch
 
@@ -156,7 +158,7 @@ def _train(joined: list[_Joined], events: Events, feature_map) -> None:
 
     cfg = joined[0].member.cfg
     device = experiment.choose_device(cfg.train.device)
-    experiment.configure_torch(choose_threads(cfg.train.threads, 1))
+    experiment.configure_torch(choose_threads(cfg.train.threads, parallel_jobs))
     train_x = experiment.model_input(feature_map.forward(events.train, events.train_mask), device, events.train_mask)
     test_x = experiment.model_input(feature_map.forward(events.test, events.test_mask), device, events.test_mask)
     train_x, val_x = split_validation(train_x, cfg.train.val_fraction, cfg.data.seed)

@@ -105,12 +105,13 @@ def run_stack(hydra_context: HydraContext, config: DictConfig, task_function: Ta
 
 def _run_stack_in_worker(hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction,
                          stack: list[Job], singleton_state: dict[Any, Any]) -> list[tuple[int, JobReturn]]:
-    """:func:`run_stack` in a joblib worker: Hydra's singletons as in the launching process, and stop requests
-    caught from the start (the stack trains before any job installs the handlers)."""
+    """:func:`run_stack` in a joblib worker: Hydra's singletons and logging as in the launching process, and stop
+    requests caught from the start (the stack trains before any job installs the handlers)."""
     from flowvae import stopping
 
     setup_globals()
     Singleton.set_state(singleton_state)
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     stopping.install()
     return run_stack(hydra_context, config, task_function, stack)
 

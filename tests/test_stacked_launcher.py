@@ -36,15 +36,16 @@ def test_configs_that_differ_in_seed_alone_share_a_group():
     assert group_key(compose_config("flow=planar", "n_flows=2", "seed=0", "train.lr=0.01")) != base
 
 
-@pytest.mark.parametrize("flow", ["planar", "triangular"])
-def test_a_stacked_sweep_writes_the_rows_the_basic_launcher_writes(tmp_path, tiny, flow):
-    overrides = [f"flow={flow}", "n_flows=2", "seed=0,1,2", "train.val_fraction=0.2"]
+@pytest.mark.parametrize(("flow", "n_jobs"), [("planar", 1), ("triangular", 2)])
+def test_a_stacked_sweep_writes_the_rows_the_basic_launcher_writes(tmp_path, tiny, flow, n_jobs):
+    """Two stacks (n_flows 1 and 2) of three seeds, one after the other or in two worker processes."""
+    overrides = [f"flow={flow}", "n_flows=1,2", "seed=0,1,2", "train.val_fraction=0.2"]
     basic = _sweep(tmp_path, tiny, "basic", *overrides)
-    stacked = _sweep(tmp_path, tiny, "stacked", *overrides)
+    stacked = _sweep(tmp_path, tiny, "stacked", *overrides, f"hydra.launcher.n_jobs={n_jobs}")
     assert basic.returncode == 0, basic.stdout + basic.stderr
     assert stacked.returncode == 0, stacked.stdout + stacked.stderr
-    assert "training 3 seeds (0, 1, 2)" in stacked.stdout + stacked.stderr
-    rows = {name: pd.read_csv(tmp_path / name / "results.csv").sort_values("seed").reset_index(drop=True)
+    assert (stacked.stdout + stacked.stderr).count("training 3 seeds (0, 1, 2)") == 2
+    rows = {name: pd.read_csv(tmp_path / name / "results.csv").sort_values(["n_flows", "seed"]).reset_index(drop=True)
             for name in ("basic", "stacked")}
     assert list(rows["stacked"].columns) == list(rows["basic"].columns)
     pd.testing.assert_frame_equal(rows["stacked"][SAME], rows["basic"][SAME])

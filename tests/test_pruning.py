@@ -108,7 +108,7 @@ PRUNED_SEARCH = ["+search=default", *TINY, f"train.epochs={EPOCHS}", "train.warm
                  "hydra.sweeper.pruner.n_warmup_steps=1"]
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("joblib", marks=pytest.mark.slow)])
 def test_a_search_prunes_trials_that_fall_behind_and_each_trial_hears_from_its_own_run(tmp_path, launcher):
     extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
     tracked = ["logger=mlflow", f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"] if launcher == "basic" \

@@ -318,9 +318,6 @@ class _Stack:
             member.order, member.sums = self.orders[j].clone(), self.sums[j].clone()
 
 
-
-
-
 def _clip_per_seed(grads: list[Tensor], max_norm: float) -> None:
     """torch.nn.utils.clip_grad_norm_ for each seed apart: the global 2-norm of the seed's gradients, scaled to at
     most ``max_norm``."""

@@ -118,7 +118,8 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
     outcome = fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=files.checkpoint,
                   extra_state=checkpoint_key(cfg),
                   on_epoch=lambda history: _epoch_done(files, history, on_epoch), should_stop=stopping.requested,
-                  val_x=val_x, best=files.best, prune=pruning.hook())
+                  val_x=val_x, best=files.best, prune=pruning.hook(
+                      objective=lambda: pruning.validation_objective(cfg, model, val_x, events, feature_map)))
     if outcome.epochs_run == 0 and outcome.history and on_epoch is not None:
         on_epoch(outcome.history)  # trained before this process (a stacked group): the tracker logs it now
     if outcome.status == "interrupted":

@@ -1,6 +1,6 @@
 """flowvae's Optuna sweeper (``hydra/sweeper=flowvae_optuna``, which ``+search=default`` selects): one study in a
 storage that several processes share, its trials asked and told one by one, each trial one flowvae run launched
-through Hydra's launcher, and trials whose validation loss falls behind pruned (:mod:`flowvae.pruning`).
+through Hydra's launcher, and trials that fall behind on their validation events pruned (:mod:`flowvae.pruning`).
 
 - ``n_trials`` is the study's total, not this command's: the trials in the storage that finished (complete or
   pruned), run or wait to run count, so two processes on one study share the budget, a search killed and started
@@ -15,7 +15,8 @@ through Hydra's launcher, and trials whose validation loss falls behind pruned (
   machine is found at the next start and queued again the same way.
 - A trial's job is numbered after the trial (its folder in the sweep folder starts with the trial's number), so
   a search resumed into the same sweep folder (``hydra.sweep.dir=...``) never reuses a run's folder. Each worker
-  keeps its own sweep folder (the default one is unique): its summary reads the status files there. A batch of ``n_jobs`` trials goes to the launcher at once and waits for its slowest trial; processes on
+  keeps its own sweep folder (the default one is unique): its summary reads the status files there. A batch of
+  ``n_jobs`` trials goes to the launcher at once and waits for its slowest trial; processes on
   one study do not wait for each other.
 - The sampler (TPE, or random) is seeded with ``sampler.seed`` and the number of trials the study has when it
   asks: the same search gives the same trials, and a second worker or a resumed search does not repeat the
@@ -49,7 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 from flowvae import stopping
 from flowvae.config import ConfigError
 from flowvae.files import RunFiles, resolve_path
-from flowvae.pruning import TrialLink, make_pruner
+from flowvae.pruning import TrialLink, check_report, make_pruner
 
 __all__ = ["OptunaSweeper", "open_storage", "resolve_storage", "JOURNAL", "RESULTS_FILE"]
 
@@ -212,8 +213,9 @@ class OptunaSweeper(Sweeper):
             return
         if self.direction != "minimize":
             raise ConfigError("hydra.sweeper.pruner.name", self.pruner["name"],
-                              "none with direction=maximize: trials are pruned on their validation loss, which "
-                              "falls as a model gets better")
+                              "none with direction=maximize: trials are pruned on their validation loss or a "
+                              "distance of their generated events, which fall as a model gets better")
+        check_report(self.pruner, OmegaConf.select(self.config, "optimize.metric"))
         sampled = space.get("train.val_fraction")
         if sampled is None:
             lowest = OmegaConf.select(self.config, "train.val_fraction", default=0) or 0
@@ -222,7 +224,7 @@ class OptunaSweeper(Sweeper):
         if lowest <= 0:
             raise ConfigError("train.val_fraction", lowest,
                               f"> 0 in every trial of a search with a pruner (hydra.sweeper.pruner.name="
-                              f"{self.pruner['name']}): trials are pruned on their validation loss; set e.g. "
+                              f"{self.pruner['name']}): trials are pruned on their validation events; set e.g. "
                               f"train.val_fraction=0.1, or hydra.sweeper.pruner.name=none")
 
     def _study(self, spec: str):

@@ -1,28 +1,34 @@
 """A search's pruning: the job's link to its trial through Hydra's grammar and the environment, each epoch's
-validation loss reported to that trial, the median and successive-halving decisions with the numbers they
-compared, a search whose pruned trials are told PRUNED and whose rows say so (basic and joblib launchers, tracked
-in MLflow), and a search that cannot prune refused before its first trial."""
+validation loss or objective on the validation events reported to that trial (the objective equal to the metric
+recomputed from that epoch's weights, and reporting it changing nothing that is trained), the median and
+successive-halving decisions with the numbers they compared, a search whose pruned trials are told PRUNED and whose
+rows say so (basic and joblib launchers, tracked in MLflow), and a search that cannot prune refused before its first
+trial."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import statistics
 
+import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
-from flowvae.config import register_configs
-from flowvae.pruning import ENV, TrialLink, from_environment, hook
+from flowvae.config import ConfigError, register_configs
+from flowvae.pruning import ENV, TrialLink, check_report, from_environment, hook, objective_metric
 from flowvae.results import read_rows
 from tests.conftest import TINY, compose_config, require_extra, run_flowvae
 
 optuna = require_extra("optuna", "search")
 from optuna.trial import TrialState, create_trial  # noqa: E402
 
-MEDIAN = {"name": "median", "n_startup_trials": 3, "n_warmup_steps": 2, "min_resource": 1, "reduction_factor": 2}
+MEDIAN = {"name": "median", "n_startup_trials": 3, "n_warmup_steps": 2, "min_resource": 1, "reduction_factor": 2,
+          "report": "val_loss"}
 
 
 def test_a_trial_link_goes_through_hydras_grammar_and_is_no_part_of_the_runs_identity():
@@ -98,6 +104,89 @@ def test_pruning_never_fails_a_run(tmp_path, caplog):
     assert caplog.text.count("could not report to the trial") == 1
 
 
+def test_the_objective_of_a_trial_is_the_rows_metric_for_per_feature_distances_and_refused_for_the_rest():
+    from flowvae.metrics import score
+
+    rng = np.random.default_rng(0)
+    gen, ref = rng.normal(size=(30, 3, 5)), rng.normal(0.2, 1.1, size=(40, 3, 5))
+    gen_mask, ref_mask = rng.random((30, 5)) < 0.7, rng.random((40, 5)) < 0.8
+    row = score(gen, ref, gen_mask, ref_mask, bins=17, eps=1e-9)
+    for metric in ("kl_sum", "w1_sum", "js_sum", "kl_2", "w1_0", "js_1"):
+        assert objective_metric(metric, bins=17, eps=1e-9)(gen, gen_mask, ref, ref_mask) == row[metric], metric
+    objective = {**MEDIAN, "report": "objective"}
+    for metric in ("kl_sum", "w1_3", "js_sum"):
+        check_report(objective, metric)
+    check_report(MEDIAN, "fpd")  # val_loss reports anything
+    check_report({**objective, "name": "none"}, "fpd")  # nothing is reported without a pruner
+    with pytest.raises(ConfigError) as refused:
+        check_report(objective, "w1m")
+    assert str(refused.value).startswith("hydra.sweeper.pruner.report=objective is not allowed: val_loss for "
+                                         "optimize.metric=w1m: a trial reports its objective after each epoch only "
+                                         "for the per-feature distances")
+    assert "hydra.sweeper.pruner.report=val_loss" in str(refused.value)
+
+
+@pytest.mark.parametrize("metric, overrides", [("kl_sum", []), ("w1_1", ["data=jets", "eval.source=posterior"])])
+def test_a_trial_reports_its_objective_on_the_validation_events_and_training_is_unchanged(tmp_path, monkeypatch,
+                                                                                          metric, overrides):
+    import torch
+
+    from flowvae import experiment
+    from flowvae.data import load_events
+    from flowvae.files import RunFiles
+    from flowvae.score import score_row
+    from flowvae.train import split_validation
+
+    cfg = compose_config(*TINY, *overrides, "train.epochs=3", "train.val_fraction=0.2", f"optimize.metric={metric}")
+    events = load_events(cfg.data)
+    spec, study = _study(tmp_path)
+    trial = study.ask()
+    never = {**MEDIAN, "n_startup_trials": 100, "report": "objective"}  # reports, never prunes
+    weights, modes, real_fit = [], [], experiment.fit
+
+    def fit(model, *args, prune=None, **options):  # each reported epoch's weights, and the model's mode after
+        def watched(row):
+            weights.append(copy.deepcopy(model.state_dict()))
+            said = prune(row)
+            modes.append(model.training)
+            return said
+
+        return real_fit(model, *args, prune=None if prune is None else watched, **options)
+
+    monkeypatch.setattr(experiment, "fit", fit)
+    for run in ("reported", "plain"):
+        (tmp_path / run).mkdir()
+    monkeypatch.setenv(ENV, json.dumps(TrialLink(spec, "s", trial.number, never).__dict__))
+    reported = experiment.train_and_score(cfg, events, RunFiles(tmp_path / "reported"))
+    monkeypatch.delenv(ENV)
+    plain = experiment.train_and_score(cfg, events, RunFiles(tmp_path / "plain"))
+    # the same training: the same curves (to the last digit) and the same scored row
+    assert reported[0] == plain[0] == "ok" and reported[2] == plain[2]
+    curves = [pd.read_csv(tmp_path / run / "training_curves.csv").drop(columns="seconds") for run in ("reported",
+                                                                                                       "plain")]
+    pd.testing.assert_frame_equal(*curves, check_exact=True)
+    assert len(weights) == 2 and modes == [True, True]  # asked after epochs 1 and 2, the model left training
+    # each reported value: the row's metric of events generated from that epoch's weights, against the validation
+    # events (held out of the data-unit training events by the same split)
+    feature_map = experiment.fit_feature_map(cfg, events)
+    train_x = experiment.model_input(feature_map.forward(events.train, events.train_mask), "cpu", events.train_mask)
+    val_x = split_validation(train_x, 0.2, cfg.data.seed)[1]
+    val_events = split_validation(torch.from_numpy(events.train), 0.2, cfg.data.seed)[1].numpy()
+    n = min(cfg.eval.n_samples, len(val_events))
+    assert n == 40
+    expected = {}
+    for epoch, state in enumerate(weights, start=1):
+        model = experiment.seeded_model(cfg, events, torch.device("cpu"))
+        model.load_state_dict(state)
+        generated, mask = experiment.generate_events(model, OmegaConf.merge(cfg.eval, {"n_samples": n}), val_x,
+                                                     cfg.seed, events.train.shape[1:])
+        generated = experiment.data_units(feature_map, generated, mask, events.kinematics)
+        expected[epoch] = score_row(generated, mask, val_events, None, events.kinematics, bins=cfg.eval.bins,
+                                    eps=cfg.eval.eps, seed=cfg.seed)[metric]
+    heard = optuna.load_study(study_name="s", storage=study._storage).trials[trial.number].intermediate_values
+    assert heard == expected and expected[1] != expected[2]
+
+
 # --- searches that prune -----------------------------------------------------------------------------------------
 
 EPOCHS = 6
@@ -108,9 +197,12 @@ PRUNED_SEARCH = ["+search=default", *TINY, f"train.epochs={EPOCHS}", "train.warm
                  "hydra.sweeper.pruner.n_warmup_steps=1"]
 
 
-@pytest.mark.parametrize("launcher", ["basic", pytest.param("joblib", marks=pytest.mark.slow)])
-def test_a_search_prunes_trials_that_fall_behind_and_each_trial_hears_from_its_own_run(tmp_path, launcher):
+@pytest.mark.parametrize("launcher, report", [("basic", "objective"),
+                                              pytest.param("basic", "val_loss", marks=pytest.mark.slow),
+                                              pytest.param("joblib", "objective", marks=pytest.mark.slow)])
+def test_a_search_prunes_trials_that_fall_behind_and_each_trial_hears_from_its_own_run(tmp_path, launcher, report):
     extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    extra.append(f"hydra.sweeper.pruner.report={report}")
     tracked = ["logger=mlflow", f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"] if launcher == "basic" \
         else []
     out = run_flowvae(["train", "-m", *PRUNED_SEARCH, f"hydra.sweep.dir={tmp_path / 'sweep'}", *extra, *tracked],
@@ -132,10 +224,15 @@ def test_a_search_prunes_trials_that_fall_behind_and_each_trial_hears_from_its_o
         # the trial heard its own run's validation loss after every epoch but the last of a whole training (fit
         # asks the pruner after each epoch that has one after it)
         heard = trained if trial.state == TrialState.PRUNED else trained - 1
-        assert trial.intermediate_values == dict(zip(curves["epoch"][:heard], curves["val_loss"][:heard], strict=True))
+        if report == "val_loss":
+            assert trial.intermediate_values == dict(zip(curves["epoch"][:heard], curves["val_loss"][:heard],
+                                                         strict=True))
+        else:  # the values themselves: test_a_trial_reports_its_objective_on_the_validation_events_...
+            assert sorted(trial.intermediate_values) == list(curves["epoch"][:heard])
+        label = "val_loss" if report == "val_loss" else "validation kl_sum"
         if trial.state == TrialState.PRUNED:
             assert row["status"] == "pruned" and row["kl_sum"] == "" and trained < EPOCHS
-            assert row["error"].startswith(f"pruned by the search after epoch {trained} (val_loss ")
+            assert row["error"].startswith(f"pruned by the search after epoch {trained} ({label} ")
             assert trial.user_attrs["status"] == "pruned"
         else:
             assert row["status"] == "ok" and float(row["kl_sum"]) == trial.value and trained == EPOCHS
@@ -162,6 +259,11 @@ def test_a_search_prunes_trials_that_fall_behind_and_each_trial_hears_from_its_o
                                       "integers"),
     (["hydra.sweeper.pruner.name=hyperband"], "hydra.sweeper.pruner.name=hyperband is not allowed: one of median, "
                                               "successive_halving, none"),
+    (["hydra.sweeper.pruner.report=elbo"], "hydra.sweeper.pruner.report=elbo is not allowed: one of objective, "
+                                           "val_loss"),
+    (["optimize.metric=fpd"], "hydra.sweeper.pruner.report=objective is not allowed: val_loss for "
+                              "optimize.metric=fpd: a trial reports its objective after each epoch only for the "
+                              "per-feature distances"),
 ])
 def test_a_search_that_cannot_work_is_refused_before_its_first_trial(tmp_path, overrides, says):
     out = run_flowvae(["train", "-m", "+search=default", *TINY, "hydra.sweeper.study_name=test",

@@ -102,18 +102,29 @@ def make_pruner(settings: Mapping[str, Any]):
 
 
 def check_report(settings: Mapping[str, Any], metric: str) -> None:
-    """Refuse ``report=objective`` (with a pruner) for an ``optimize.metric`` that a trial cannot compute after
-    every epoch: only the per-feature distances are cheap on the validation events."""
+    """Refuse ``report=objective`` (with a pruner) for an ``optimize.metric`` of a row that a trial cannot compute
+    after every epoch: only the per-feature distances are cheap on the validation events. A metric that is no
+    row's column is left to the job, which refuses it with this data's columns."""
     from flowvae.config import ConfigError
 
     if settings.get("name") != "none" and settings.get("report", REPORTED) == "objective" \
-            and not OBJECTIVES.fullmatch(str(metric)):
+            and not OBJECTIVES.fullmatch(str(metric)) and _row_metric(str(metric)):
         raise ConfigError("hydra.sweeper.pruner.report", "objective", (
             f"val_loss for optimize.metric={metric}: a trial reports its objective after each epoch only for the "
             f"per-feature distances (kl_sum, w1_sum, js_sum, kl_<i>, w1_<i>, js_<i>), which the validation events "
             f"give cheaply, and {metric} is not one of them (the jet-level metrics need a finished run's full "
             f"scoring). Set hydra.sweeper.pruner.report=val_loss to prune on the validation loss, or "
             f"hydra.sweeper.pruner.name=none"))
+
+
+def _row_metric(metric: str) -> bool:
+    """Whether ``metric`` is a column of some run's row (any protocol, with kinematics and a mask; a feature's
+    index read as feature 0's)."""
+    from flowvae.experiment import metric_columns
+    from flowvae.metrics.protocol import PROTOCOLS
+
+    generic = re.sub(r"_\d+(?=_|$)", "_0", metric)
+    return any(generic in metric_columns(1, True, True, protocol) for protocol in PROTOCOLS)
 
 
 def objective_metric(metric: str, bins: int, eps: float) -> Callable[..., float]:

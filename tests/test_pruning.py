@@ -117,7 +117,11 @@ def test_the_objective_of_a_trial_is_the_rows_metric_for_per_feature_distances_a
     for metric in ("kl_sum", "w1_3", "js_sum"):
         check_report(objective, metric)
     check_report(MEDIAN, "fpd")  # val_loss reports anything
+    check_report(objective, "train.lr")  # no row's column: the job refuses it with the data's columns
     check_report({**objective, "name": "none"}, "fpd")  # nothing is reported without a pruner
+    for metric in ("w1p_2_floor", "gen_mean_1", "final_test_loss", "noise_floor"):
+        with pytest.raises(ConfigError):
+            check_report(objective, metric)
     with pytest.raises(ConfigError) as refused:
         check_report(objective, "w1m")
     assert str(refused.value).startswith("hydra.sweeper.pruner.report=objective is not allowed: val_loss for "

@@ -4,6 +4,7 @@ resume in both directions, and checkpoints in fit's format."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -117,9 +118,9 @@ def test_gradient_clipping_is_per_seed():
     _assert_same(_fit_each("planar", train_x, test_x, cfg), _stacked("planar", train_x, test_x, cfg))
 
 
-def test_validation_early_stopping_and_best_weights_per_seed(tmp_path):
+def test_validation_early_stopping_and_best_weights_per_seed(tmp_path, caplog):
     """Seeds stop at different epochs (seed 1 runs all 8) and leave the stack; each keeps its best epoch's weights
-    and best.pt, as fit."""
+    and best.pt, as fit; the group's one line an epoch says how many still train."""
     events, test_x = _data(n_train=125)
     train_x, val_x = split_validation(events, 0.2, 0)
     cfg = _cfg(epochs=8, lr=1e-2, warmup_epochs=0, patience=1)
@@ -127,8 +128,12 @@ def test_validation_early_stopping_and_best_weights_per_seed(tmp_path):
     expected = _fit_each("planar", train_x, test_x, cfg, val_x=val_x, checkpoints=fits)
     assert [o.epochs_trained for o in expected[1]] == [5, 8, 4]  # the case this test is about
     bests, checkpoints = [tmp_path / f"best{seed}.pt" for seed in SEEDS], [tmp_path / f"c{seed}.pt" for seed in SEEDS]
-    actual = _stacked("planar", train_x, test_x, cfg, val_x=val_x, bests=bests, checkpoints=checkpoints)
+    with caplog.at_level(logging.INFO, logger="flowvae.stacked"):
+        actual = _stacked("planar", train_x, test_x, cfg, val_x=val_x, bests=bests, checkpoints=checkpoints)
     _assert_same(expected, actual)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split("  ")[:2] for line in lines] == [
+        [f"epoch {e}/8", f"{n} of 3 seeds training"] for e, n in enumerate([3, 3, 3, 3, 2, 1, 1, 1], 1)]
     for outcome, best, model in zip(actual[1], bests, actual[0], strict=True):
         saved = torch.load(best, weights_only=True)
         assert saved["epoch"] == outcome.best_epoch < outcome.epochs_trained

@@ -348,3 +348,17 @@ def test_wrong_calls_are_refused_with_what_to_fix():
     with pytest.raises(ValueError, match="train.patience needs validation events"):
         fit_stacked(models, train_x, test_x, _cfg(patience=2), seeds=SEEDS, rng_states=states,
                     checkpoints=[None] * 3, extra_states=[{}] * 3)
+
+
+def test_loss_with_the_noise_passed_in_is_the_loss_drawing_it():
+    """FlowVAE.loss(noise=eps), eps drawn from a generator in the global stream's state, is bit for bit the loss
+    that draws eps from the global stream (what lets a stack draw each seed's noise outside vmap)."""
+    model, state = _build(0, "masked_planar")
+    x, _ = _data(masked=True)
+    noise = torch.randn(len(x), model.latent_dim, generator=torch.Generator().manual_seed(0).set_state(state))
+    with_noise = model.loss(x, 0.5, noise=noise)
+    torch.set_rng_state(state)
+    drawn = model.loss(x, 0.5)
+    for a, b in ((with_noise.loss, drawn.loss), (with_noise.recon, drawn.recon), (with_noise.kl, drawn.kl)):
+        assert torch.equal(a, b)
+    assert not torch.equal(model.loss(x, 0.5, noise=torch.zeros_like(noise)).loss, drawn.loss)

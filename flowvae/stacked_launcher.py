@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # A job: its number and its overrides.
 Job = tuple[int, Sequence[str]]
+# In the sweep folder once the launching process got a stop request: workers started after it stop too.
+STOP_FILE = ".stop_requested"
 
 
 class StackedLauncher(Launcher):
@@ -74,14 +76,36 @@ class StackedLauncher(Launcher):
         if workers <= 1:
             done = [run_stack(self.hydra_context, self.config, self.task_function, stack) for stack in stacks]
         else:
-            from joblib import Parallel, delayed
-
-            state = Singleton.get_state()
-            done = Parallel(n_jobs=workers, backend="loky")(
-                delayed(_run_stack_in_worker)(self.hydra_context, self.config, self.task_function, stack, state)
-                for stack in stacks)
+            done = self._in_workers(stacks, workers)
         returns = {idx: result for stack in done for idx, result in stack}
         return [returns[idx] for idx, _ in jobs]
+
+
+    def _in_workers(self, stacks: list[list[Job]], workers: int) -> list[list[tuple[int, JobReturn]]]:
+        """The stacks in ``workers`` processes. A stop request here reaches the workers as SIGTERM, and the ones
+        loky starts afresh (it replaces a worker whose memory grew) through a file in the sweep folder; stacks
+        not yet handed out then run here, where each job records itself as interrupted."""
+        from joblib import Parallel, delayed
+
+        from flowvae import stopping
+
+        assert self.config is not None and self.hydra_context is not None and self.task_function is not None
+        stop_file = Path(str(self.config.hydra.sweep.dir)) / STOP_FILE
+        stop_file.unlink(missing_ok=True)  # a stop of an earlier launch into this folder is not this one's
+        stopping.on_request(stop_file.write_text)
+        state, handed_out = Singleton.get_state(), []
+
+        def tasks():
+            for stack in stacks:
+                if stopping.requested():
+                    return
+                handed_out.append(stack)
+                yield delayed(_run_stack_in_worker)(self.hydra_context, self.config, self.task_function, stack,
+                                                    state, stop_file)
+
+        done = Parallel(n_jobs=workers, backend="loky", pre_dispatch="n_jobs")(tasks())
+        return [*done, *(run_stack(self.hydra_context, self.config, self.task_function, stack)
+                         for stack in stacks[len(handed_out):])]
 
 
 def run_stack(hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction, stack: list[Job]
@@ -104,15 +128,19 @@ def run_stack(hydra_context: HydraContext, config: DictConfig, task_function: Ta
 
 
 def _run_stack_in_worker(hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction,
-                         stack: list[Job], singleton_state: dict[Any, Any]) -> list[tuple[int, JobReturn]]:
+                         stack: list[Job], singleton_state: dict[Any, Any], stop_file: Path
+                         ) -> list[tuple[int, JobReturn]]:
     """:func:`run_stack` in a joblib worker: Hydra's singletons and logging as in the launching process, and stop
-    requests caught from the start (the stack trains before any job installs the handlers)."""
+    requests caught from the start (the stack trains before any job installs the handlers), the launching
+    process's included when this worker started after it got one (``stop_file``)."""
     from flowvae import stopping
 
     setup_globals()
     Singleton.set_state(singleton_state)
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     stopping.install()
+    if stop_file.exists():
+        stopping.request(stop_file.read_text().strip() or "SIGTERM")
     return run_stack(hydra_context, config, task_function, stack)
 
 

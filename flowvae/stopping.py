@@ -22,7 +22,7 @@ import signal
 import threading
 from collections.abc import Callable
 
-__all__ = ["Interrupted", "install", "requested", "received", "check", "reset", "requeue"]
+__all__ = ["Interrupted", "install", "requested", "received", "check", "reset", "requeue", "request", "on_request"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ _installed = False
 _requeue_handler: Callable | None = None
 _requeue_signal: int | None = None
 _requeue_pending = False
+# called with the signal's name when the first stop request arrives (a launcher tells its worker processes)
+_listeners: list[Callable[[str], None]] = []
 
 
 class Interrupted(Exception):
@@ -52,6 +54,27 @@ def check(where: str) -> None:
     """Raise :class:`Interrupted` if a stop was requested; ``where`` names the phase for the message."""
     if _received is not None:
         raise Interrupted(f"stopped by {_received} {where}")
+
+
+def request(name: str) -> None:
+    """A stop asked for from outside this process (a launcher's parent that was signalled): as if ``name`` had
+    arrived here, without passing it on."""
+    global _received
+    if _received is None:
+        _received = name
+
+
+def on_request(listener: Callable[[str], None]) -> None:
+    """Call ``listener(signal name)`` once, when this process's first stop request arrives (until :func:`reset`)."""
+    _listeners.append(listener)
+
+
+def _tell_listeners(name: str) -> None:
+    for listener in _listeners:
+        try:
+            listener(name)
+        except Exception:  # noqa: BLE001 - a listener never stops the stop
+            log.warning("a stop listener failed", exc_info=True)
 
 
 def _children_terminate() -> None:
@@ -77,6 +100,7 @@ def _handle(signum, frame) -> None:
     if _received is None:
         _received = name
         log.warning("%s received: stopping at the next safe point (Ctrl-C again to stop at once)", name)
+        _tell_listeners(name)
     if signum == signal.SIGTERM:
         _children_terminate()
     elif _received != "SIGINT":
@@ -91,6 +115,7 @@ def _handle_preemption(signum, frame) -> None:
         _received = signal.Signals(signum).name
         log.warning("%s received (the cluster's time limit is near): stopping at the next safe point, then "
                     "requeueing", _received)
+        _tell_listeners(_received)
 
 
 def _preemption_signal() -> int | None:
@@ -129,6 +154,7 @@ def reset() -> None:
     """Forget a received stop and restore the default handlers (tests, and a process that starts over)."""
     global _received, _installed, _requeue_handler, _requeue_signal, _requeue_pending
     _received = None
+    _listeners.clear()
     if _installed and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -101,3 +101,47 @@ def test_sigterm_during_the_groups_training_leaves_every_seed_to_resume(tmp_path
     rows = pd.read_csv(tmp_path / "results.csv")
     assert sorted(rows["seed"]) == [0, 1] and set(rows["status"]) == {"ok"}
     assert (rows["epochs_trained"] == 40).all() and (rows["resumed_from"] > 0).all()
+
+
+def test_a_worker_started_after_the_launchers_stop_request_stops_too(tmp_path):
+    """loky replaces a worker whose memory grew: one that starts after the launching process was signalled
+    learns of it from the sweep folder, and its stack's jobs record themselves interrupted."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.singleton import Singleton
+
+    from flowvae import stopping
+    from flowvae.config import register_configs
+    from flowvae.stacked_launcher import STOP_FILE, _run_stack_in_worker
+
+    register_configs()
+    with initialize_config_module(config_module="flowvae.conf", version_base="1.3"):
+        config = compose("config", return_hydra_config=True)
+    stop_file = tmp_path / STOP_FILE
+    try:
+        assert _run_stack_in_worker(None, config, None, [], Singleton.get_state(), stop_file) == []
+        assert not stopping.requested()
+        stop_file.write_text("SIGTERM")
+        assert _run_stack_in_worker(None, config, None, [], Singleton.get_state(), stop_file) == []
+        assert stopping.requested() and stopping.received() == "SIGTERM"
+    finally:
+        stopping.reset()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_stacked_sweep_on_two_workers_interrupts_every_job(tmp_path, tiny):
+    """Three stacks on two workers, SIGTERM while the first two train: the third is never handed out and its
+    jobs, like the others, record themselves interrupted; no rows, exit 3."""
+    args = ["train", "-m", *tiny, "hydra/launcher=stacked", "hydra.launcher.n_jobs=2",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"results_csv={tmp_path / 'results.csv'}", "flow=planar",
+            "n_flows=1,2,3", "seed=0,1", "train.epochs=200", "data.n_train=2000"]
+    process = subprocess.Popen([*flowvae_command(), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(tmp_path.glob("sweep/*/training_curves.csv"))) < 4:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=180)
+    assert process.returncode == 3, out
+    statuses = [json.loads(p.read_text())["status"] for p in tmp_path.glob("sweep/*/status.json")]
+    assert statuses == ["interrupted"] * 6, out
+    assert not (tmp_path / "results.csv").exists()

@@ -103,16 +103,17 @@ def test_sigterm_during_the_groups_training_leaves_every_seed_to_resume(tmp_path
     assert (rows["epochs_trained"] == 40).all() and (rows["resumed_from"] > 0).all()
 
 
-def test_a_worker_started_after_the_launchers_stop_request_stops_too(tmp_path):
+def test_a_worker_started_after_the_launchers_stop_request_stops_too(tmp_path, monkeypatch):
     """loky replaces a worker whose memory grew: one that starts after the launching process was signalled
     learns of it from the sweep folder, and its stack's jobs record themselves interrupted."""
     from hydra import compose, initialize_config_module
     from hydra.core.singleton import Singleton
 
-    from flowvae import stopping
+    from flowvae import stacked_launcher, stopping
     from flowvae.config import register_configs
     from flowvae.stacked_launcher import STOP_FILE, _run_stack_in_worker
 
+    monkeypatch.setattr(stacked_launcher, "configure_log", lambda *args: None)  # this process's logging stays
     register_configs()
     with initialize_config_module(config_module="flowvae.conf", version_base="1.3"):
         config = compose("config", return_hydra_config=True)

@@ -26,7 +26,7 @@ from flowvae.transforms import FeatureMap
 
 __all__ = ["metric_columns", "event_metric_columns", "preflight", "train_and_score", "generate_blocks", "data_units",
            "generate_events", "choose_device", "configure_torch", "model_input", "seeded_model",
-           "write_curves", "checkpoint_key"]
+           "model_tensors", "write_curves", "checkpoint_key"]
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,8 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
 
     if feature_map is None:
         feature_map = fit_feature_map(cfg, events)
-    train_x = model_input(feature_map.forward(events.train, events.train_mask), device, events.train_mask)
-    test_x = model_input(feature_map.forward(events.test, events.test_mask), device, events.test_mask)
-
+    train_x, val_x, test_x = model_tensors(cfg, events, feature_map, device)
     model = seeded_model(cfg, events, device)
-    train_x, val_x = split_validation(train_x, cfg.train.val_fraction, cfg.data.seed)  # never the scoring set
     outcome = fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=files.checkpoint,
                   extra_state=checkpoint_key(cfg),
                   on_epoch=lambda history: _epoch_done(files, history, on_epoch), should_stop=stopping.requested,
@@ -147,6 +144,16 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
     with replaced(files.sample) as tmp:  # in the data's own units and layout, the mask where the file has it
         np.save(tmp, sample)
     return "ok", "", values
+
+
+def model_tensors(cfg: DictConfig, events: Events, feature_map: FeatureMap, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(training, validation or None, held-out) events as the model takes them, on ``device``: the validation
+    events split off the training ones by ``data.seed`` (never the scoring set)."""
+    train_x = model_input(feature_map.forward(events.train, events.train_mask), device, events.train_mask)
+    test_x = model_input(feature_map.forward(events.test, events.test_mask), device, events.test_mask)
+    train_x, val_x = split_validation(train_x, cfg.train.val_fraction, cfg.data.seed)
+    return train_x, val_x, test_x
 
 
 def seeded_model(cfg: DictConfig, events: Events, device: torch.device) -> FlowVAE:

@@ -154,14 +154,11 @@ def _train(joined: list[_Joined], events: Events, feature_map, parallel_jobs: in
     from flowvae import experiment
     from flowvae.cores import choose_threads
     from flowvae.stacked import fit_stacked
-    from flowvae.train import split_validation
 
     cfg = joined[0].member.cfg
     device = experiment.choose_device(cfg.train.device)
     experiment.configure_torch(choose_threads(cfg.train.threads, parallel_jobs))
-    train_x = experiment.model_input(feature_map.forward(events.train, events.train_mask), device, events.train_mask)
-    test_x = experiment.model_input(feature_map.forward(events.test, events.test_mask), device, events.test_mask)
-    train_x, val_x = split_validation(train_x, cfg.train.val_fraction, cfg.data.seed)
+    train_x, val_x, test_x = experiment.model_tensors(cfg, events, feature_map, device)
     models, rng_states = [], []
     for j in joined:
         models.append(experiment.seeded_model(j.member.cfg, events, device))

@@ -32,8 +32,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["TrialLink", "ENV", "PRUNERS", "REPORTS", "OBJECTIVES", "make_pruner", "check_report", "objective_metric",
-           "validation_objective", "from_environment", "hook", "REPORTED"]
+__all__ = ["TrialLink", "ENV", "PRUNERS", "REPORTS", "OBJECTIVES", "make_pruner", "with_warmup", "check_report",
+           "objective_metric", "validation_objective", "from_environment", "hook", "REPORTED"]
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,12 @@ class TrialLink:
 
 
 def make_pruner(settings: Mapping[str, Any]):
-    """The Optuna pruner of ``hydra.sweeper.pruner``: ``median`` (a trial whose best validation loss so far is
-    worse than the median of the finished trials at the same epoch, once ``n_startup_trials`` have finished and
-    after ``n_warmup_steps`` epochs), ``successive_halving`` (rungs at ``min_resource`` x ``reduction_factor``^k
-    epochs, where only the best 1/``reduction_factor`` of the trials that reached the rung go on) or ``none``.
-    Raises :class:`ConfigError` for a setting that is wrong."""
+    """The Optuna pruner of ``hydra.sweeper.pruner``: ``median`` (a trial whose best value so far is worse than
+    the median of the finished trials at the same epoch, once ``n_startup_trials`` have finished and from epoch
+    ``n_warmup_steps`` on), ``successive_halving`` (rungs at ``min_resource`` x ``reduction_factor``^k epochs,
+    where only the best 1/``reduction_factor`` of the trials that reached the rung go on) or ``none``.
+    Raises :class:`ConfigError` for a setting that is wrong: the chosen pruner's, and any other pruner's that is
+    set (a ``reduction_factor`` of 1 is refused with the median pruner too, rather than when someone switches)."""
     import optuna
 
     from flowvae.config import ConfigError
@@ -88,10 +89,14 @@ def make_pruner(settings: Mapping[str, Any]):
     report = settings.get("report", REPORTED)
     if report not in REPORTS:
         raise ConfigError("hydra.sweeper.pruner.report", report, f"one of {', '.join(REPORTS)}")
-    for key in PRUNERS[name]:
-        value, least = settings.get(key), LEAST.get(key, 0)
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ConfigError(f"hydra.sweeper.pruner.{key}", value, f"an integer >= {least} for the {name} pruner")
+    for pruner, keys in PRUNERS.items():
+        for key in keys:
+            value, least = settings.get(key), LEAST.get(key, 0)
+            if value is None and pruner != name:  # not set, and not needed
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"hydra.sweeper.pruner.{key}", value, f"an integer >= {least} for the {pruner} "
+                                                                        f"pruner")
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=settings["n_startup_trials"],
                                            n_warmup_steps=settings["n_warmup_steps"])
@@ -99,6 +104,16 @@ def make_pruner(settings: Mapping[str, Any]):
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=settings["min_resource"],
                                                       reduction_factor=settings["reduction_factor"])
     return optuna.pruners.NopPruner()
+
+
+def with_warmup(settings: Mapping[str, Any], longest_warmup: int) -> dict:
+    """``settings`` with ``n_warmup_steps: null`` (the default) made ``longest_warmup``, the longest KL warm-up
+    a trial of the search can have: the median pruner judges no trial before every trial's beta has reached 1
+    (a trial in its warm-up trains another objective, and its generated events look worse than they will be)."""
+    settings = dict(settings)
+    if settings.get("n_warmup_steps") is None:
+        settings["n_warmup_steps"] = int(longest_warmup)
+    return settings
 
 
 def check_report(settings: Mapping[str, Any], metric: str) -> None:

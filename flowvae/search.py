@@ -17,6 +17,15 @@ number. conf/search/default.yaml names the study ``${flowvae.study:}``; this mod
 the launching process, when Hydra builds the sweeper, from the composed config (the command line's overrides in
 ``hydra.overrides.task``, the space in ``hydra.sweeper.params``). A study named on the command line
 (``hydra.sweeper.study_name=...``) is the user's: neither keyed nor checked.
+
+The default space's KL warm-up is ``range(0, ${flowvae.longest_warmup:5})``: up to 5 epochs, fewer when training
+is shorter (:func:`longest_warmup`: at most the shortest training's epochs less one, so that every trial's beta
+reaches 1), so ``+search=default train.epochs=3`` searches warm-ups of 0 to 2 epochs. A warm-up range written on
+the command line is taken as written, and refused when it can outlast training (:func:`check_space`).
+
+Nothing is made before a refusal: ``${flowvae.search_check:}`` (a parameter of the sweeper's callback,
+:class:`flowvae.sweeper.SearchCheck`) makes every check the sweeper makes before its first trial, study name
+included, while Hydra instantiates its callbacks, before any of them makes the sweep folder.
 """
 
 from __future__ import annotations
@@ -33,17 +42,23 @@ from omegaconf import DictConfig, OmegaConf
 from flowvae.config import ConfigError
 from flowvae.identity import data_label, run_settings
 
-__all__ = ["study_name", "search_space", "parse_space", "sweeper_params", "check_space", "refuse",
-           "register_resolver", "RESOLVER"]
+__all__ = ["study_name", "search_space", "parse_space", "sweeper_params", "check_space", "longest_warmup", "bounds",
+           "refuse", "register_resolver", "RESOLVER", "CHECK_RESOLVER", "WARMUP_RESOLVER"]
 
 RESOLVER = "flowvae.study"
+CHECK_RESOLVER = "flowvae.search_check"
+WARMUP_RESOLVER = "flowvae.longest_warmup"
 PARAMS_KEY = "hydra.sweeper.params"
+WARMUP, EPOCHS = "train.warmup_epochs", "train.epochs"
 
 
 def register_resolver() -> None:
-    """``${flowvae.study:}``: the study's name (see the module's docstring)."""
-    if not OmegaConf.has_resolver(RESOLVER):
-        OmegaConf.register_new_resolver(RESOLVER, _resolve)
+    """``${flowvae.study:}``: the study's name; ``${flowvae.search_check:}``: a search refused before anything is
+    made; ``${flowvae.longest_warmup:N}``: the default space's longest warm-up (see the module's docstring)."""
+    for name, resolver in ((RESOLVER, _resolve), (CHECK_RESOLVER, _check_search),
+                           (WARMUP_RESOLVER, _longest_warmup)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 def _resolve(*, _root_: DictConfig) -> str:
@@ -52,6 +67,47 @@ def _resolve(*, _root_: DictConfig) -> str:
         return study_name(_root_)
     except ConfigError as err:
         refuse(err)
+
+
+def _check_search(*, _root_: DictConfig) -> bool:
+    """The resolver: in the process that launches a search (multirun), every check of
+    :func:`flowvae.sweeper.check_search`, a refusal in one line; nothing in a single run. True once checked."""
+    from hydra.types import RunMode
+
+    if OmegaConf.select(_root_, "hydra.mode") != RunMode.MULTIRUN:
+        return False
+    from flowvae.sweeper import check_search
+
+    try:
+        check_search(_root_)
+    except ConfigError as err:
+        refuse(err)
+    return True
+
+
+def _longest_warmup(most: Any, *, _root_: DictConfig) -> int:
+    """The resolver: :func:`longest_warmup` of the composed config."""
+    return longest_warmup(int(most), _root_)
+
+
+def longest_warmup(most: int, root: DictConfig) -> int:
+    """The longest KL warm-up a search of ``root`` (the composed config, Hydra's node included) can sample: ``most``
+    epochs, or fewer when the shortest training is shorter: its epochs less one (a warm-up of w epochs reaches
+    beta = 1 after epoch w), at least 0. The shortest training is ``train.epochs`` or, when the search samples it
+    (on the command line or in ``hydra.sweeper.params``), its smallest value."""
+    epochs = OmegaConf.select(root, EPOCHS)
+    if epochs is None:  # a config without the job's part (flowvae train --cfg hydra)
+        return int(most)
+    params = OmegaConf.select(root, PARAMS_KEY) or {}
+    # its own key's value is this function's: only train.epochs is resolved
+    sampled = [f"{EPOCHS}={params[key]}" for key in list(params.keys()) if _bare(str(key)) == EPOCHS]
+    sampled += [a for a in OmegaConf.select(root, "hydra.overrides.task") or [] if _bare(a.partition("=")[0]) == EPOCHS]
+    try:
+        space, _ = parse_space(sampled)
+    except ConfigError:  # the search refuses it itself, naming it
+        space = {}
+    shortest = bounds(next(iter(space.values()), None), epochs)[0]
+    return max(0, min(int(most), int(shortest) - 1))
 
 
 def refuse(err: ConfigError) -> NoReturn:
@@ -167,12 +223,13 @@ def _distribution(override: Any, source: str) -> Any:
 def check_space(space: dict[str, Any], written: dict[str, str], job: dict) -> None:
     """Refuse a space whose samples contradict a fixed setting: a KL warm-up (``train.warmup_epochs``) as long as
     training (``train.epochs``) never reaches beta = 1, so such trials would train another objective than the
-    runs they are compared with. Checked when either key is sampled, against the worst combination."""
-    warmup, epochs = "train.warmup_epochs", "train.epochs"
+    runs they are compared with. Checked when either key is sampled, against the worst combination. (The default
+    space's warm-up is shortened to what training allows instead: :func:`longest_warmup`.)"""
+    warmup, epochs = WARMUP, EPOCHS
     if warmup not in space and epochs not in space:
         return
-    longest = _bounds(space.get(warmup), job["train"]["warmup_epochs"])[1]
-    shortest = _bounds(space.get(epochs), job["train"]["epochs"])[0]
+    longest = bounds(space.get(warmup), job["train"]["warmup_epochs"])[1]
+    shortest = bounds(space.get(epochs), job["train"]["epochs"])[0]
     if longest < shortest:
         return
     sampled = warmup if warmup in space else epochs
@@ -185,7 +242,7 @@ def check_space(space: dict[str, Any], written: dict[str, str], job: dict) -> No
                       f"never reaches beta = 1; search a shorter warm-up, {shorter}, or train longer")
 
 
-def _bounds(distribution: Any, fixed: Any) -> tuple[float, float]:
+def bounds(distribution: Any, fixed: Any) -> tuple[float, float]:
     """The smallest and largest value a key takes: its distribution's, or the fixed value."""
     if distribution is None:
         return float(fixed), float(fixed)

@@ -7,12 +7,14 @@ through Hydra's launcher, and trials that fall behind on their validation events
   again runs what is left, and the same command once the study is full runs nothing. Each process asks its
   trials under a lock beside a storage file (journal or SQLite), so the total is exact; on a database server
   two processes asking at the same moment can go one trial over.
-- A failed, diverged or refused trial scores the worst value (+inf when minimizing) and the search goes on: the
-  sampler learns to avoid what broke. A pruned trial is told PRUNED. A trial interrupted (SIGTERM, Ctrl-C, a
-  cluster's time limit) is told FAIL, which does not count, and its parameters are queued again: the next
-  process on the study (this command again, or another worker) runs them first, and flowvae resumes that run
-  from its checkpoint. A trial left running by a process that died without a word (SIGKILL, a crash) on this
-  machine is found at the next start and queued again the same way.
+- A failed, diverged or refused trial, and one whose row has no finite value of the metric (missing, NaN, inf),
+  scores the worst value of the direction, +inf when minimizing and -inf when maximizing, and the search goes on:
+  the sampler learns to avoid what broke, and it is never the best trial. (Not FAIL: a FAIL trial does not count
+  towards ``n_trials``, so a space where every trial fails would never end.) A pruned trial is told PRUNED. A
+  trial interrupted (SIGTERM, Ctrl-C, a cluster's time limit) is told FAIL, which does not count, and its
+  parameters are queued again: the next process on the study (this command again, or another worker) runs them
+  first, and flowvae resumes that run from its checkpoint. A trial left running by a process that died without a
+  word (SIGKILL, a crash) on this machine is found at the next start and queued again the same way.
 - A trial's job is numbered after the trial (its folder in the sweep folder starts with the trial's number), so
   a search resumed into the same sweep folder (``hydra.sweep.dir=...``) never reuses a run's folder. Each worker
   keeps its own sweep folder (the default one is unique): its summary reads the status files there. A batch of
@@ -21,6 +23,14 @@ through Hydra's launcher, and trials that fall behind on their validation events
 - The sampler (TPE, or random) is seeded with ``sampler.seed`` and the number of trials the study has when it
   asks: the same search gives the same trials, and a second worker or a resumed search does not repeat the
   first's draws.
+- A search that cannot work is refused before anything is made (no sweep folder, no journal): the sweeper's
+  config adds a Hydra callback, :class:`SearchCheck`, whose instantiation makes every check of the first trial
+  (:func:`check_search`, through ``${flowvae.search_check:}``), and Hydra instantiates its callbacks before any of
+  them makes the sweep folder, and before it builds the sweeper.
+- The median pruner's ``n_warmup_steps: null`` (the default) is the longest KL warm-up the search can sample (or
+  the fixed ``train.warmup_epochs``): no trial is judged while a trial's beta may still be rising, and with the
+  default space shortened to the training (:func:`flowvae.search.longest_warmup`) a trial can be pruned after
+  the last warm-up epoch, before its last epoch.
 - ``storage``: ``journal:PATH`` is Optuna's journal file (several processes on one machine or on a shared file
   system, e.g. SLURM array jobs), a relative PATH taken from where the command was launched; any SQLAlchemy URL
   (``sqlite:///outputs/optuna.db``, ``postgresql://...``) is an RDB storage.
@@ -43,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.plugins import Plugins
+from hydra.experimental.callback import Callback
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
@@ -50,9 +61,10 @@ from omegaconf import DictConfig, OmegaConf
 from flowvae import stopping
 from flowvae.config import ConfigError
 from flowvae.files import RunFiles, resolve_path
-from flowvae.pruning import TrialLink, check_report, make_pruner
+from flowvae.pruning import TrialLink, check_report, make_pruner, with_warmup
 
-__all__ = ["OptunaSweeper", "open_storage", "resolve_storage", "JOURNAL", "RESULTS_FILE"]
+__all__ = ["OptunaSweeper", "SearchCheck", "check_search", "open_storage", "resolve_storage", "JOURNAL",
+           "RESULTS_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +76,8 @@ DIRECTIONS = ("minimize", "maximize")
 # job statuses (flowvae.job) whose objective is the run's own value; any other but pruned and interrupted scores
 # the worst value
 SCORED = ("ok", "skipped")
+# the Hydra keys of the sweeper's settings that are not OptunaSweeper's arguments
+HYDRA_KEYS = ("_target_",)
 
 
 def resolve_storage(spec: str, launch_dir: Path) -> str:
@@ -116,6 +130,24 @@ def _budget_lock(spec: str) -> Iterator[None]:
         lock.release()
 
 
+class SearchCheck(Callback):
+    """The Hydra callback that conf/hydra/sweeper/flowvae_optuna.yaml adds: its one parameter is
+    ``${flowvae.search_check:}``, so Hydra's instantiating it (before any callback runs and before the sweeper is
+    built) refuses a search that cannot work (:func:`check_search`) while nothing is made yet."""
+
+    def __init__(self, checked: Any = None) -> None:
+        self.checked = checked
+
+
+def check_search(root: DictConfig) -> None:
+    """Every check the sweeper makes before its first trial, on the composed config ``root`` (Hydra's node
+    included): the study's name (whose resolver refuses a space that contradicts the fixed settings), the
+    sweeper's settings, the space and what the pruner needs. Raises :class:`ConfigError`."""
+    sweeper = OptunaSweeper.from_config(root)
+    space, _, written = sweeper._space(list(OmegaConf.select(root, "hydra.overrides.task") or []))
+    sweeper._check(space, written)
+
+
 class OptunaSweeper(Sweeper):
     """Hydra's sweeper interface over an Optuna study; the settings are ``hydra.sweeper``'s keys
     (conf/hydra/sweeper/flowvae_optuna.yaml says what each does)."""
@@ -131,6 +163,17 @@ class OptunaSweeper(Sweeper):
         self.config: DictConfig | None = None
         self.launcher = None
 
+    @classmethod
+    def from_config(cls, root: DictConfig) -> OptunaSweeper:
+        """The sweeper of the composed config ``root`` (Hydra's node included), as Hydra builds it, without its
+        launcher."""
+        settings = OmegaConf.to_container(root.hydra.sweeper, resolve=True)
+        for key in HYDRA_KEYS:
+            settings.pop(key, None)
+        sweeper = cls(**settings)
+        sweeper.config = root
+        return sweeper
+
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
@@ -139,11 +182,12 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         from flowvae.search import refuse
 
-        try:
+        try:  # checked already (SearchCheck); here too for a config without that callback
             space, fixed, written = self._space(arguments)
             self._check(space, written)
         except ConfigError as err:
             refuse(err)
+        self.pruner = self._pruner_settings(space)  # what each trial's job makes its pruner of
         launch_dir = Path(OmegaConf.select(self.config, "hydra.runtime.cwd") or os.getcwd())
         spec = resolve_storage(str(self.storage), launch_dir)
         study = self._study(spec)
@@ -201,7 +245,7 @@ class OptunaSweeper(Sweeper):
                 raise ConfigError(f"hydra.sweeper.{key}", value, f"an integer >= {least}")
         if self.sampler.get("name") not in SAMPLERS:
             raise ConfigError("hydra.sweeper.sampler.name", self.sampler.get("name"), f"one of {', '.join(SAMPLERS)}")
-        make_pruner(self.pruner)
+        make_pruner(self._pruner_settings(space))
         for name, distribution in space.items():  # a float sampled for an integer key fails every trial
             current = OmegaConf.select(self.config, name.lstrip("+"), default=None)
             if isinstance(distribution, FloatDistribution) and isinstance(current, int) \
@@ -226,6 +270,15 @@ class OptunaSweeper(Sweeper):
                               f"> 0 in every trial of a search with a pruner (hydra.sweeper.pruner.name="
                               f"{self.pruner['name']}): trials are pruned on their validation events; set e.g. "
                               f"train.val_fraction=0.1, or hydra.sweeper.pruner.name=none")
+
+    def _pruner_settings(self, space: dict[str, Any]) -> dict:
+        """``hydra.sweeper.pruner`` with the median pruner's ``n_warmup_steps: null`` made the longest KL warm-up of
+        the search (:func:`flowvae.pruning.with_warmup`)."""
+        from flowvae.search import WARMUP, bounds
+
+        sampled = next((d for key, d in space.items() if key.lstrip("+") == WARMUP), None)
+        fixed = OmegaConf.select(self.config, WARMUP, default=0) or 0
+        return with_warmup(self.pruner, int(bounds(sampled, fixed)[1]))
 
     def _study(self, spec: str):
         import optuna
@@ -309,14 +362,21 @@ class OptunaSweeper(Sweeper):
             _tell_interrupted(study, trial.number, "it was interrupted")
             return
         value = ret.return_value if ret.status == JobStatus.COMPLETED and name in SCORED else None
-        if not isinstance(value, (int, float)) or math.isnan(value):
+        # the job's objective is +inf for a row without a finite metric: a failure, whichever the direction
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            why = (status.get("message") or "") if value is None else f"its row has no finite {metric}: {value}"
             value = None
-        worst = math.inf if self.direction == "minimize" else -math.inf
+        worst = self.worst()
         study.tell(trial, worst if value is None else float(value))
         if value is None:
-            log.info("trial %d: %s, scores %s (%s)", trial.number, name, worst, status.get("message") or "")
+            log.info("trial %d: %s, scores %s (%s)", trial.number, name, worst, why)
         else:
             log.info("trial %d: %s = %s", trial.number, metric, value)
+
+    def worst(self) -> float:
+        """What a failed trial scores: the worst value of the direction, +inf when minimizing, -inf when
+        maximizing."""
+        return -math.inf if self.direction == "maximize" else math.inf
 
     def _report(self, study) -> None:
         """The study's best trial into the sweep folder's optimization_results.yaml (the sweep summary says it

@@ -201,3 +201,27 @@ def test_flows_are_built_after_the_base_network():
     plain, with_flows = _model().state_dict(), _model(flow="planar", n_flows=3).state_dict()
     for name, tensor in plain.items():
         assert torch.equal(with_flows[name], tensor), name
+
+
+@pytest.mark.parametrize("decode", ["mean", "sample"])
+def test_generation_draws_the_multiplicity_its_logits_put_the_mass_on(decode):
+    """The multiplicity head's logits are over n = 0 … P; a jet has at least one particle, so generation draws from
+    n = 1 … P: logits that put all the mass on n = k give exactly k particles, the first k slots, even when n = 0
+    has the largest logit of all (fails if the logits were read shifted by one, or with n = 0 drawable)."""
+    n_features, n_slots = 2, 5
+    torch.manual_seed(0)
+    model = FlowVAE(n_features * n_slots, [16], 3, n_mask=n_slots)
+    z = torch.randn(500, 3)
+    for k in range(1, n_slots + 1):
+        for n_zero in (-30.0, 60.0):  # n = 0 impossible, or the most likely of all (and never drawn)
+            bias = torch.full((n_slots + 1,), -30.0)
+            bias[k], bias[0] = 30.0, n_zero
+            with torch.no_grad():
+                model.multiplicity_head.weight.zero_()
+                model.multiplicity_head.bias.copy_(bias)
+            events = model.generate(z, decode, torch.Generator().manual_seed(k))
+            mask = events[:, n_features * n_slots:]
+            expected = (torch.arange(n_slots) < k).to(mask.dtype).expand_as(mask)
+            assert torch.equal(mask, expected), (k, n_zero)
+            values = events[:, :n_features * n_slots].reshape(-1, n_features, n_slots)
+            assert torch.all(values[:, :, k:] == 0), (k, n_zero)  # the padded slots are 0

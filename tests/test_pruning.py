@@ -91,6 +91,64 @@ def test_successive_halving_prunes_a_trial_outside_the_best_share_of_its_rung(tm
                          "reached this rung)")
 
 
+def _default_pruner(*overrides: str) -> dict:
+    """The pruner settings a trial of `flowvae train -m +search=default OVERRIDES` gets: the sweeper's defaults,
+    its n_warmup_steps made from the space as the sweeper makes it."""
+    from flowvae.sweeper import OptunaSweeper
+
+    register_configs()
+    with initialize_config_module(config_module="flowvae.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+search=default", *overrides], return_hydra_config=True)
+    sweeper = OptunaSweeper.from_config(cfg)
+    space, _, _ = sweeper._space(list(cfg.hydra.overrides.task))
+    return sweeper._pruner_settings(space)
+
+
+def test_the_default_pruner_prunes_an_obviously_bad_trial_in_a_short_search_of_a_few_trials():
+    """`+search=default train.epochs=3`: trials report after epochs 1 and 2 (not after the last); the median pruner
+    judges from the end of the longest warm-up (epoch 2) once 3 trials have finished."""
+    from flowvae.pruning import make_pruner
+
+    settings = _default_pruner("train.epochs=3")
+    assert (settings["name"], settings["n_startup_trials"], settings["n_warmup_steps"]) == ("median", 3, 2)
+    assert _default_pruner()["n_warmup_steps"] == 5  # 20 epochs: warm-ups of up to 5 epochs
+    assert _default_pruner("train.epochs=3", "train.warmup_epochs=0")["n_warmup_steps"] == 0
+    assert _default_pruner("train.epochs=3", "hydra.sweeper.pruner.n_warmup_steps=1")["n_warmup_steps"] == 1
+    study = optuna.create_study(direction="minimize", pruner=make_pruner(settings))
+
+    def trial(values: list[float]) -> int | None:
+        """The epoch at which the pruner stops a trial reporting ``values`` after epochs 1, 2, ...; None: it ends."""
+        running = study.ask()
+        for epoch, value in enumerate(values, start=1):
+            running.report(value, epoch)
+            if running.should_prune():
+                study.tell(running, state=TrialState.PRUNED)
+                return epoch
+        study.tell(running, values[-1])
+        return None
+
+    bad = [30.0, 25.0]
+    assert [trial(v) for v in ([9.0, 5.0], [8.0, 4.0])] == [None, None]
+    assert trial(bad) is None  # 2 finished trials are too few to judge: it finishes, the third
+    assert trial(bad) == 2  # worse than the median (5), judged once the warm-up epochs are over (not at epoch 1)
+    assert trial([7.0, 4.5]) is None  # better than the median: goes on
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.PRUNED) == 1 and len(states) == 5  # a search of 5 trials pruned one
+
+
+@pytest.mark.parametrize("name", ["successive_halving", "median"])
+def test_a_reduction_factor_of_one_is_refused_up_front_naming_the_key(name):
+    from flowvae.pruning import make_pruner
+
+    with pytest.raises(ConfigError) as refused:
+        make_pruner({**MEDIAN, "name": name, "reduction_factor": 1})
+    assert str(refused.value) == ("hydra.sweeper.pruner.reduction_factor=1 is not allowed: an integer >= 2 for the "
+                                  "successive_halving pruner")
+    make_pruner({**MEDIAN, "name": name})  # 2 is allowed
+    with pytest.raises(ConfigError, match="n_warmup_steps=None is not allowed"):
+        make_pruner({**MEDIAN, "n_warmup_steps": None})  # the sweeper makes null a number first
+
+
 def test_pruning_never_fails_a_run(tmp_path, caplog):
     spec, study = _study(tmp_path)
     with caplog.at_level(logging.WARNING, logger="flowvae.pruning"):
@@ -265,6 +323,8 @@ def test_a_search_prunes_trials_that_fall_behind_and_each_trial_hears_from_its_o
                                               "successive_halving, none"),
     (["hydra.sweeper.pruner.report=elbo"], "hydra.sweeper.pruner.report=elbo is not allowed: one of objective, "
                                            "val_loss"),
+    (["hydra.sweeper.pruner.reduction_factor=1"], "hydra.sweeper.pruner.reduction_factor=1 is not allowed: an "
+                                                  "integer >= 2 for the successive_halving pruner"),
     (["optimize.metric=fpd"], "hydra.sweeper.pruner.report=objective is not allowed: val_loss for "
                               "optimize.metric=fpd: a trial reports its objective after each epoch only for the "
                               "per-feature distances"),
@@ -273,5 +333,5 @@ def test_a_search_that_cannot_work_is_refused_before_its_first_trial(tmp_path, o
     out = run_flowvae(["train", "-m", "+search=default", *TINY, "hydra.sweeper.study_name=test",
                        "results_csv=results.csv", *overrides], cwd=tmp_path)
     assert out.returncode == 2, out.stdout + out.stderr
-    assert says in out.stderr and "Traceback" not in out.stderr
-    assert not (tmp_path / "results.csv").exists()
+    assert says in out.stderr and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing made: no sweep folder, no journal

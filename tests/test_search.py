@@ -1,7 +1,8 @@
 """An Optuna search (`+search=default`, flowvae's sweeper): the override grammar read into Optuna's distributions,
-objectives from the rows, +inf for a bad trial, n_trials as the study's total, a study that the same command
-continues from its journal (resuming a killed trial) and that any other command does not share, two processes on
-one study, and a space that contradicts the fixed settings refused before its first trial."""
+objectives from the rows, the worst value of the direction for a bad trial, n_trials as the study's total, a study
+that the same command continues from its journal (resuming a killed trial) and that any other command does not
+share, two processes on one study, the default warm-up range shortened to the training, and a search that cannot
+work refused before anything is made."""
 
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def test_a_failed_trial_scores_inf_and_the_study_goes_on(tmp_path):
     rows = pd.read_csv(tmp_path / "results.csv")
     assert len(trials) == 3 and len(rows) == 2
     assert [t.value for t in trials[:2]] == list(rows["w1_sum"])
-    assert math.isinf(trials[2].value) and trials[2].state == TrialState.COMPLETE
+    assert trials[2].value == math.inf and trials[2].state == TrialState.COMPLETE  # the worst when minimizing
     assert trials[2].user_attrs["status"] == "invalid"
 
 
@@ -153,10 +154,46 @@ def test_the_objective_is_the_rows_metric_or_inf(monkeypatch, status, value, exp
     assert job.objective("kl_sum") == math.inf
 
 
+@pytest.mark.parametrize("direction, worst", [("minimize", math.inf), ("maximize", -math.inf)])
+@pytest.mark.parametrize("status, row", [("ok", {"status": "ok"}),  # the metric missing from the row
+                                         ("ok", {"status": "ok", "kl_sum": "nan"}),
+                                         ("failed", None), ("invalid", None)])
+def test_a_failed_trial_scores_the_worst_value_of_the_direction_and_is_never_the_best(tmp_path, monkeypatch,
+                                                                                      direction, worst, status, row):
+    """What the sweeper tells the study of a job: the job's own objective (+inf without a finite metric) is the
+    worst value when minimizing, and -inf, not +inf, when maximizing."""
+    import json
+    from types import SimpleNamespace
+
+    from hydra.core.utils import JobStatus
+
+    from flowvae import job
+    from flowvae.files import RunFiles
+    from flowvae.sweeper import OptunaSweeper
+
+    sweeper = OptunaSweeper(direction=direction)
+    sweeper.config = OmegaConf.create({"optimize": {"metric": "kl_sum"}})
+    study = optuna.create_study(direction=direction)
+
+    def tell(run_status: str, last_row: dict | None):
+        monkeypatch.setattr(job, "_last_row", last_row)
+        run_dir = tmp_path / str(len(study.trials))
+        run_dir.mkdir()
+        RunFiles(run_dir).status.write_text(json.dumps({"status": run_status, "message": "why"}))
+        ret = SimpleNamespace(hydra_cfg=OmegaConf.create({"hydra": {"runtime": {"output_dir": str(run_dir)}}}),
+                              status=JobStatus.COMPLETED, return_value=job.objective("kl_sum"))
+        sweeper._tell(study, study.ask(), ret)
+
+    tell("ok", {"status": "ok", "kl_sum": "0.25"})
+    tell(status, row)
+    assert [t.value for t in study.trials] == [0.25, worst]
+    assert study.best_trial.number == 0 and sweeper.worst() == worst
+
+
 def test_an_objective_that_is_not_a_metric_column_is_refused(tmp_path):
     out = _search(tmp_path, "hydra.sweeper.n_trials=1", "optimize.metric=train.lr")
     assert "optimize.metric=train.lr is not allowed" in out.stdout + out.stderr
-    assert math.isinf(_trials(tmp_path)[0].value)
+    assert _trials(tmp_path)[0].value == math.inf
 
 
 # --- a study's identity ----------------------------------------------------------------------------------------
@@ -184,6 +221,15 @@ def test_a_study_is_keyed_by_every_setting_that_is_not_searched():
     assert _study_name("flow=iaf", "n_flows=10").startswith("flowvae_iaf_K10_gaussian_")
 
 
+def test_two_searches_that_differ_only_in_direction_are_two_studies():
+    base = _study_name("flow=planar", "n_flows=10", "hydra.sweeper.pruner.name=none")
+    maximized = _study_name("flow=planar", "n_flows=10", "hydra.sweeper.pruner.name=none",
+                            "hydra.sweeper.direction=maximize")
+    assert base != maximized and base.rpartition("_")[0] == maximized.rpartition("_")[0]
+    assert _study_name("flow=planar", "n_flows=10", "hydra.sweeper.pruner.name=none",
+                       "hydra.sweeper.direction=minimize") == base  # the default, written out
+
+
 def test_each_data_file_has_its_own_study(tmp_path, monkeypatch):
     for name, seed in (("a", 0), ("b", 1)):
         np.save(tmp_path / f"{name}.npy", np.random.default_rng(seed).normal(size=(40, 3, 5)).astype(np.float32))
@@ -194,18 +240,97 @@ def test_each_data_file_has_its_own_study(tmp_path, monkeypatch):
     assert _study_name("data=npy", f"data.path={tmp_path / 'a.npy'}") == a  # the same file, named absolutely
 
 
-@pytest.mark.parametrize("epochs, refused", [(2, True), (5, True), (6, False)])
-def test_a_warmup_that_can_outlast_training_is_refused(capsys, epochs, refused):
-    """The default space samples train.warmup_epochs in 0..5 (Optuna's range includes its end)."""
-    if not refused:
-        assert _study_name(f"train.epochs={epochs}").startswith("flowvae_none_K0_gaussian_")
-        return
+def _multirun_config(*overrides: str):
+    """The config `flowvae train -m +search=default OVERRIDES` composes in the launching process (sweeps allowed)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    register_configs()
+    with initialize_config_module(config_module="flowvae.conf", version_base="1.3"):
+        return GlobalHydra.instance().config_loader().load_configuration(
+            "config", ["+search=default", *overrides, "hydra.mode=MULTIRUN"], run_mode=RunMode.MULTIRUN)
+
+
+@pytest.mark.parametrize("overrides, longest", [
+    (["train.epochs=1"], 0), (["train.epochs=2"], 1), (["train.epochs=3"], 2), (["train.epochs=5"], 4),
+    (["train.epochs=6"], 5), ([], 5),  # the default 20 epochs: 0..5 as before
+    (["train.epochs=choice(3,10)"], 2), (["train.epochs=range(4,8)"], 3),  # the shortest sampled training
+])
+def test_the_default_warmup_range_is_shortened_to_what_training_allows(overrides, longest):
+    """The default space samples train.warmup_epochs in 0..5 (Optuna's range includes its end), and at most the
+    shortest training's epochs less one: every trial's beta reaches 1, and a short search is not refused."""
+    from flowvae.search import search_space
+
+    cfg = _multirun_config(*overrides)
+    space, written = search_space(cfg)
+    assert space["train.warmup_epochs"] == IntDistribution(0, longest)
+    assert written["train.warmup_epochs"] == f"hydra.sweeper.params.train.warmup_epochs=range(0, {longest})"
+    assert OmegaConf.select(cfg, "hydra.sweeper.study_name").startswith("flowvae_none_K0_gaussian_")  # not refused
+
+
+def test_the_warmup_range_follows_epochs_sampled_in_the_searchs_own_params():
+    from flowvae.search import longest_warmup
+
+    register_configs()
+    root = OmegaConf.create({"train": {"epochs": 20}, "hydra": {"overrides": {"task": []}, "sweeper": {"params": {
+        "train.epochs": "choice(4, 9)", "train.warmup_epochs": "range(0, ${flowvae.longest_warmup:5})"}}}})
+    assert root.hydra.sweeper.params["train.warmup_epochs"] == "range(0, 3)"
+    assert longest_warmup(2, root) == 2  # and never longer than asked
+
+
+def test_a_warmup_written_on_the_command_line_that_can_outlast_training_is_refused_with_the_range_that_fits(capsys):
     with pytest.raises(SystemExit) as exit_:
-        _study_name(f"train.epochs={epochs}")
+        OmegaConf.select(_multirun_config("train.epochs=3", "train.warmup_epochs=range(0,5)"),
+                         "hydra.sweeper.study_name")
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
-    assert err.startswith("flowvae train: hydra.sweeper.params.train.warmup_epochs=range(0, 5) is not allowed")
-    assert f"train.warmup_epochs up to 5 with train.epochs={epochs}" in err
+    assert err.startswith("flowvae train: train.warmup_epochs=range(0,5) is not allowed: a warm-up shorter than "
+                          "training in every trial: train.warmup_epochs up to 5 with train.epochs=3 never reaches "
+                          "beta = 1; search a shorter warm-up, e.g. train.warmup_epochs='range(0,2)' on the command "
+                          "line")
+
+
+def test_the_sweepers_callback_makes_every_check_when_hydra_instantiates_it(capsys):
+    """Hydra instantiates its callbacks before any of them makes the sweep folder: a refusal there leaves nothing."""
+    from hydra.utils import instantiate
+
+    from flowvae.sweeper import SearchCheck
+
+    check = instantiate(_multirun_config("train.epochs=3").hydra.callbacks.search_check)
+    assert isinstance(check, SearchCheck) and check.checked is True
+    from hydra.types import RunMode
+
+    single_run = _multirun_config("train.epochs=3", "hydra.sweeper.n_trials=-1")
+    single_run.hydra.mode = RunMode.RUN
+    assert instantiate(single_run.hydra.callbacks.search_check).checked is False  # a single run checks nothing
+    for overrides, says in ((["train.warmup_epochs=range(0,5)"], "train.warmup_epochs=range(0,5) is not allowed"),
+                            (["hydra.sweeper.n_trials=-1"], "hydra.sweeper.n_trials=-1 is not allowed"),
+                            (["hydra.sweeper.study_name=mine", "hydra.sweeper.pruner.reduction_factor=1"],
+                             "hydra.sweeper.pruner.reduction_factor=1 is not allowed")):
+        with pytest.raises(SystemExit) as exit_:
+            instantiate(_multirun_config("train.epochs=3", *overrides).hydra.callbacks.search_check)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith(f"flowvae train: {says}") and len(err.splitlines()) == 1
+
+
+def _tree(root) -> dict:
+    return {str(path.relative_to(root)): (path.is_dir(), path.stat().st_size, path.stat().st_mtime_ns)
+            for path in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["train.warmup_epochs=range(0,5)"], "train.warmup_epochs=range(0,5) is not allowed"),  # the study's name
+    (["hydra.sweeper.n_trials=-1"], "hydra.sweeper.n_trials=-1 is not allowed"),  # the sweeper's settings
+])
+def test_a_refused_search_leaves_the_tree_as_it_was(tmp_path, overrides, says):
+    (tmp_path / "outputs" / "multirun").mkdir(parents=True)
+    (tmp_path / "outputs" / "results.csv").write_text("a row\n")
+    before = _tree(tmp_path)
+    out = run_flowvae(["train", "-m", "+search=default", "data=jets", "flow=planar", "n_flows=10", "train.epochs=3",
+                       *overrides], cwd=tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert says in out.stderr and "Traceback" not in out.stderr
+    assert _tree(tmp_path) == before  # no sweep folder, no sweep.json, no journal, no lock
 
 
 def test_a_contradicting_space_is_refused_before_any_trial(tmp_path):
@@ -216,7 +341,7 @@ def test_a_contradicting_space_is_refused_before_any_trial(tmp_path):
     assert out.returncode == 2, out.stdout + out.stderr
     assert ("flowvae train: train.epochs=choice(3,10) is not allowed: a warm-up shorter than training in every "
             "trial: train.warmup_epochs up to 3 with train.epochs from 3 never reaches beta = 1") in out.stderr
-    assert "Traceback" not in out.stderr and not (tmp_path / "results.csv").exists()
+    assert "Traceback" not in out.stderr and list(tmp_path.iterdir()) == []  # nothing made
 
 
 def test_another_command_starts_its_own_study_and_its_best_trial_reruns_to_its_number(tmp_path):

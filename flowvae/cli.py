@@ -98,6 +98,9 @@ def _run_train(args: list[str]) -> int:
     from hydra_plugins.flowvae_plugins import register
 
     register()  # hydra/launcher=stacked (and flowvae's other plugins), in editable installs too
+    if not any(flag in args for flag in COMPLETION_FLAGS) and (refusal := _unknown_option(args)) is not None:
+        print(f"flowvae train: {refusal}", file=sys.stderr)
+        return 2
     program = Path(sys.argv[0]).name
     # Hydra names the program after argv[0] in its help; the completion script it installs registers that name,
     # which must be the executable alone (`flowvae`), not a second command called `train`.
@@ -124,6 +127,46 @@ def _run_train(args: list[str]) -> int:
     if callbacks.SWEEP_EXIT_CODE is not None:
         return callbacks.SWEEP_EXIT_CODE
     return max(_exit_codes, default=0)
+
+
+def _unknown_option(args: list[str]) -> str | None:
+    """The one-line refusal of an override that picks an option one of flowvae's config groups does not have
+    (``flow=nope``, also inside a sweep ``flow=planar,nope``), naming the group's options, as every other bad
+    value is refused; Hydra's own answer is a dozen lines. None when every choice exists, and for what Hydra
+    judges itself: flags, values (``flow.hidden=3``), Hydra's groups (``hydra/launcher=...``), null, glob sweeps,
+    and every choice of a command line that adds config folders (``hydra.searchpath``, ``--config-dir``), whose
+    options flowvae's own folders do not list."""
+    from importlib.resources import files
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from flowvae.config import ConfigError
+
+    if any(arg.lstrip("+").startswith(("hydra.searchpath", "-cd", "--config-dir", "-cp", "--config-path"))
+           for arg in args):
+        return None
+    conf, parser = files("flowvae.conf"), None
+    for arg in args:
+        group = arg.partition("=")[0].lstrip("+~").partition("@")[0]
+        if arg.startswith("-") or "=" not in arg or not group or "." in group or group.startswith("hydra"):
+            continue
+        folder = conf.joinpath(group)
+        if not folder.is_dir():
+            continue
+        parser = parser or OverridesParser.create()
+        try:
+            override = parser.parse_override(arg)
+            if override.is_sweep_override():
+                values = list(override.sweep_string_iterator())
+            else:
+                values = [override.get_value_element_as_str()] if isinstance(override.value(), str) else []
+        except Exception:  # noqa: BLE001 - what cannot be read here is Hydra's to report
+            continue
+        options = sorted(path.name.removesuffix(".yaml") for path in folder.iterdir() if path.name.endswith(".yaml"))
+        unknown = [value for value in values if value not in options]
+        if unknown:
+            return str(ConfigError(group, unknown[0], f"one of {', '.join(options)}"))
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

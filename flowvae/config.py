@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 __all__ = ["ConfigError", "Config", "register_configs", "with_schema_defaults", "validate", "per_feature",
-           "LIKELIHOODS"]
+           "event_axes", "LIKELIHOODS"]
 
 DATA_NAMES = ("gaussian", "npy", "jets")
 LIKELIHOODS = ("mse", "gaussian")
@@ -150,15 +150,23 @@ class Config:
 
 def register_configs() -> None:
     """Register the top-level schema (``conf/config.yaml`` names it first in its defaults list), the
-    ``${flowvae.uid:}`` resolver that makes run directories unique, and ``${flowvae.study:}``, a search's study
-    (:mod:`flowvae.search`)."""
+    ``${flowvae.uid:}`` resolver that makes run directories unique, ``${flowvae.model:${model.name}}`` that names
+    a model other than the default in them, and ``${flowvae.study:}``, a search's study (:mod:`flowvae.search`)."""
     from flowvae.search import register_resolver
 
     ConfigStore.instance().store(name="flowvae_schema", node=Config)
     if not OmegaConf.has_resolver("flowvae.uid"):
         # Cached per config, and Hydra copies the cache into each job of a sweep: one value per run or sweep.
         OmegaConf.register_new_resolver("flowvae.uid", lambda: secrets.token_hex(3), use_cache=True)
+    if not OmegaConf.has_resolver("flowvae.model"):
+        OmegaConf.register_new_resolver("flowvae.model", model_part)
     register_resolver()
+
+
+def model_part(name: str) -> str:
+    """The model's part of a run directory's name: nothing for the default model (the names runs always had),
+    ``<name>_`` before the flow for another (``..._conditional_flow_none_K0_s0``)."""
+    return "" if name in ("default", "", None) else f"{name}_"
 
 
 def with_schema_defaults(written: DictConfig) -> DictConfig:
@@ -301,6 +309,12 @@ def _validate_logger(cfg: DictConfig) -> None:
                                          "after the data")
 
 
+def event_axes(layout: str) -> str:
+    """An event's axes in a data file as ``data.layout`` reads it, for messages: JetNet's files are
+    (N, particles, features)."""
+    return "particles, features" if layout == "particles_first" else "features, particles"
+
+
 def _validate_data(cfg: DictConfig) -> None:
     d = cfg.data
     _require(d.name in DATA_NAMES, "data", d.name, f"one of {', '.join(DATA_NAMES)}")
@@ -319,7 +333,9 @@ def _validate_data(cfg: DictConfig) -> None:
         _require(d.scale_sigma is not None and math.isfinite(d.scale_sigma) and d.scale_sigma >= 0,
                  "data.scale_sigma", d.scale_sigma, "a number >= 0 (the std of each event's log-scale)")
     if d.name == "npy":
-        _require(bool(d.path), "data.path", d.path, "the path of a .npy or .npz array (N, features, particles)")
+        shape = f"(N, {event_axes(d.layout)})"  # data.layout's: JetNet's files are (N, particles, features)
+        _require(bool(d.path), "data.path", d.path, f"the path of a .npz file whose array {d.key} is {shape}"
+                 if d.key else f"the path of a .npy or .npz array {shape}")
         tf = d.test_fraction
         _require(tf is not None and 0 < tf < 1, "data.test_fraction", tf, "a number between 0 and 1")
         _require(d.key is None or bool(d.key), "data.key", d.key, "the name of an array in the .npz, or null")

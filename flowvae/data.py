@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from flowvae.config import ConfigError, per_feature
+from flowvae.config import ConfigError, event_axes, per_feature
 from flowvae.files import resolve_path
 
 __all__ = ["Events", "Scaler", "gaussian_events", "jet_events", "read_array", "split_events", "split_mask",
@@ -174,9 +174,10 @@ def read_array(path: str, key: str | None = None, launch_dir: Path | None = None
     if array.dtype.kind not in "biuf":
         raise ConfigError("data.path", path, f"an array of real numbers; {where} has dtype {array.dtype}")
     if array.ndim != 3:
-        hint = " (reshape it, e.g. x.reshape(len(x), features, particles))" if array.ndim == 2 else ""
-        raise ConfigError("data.path", path, f"an array of rank 3, shape (events, features, particles); {where} "
-                                             f"has shape {array.shape}{hint}")
+        axes = event_axes(layout)
+        hint = f" (reshape it, e.g. x.reshape(len(x), {axes}))" if array.ndim == 2 else ""
+        raise ConfigError("data.path", path, f"an array of rank 3, shape (events, {axes}); {where} has shape "
+                                             f"{array.shape}{hint}")
     if 0 in array.shape[1:]:
         raise ConfigError("data.path", path, f"at least one feature and one particle per event; {where} has shape "
                                              f"{array.shape}")

@@ -1,15 +1,19 @@
-"""Files a run writes whole or not at all, and where a user's path points. Standard library only."""
+"""Files a run writes whole or not at all, locks that leave no file behind, and where a user's path points.
+Standard library only."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["replaced", "resolve_path", "RunFiles"]
+__all__ = ["replaced", "resolve_path", "RunFiles", "Lock", "LockTimeout", "locked"]
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,15 @@ class RunFiles:
 
     @property
     def lock(self) -> Path:
-        """Held while a run works in this directory, so two runs never share it."""
+        """Held while a run works in this directory, so two runs never share it (:class:`Lock`: there only while
+        held)."""
         return self.root / ".flowvae.lock"
+
+    @property
+    def group_training(self) -> Path:
+        """A stacked group's training of this run's seed (``hydra/launcher=stacked``): ``{"seconds": its share of
+        the group's wall time, "group_seconds", "seeds"}``, added to the row's ``wall_seconds``, then removed."""
+        return self.root / "group_training.json"
 
     def holds_no_work(self) -> bool:
         """Whether the directory holds only what every start writes (Hydra's ``.hydra/`` and log, the status, the
@@ -123,3 +134,106 @@ def resolve_path(path: str, launch_dir: Path | None = None) -> Path:
     """``path`` with ``~`` expanded; a relative one is taken from ``launch_dir`` (default: the working directory)."""
     resolved = Path(os.path.expanduser(path))
     return resolved if resolved.is_absolute() else (launch_dir or Path.cwd()) / resolved
+
+
+class LockTimeout(TimeoutError):
+    """The lock was held by another process (or thread) for longer than the caller would wait."""
+
+
+class Lock:
+    """An exclusive lock on the file ``path`` (``flock``), which exists only while the lock is held: the holder
+    removes it before it lets go, so finished work leaves no lock files behind.
+
+    Removing a lock file others may wait on is safe here because a file is only ever removed by its holder, and
+    a lock won on a file that is no longer at ``path`` (its holder removed it while this one waited on the open
+    file) counts for nothing: the waiter opens ``path`` again, making a new file, and competes for that. So
+    whoever holds a lock holds it on the file at ``path``, and two never hold it at once. ``remove_folder``: also
+    remove the lock's folder on release when that leaves it empty (a waiter that finds it gone makes it again).
+    Process- and thread-safe (each acquire opens its own file description); not re-entrant.
+    """
+
+    def __init__(self, path: str | os.PathLike, remove_folder: bool = False):
+        self.path = Path(path)
+        self.remove_folder = remove_folder
+        self._fd: int | None = None
+
+    @property
+    def is_locked(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, timeout: float | None = None, poll: float = 0.05, check: Callable[[], None] | None = None
+                ) -> bool:
+        """Take the lock, waiting at most ``timeout`` seconds (None: as long as it takes; 0: one try) and
+        calling ``check()`` between tries (it raises to stop waiting). Returns whether it had to wait; raises
+        :class:`LockTimeout` when the time ran out, OSError when the file cannot be made or locked."""
+        if self._fd is not None:
+            raise RuntimeError(f"{self.path} is already locked by this Lock")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waited = False
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                waited = True
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise LockTimeout(f"{self.path} is held by another process") from None
+                if check is not None:
+                    check()
+                time.sleep(poll if left is None else min(poll, left))
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            if self._names(fd):
+                self._fd = fd
+                return waited
+            os.close(fd)  # won on a file its holder removed before letting go: the lock is the file at path now
+
+    def _open(self) -> int:
+        for _ in range(100):
+            try:
+                return os.open(self.path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except FileNotFoundError:  # the folder went with its last lock (remove_folder): make it again
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(self.path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)  # or say why not
+
+    def _names(self, fd: int) -> bool:
+        """Whether ``path`` is the file ``fd`` has open."""
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        """Remove the lock file, then let go of the lock (a no-op when not held)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if self._names(fd):  # always, unless someone removed it by hand
+                self.path.unlink()
+        finally:
+            os.close(fd)
+        if self.remove_folder:
+            try:
+                self.path.parent.rmdir()
+            except OSError:  # not empty (another lock, an entry), or gone already
+                pass
+
+
+@contextmanager
+def locked(path: str | os.PathLike, timeout: float | None = None, poll: float = 0.05,
+           check: Callable[[], None] | None = None, remove_folder: bool = False) -> Iterator[bool]:
+    """Hold the :class:`Lock` of ``path`` for the block (``timeout``, ``poll``, ``check`` as
+    :meth:`Lock.acquire`); yields whether it had to wait. The lock file is gone when the block ends."""
+    lock = Lock(path, remove_folder)
+    waited = lock.acquire(timeout, poll, check)
+    try:
+        yield waited
+    finally:
+        lock.release()

@@ -9,24 +9,29 @@ after training: the checkpoint (recording the finished training), ``best.pt``, t
 runs as on the basic launcher and finds its training done: it generates, scores and writes its row, so a stacked
 seed's row, status file, tracking and exit code are a single run's. A member that cannot join (refused, skipped,
 its directory in use) or a group whose training raises is left to its job, which trains it alone or says why.
+
+A seed's row counts its share of the group's wall time in ``wall_seconds`` (its job adds it, from the run
+directory's :attr:`~flowvae.files.RunFiles.group_training`): the time from the group's start (its data, its
+checks, its models) to the end of its training, divided among the seeds it trained by the epochs each trained,
+so the rows of a group sum to its wall time as the rows of seeds trained one by one sum to theirs.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from flowvae import stopping
 from flowvae.config import ConfigError, validate
 from flowvae.data import Events, load_events
-from flowvae.files import RunFiles, resolve_path
+from flowvae.files import Lock, LockTimeout, RunFiles, replaced, resolve_path
 from flowvae.identity import run_hash
 from flowvae.results import ResultsError, RunIndex, check_writable
 
@@ -36,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # What may differ between the members of one group: the model's seed, and nothing else.
 STACKED_KEY = "seed"
+# The clock of the group's wall time (a module attribute, so a test can stand in for it).
+_clock = time.monotonic
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,7 @@ def train_group(members: list[Member], launch_dir: Path, sweep_dir: Path | None,
     """
     if stopping.requested():
         return 0
+    started = _clock()
     cfg = members[0].cfg
     try:
         validate(cfg)
@@ -91,13 +99,15 @@ def train_group(members: list[Member], launch_dir: Path, sweep_dir: Path | None,
             return 0  # one seed trains in its own job, exactly as on the basic launcher
         try:
             with _logs_in([j.files.root / j.member.log_name for j in joined]):
-                _train(joined, events, feature_map, parallel_jobs)
+                trained = _train(joined, events, feature_map, parallel_jobs)
         except stopping.Interrupted:
             pass  # the jobs record it
         except Exception as err:  # noqa: BLE001 - the jobs train alone and report what fails
             log.warning("stacked training of %d seeds failed (%s: %s); each seed's job trains it alone",
                         len(joined), type(err).__name__, err)
             return 0
+        else:
+            _record_shares(trained, _clock() - started)
     return len(joined)
 
 
@@ -129,10 +139,10 @@ def _join(member: Member, launch_dir: Path, sweep_dir: Path | None, held: ExitSt
     except _Busy:
         return None  # another process trains this config: the job waits for it and takes its row
     files = interrupted_run(cfg, index, identity, files) or files  # where its job will go on
-    lock = FileLock(files.lock, timeout=0)
+    lock = Lock(files.lock)
     try:
-        lock.acquire()
-    except Timeout:
+        lock.acquire(timeout=0)
+    except LockTimeout:
         return None
     held.callback(lock.release)
     index.started(identity, files.root)
@@ -147,13 +157,16 @@ def _give_up() -> None:
     raise _Busy
 
 
-def _train(joined: list[_Joined], events: Events, feature_map, parallel_jobs: int) -> None:
-    """The stacked training itself: models seeded as their runs seed them, each member's files as fit writes."""
+def _train(joined: list[_Joined], events: Events, feature_map, parallel_jobs: int) -> list[tuple[_Joined, object]]:
+    """The stacked training itself: models seeded as their runs seed them, each member's files as fit writes.
+    Returns the members it trained (not those whose checkpoint recorded a training that had ended) with their
+    outcomes."""
     import torch
 
     from flowvae import experiment
     from flowvae.cores import choose_threads
     from flowvae.stacked import fit_stacked
+    from flowvae.train import TRAINED_KEY
 
     cfg = joined[0].member.cfg
     device = experiment.choose_device(cfg.train.device)
@@ -164,13 +177,33 @@ def _train(joined: list[_Joined], events: Events, feature_map, parallel_jobs: in
         models.append(experiment.seeded_model(j.member.cfg, events, device))
         rng_states.append(torch.get_rng_state())
     seeds = [int(j.member.cfg.seed) for j in joined]
+    ended_before = [j.files.checkpoint.exists() and torch.load(j.files.checkpoint, map_location="cpu",
+                                                               weights_only=False).get(TRAINED_KEY) is not None
+                    for j in joined]
     log.info("training %d seeds (%s) of %s x %d flows as one stacked model", len(joined),
              ", ".join(map(str, seeds)), cfg.flow.name, cfg.n_flows)
-    fit_stacked(models, train_x, test_x, cfg.train, seeds=seeds, rng_states=rng_states,
-                checkpoints=[j.files.checkpoint for j in joined],
-                extra_states=[experiment.checkpoint_key(j.member.cfg) for j in joined],
-                on_epoch=[_curves_writer(j.files) for j in joined], should_stop=stopping.requested, val_x=val_x,
-                bests=[j.files.best for j in joined])
+    outcomes = fit_stacked(models, train_x, test_x, cfg.train, seeds=seeds, rng_states=rng_states,
+                           checkpoints=[j.files.checkpoint for j in joined],
+                           extra_states=[experiment.checkpoint_key(j.member.cfg) for j in joined],
+                           on_epoch=[_curves_writer(j.files) for j in joined], should_stop=stopping.requested,
+                           val_x=val_x, bests=[j.files.best for j in joined])
+    return [(j, outcome) for j, outcome, before in zip(joined, outcomes, ended_before, strict=True) if not before]
+
+
+def _record_shares(trained: list[tuple[_Joined, object]], seconds: float) -> None:
+    """Each seed the group trained gets its share of the group's ``seconds``, by the epochs it trained here
+    (equal shares when none did), written for its job when its training ended (an interrupted seed's rerun
+    counts its own time; a stale share of an earlier group is removed)."""
+    epochs = [max(int(outcome.epochs_run), 0) for _, outcome in trained]
+    total = sum(epochs)
+    for (j, outcome), epochs_here in zip(trained, epochs, strict=True):
+        share = seconds * (epochs_here / total if total else 1 / len(trained))
+        if outcome.status == "interrupted":
+            j.files.group_training.unlink(missing_ok=True)
+            continue
+        with replaced(j.files.group_training) as tmp:
+            tmp.write_text(json.dumps({"seconds": round(share, 3), "group_seconds": round(seconds, 3),
+                                       "seeds": len(trained)}))
 
 
 def _curves_writer(files: RunFiles):

@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from filelock import FileLock, Timeout
 from omegaconf import DictConfig
 
 from flowvae import __version__, stopping
 from flowvae.config import ConfigError, validate
 from flowvae.data import Events, load_events
-from flowvae.files import RunFiles, replaced, resolve_path
+from flowvae.files import Lock, LockTimeout, RunFiles, replaced, resolve_path
 from flowvae.identity import run_hash, run_settings, train_hash
 from flowvae.results import ResultsError, RunIndex, append_row, check_writable, ok_row, write_row_file
 from flowvae.tracking import Tracker, open_tracker
@@ -76,12 +75,16 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1
     stopping.install()
     files = RunFiles(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = Lock(files.lock)  # its file goes when the run ends
     try:
-        with FileLock(files.lock, timeout=0):
-            code = _recorded(files, lambda: _run(cfg, files, launch_dir, parallel_jobs, sweep_dir))
-    except Timeout:
+        lock.acquire(timeout=0)
+    except LockTimeout:
         log.error("the run directory %s is in use by another run; give this one its own hydra.run.dir", run_dir)
         return EXIT_CONFIG
+    try:
+        code = _recorded(files, lambda: _run(cfg, files, launch_dir, parallel_jobs, sweep_dir))
+    finally:
+        lock.release()
     if sweep_dir is None and _did_no_work(files):
         files.discard()
     if code == EXIT_INTERRUPTED:
@@ -203,10 +206,10 @@ def interrupted_run(cfg: DictConfig, index: RunIndex, identity: str, files: RunF
 def _resume_in(other: RunFiles, checked: _Checked, files: RunFiles) -> int | None:
     """Go on with the interrupted run in ``other``'s directory; its status is copied to ``files`` (a sweep's job
     directory tells the sweep). None when another process holds that directory (the caller starts anew)."""
-    lock = FileLock(other.lock, timeout=0)
+    lock = Lock(other.lock)
     try:
-        lock.acquire()
-    except Timeout:
+        lock.acquire(timeout=0)
+    except LockTimeout:
         log.info("the interrupted run of this config in %s is in use by another process: starting anew in %s",
                  other.root, files.root)
         return None
@@ -254,11 +257,13 @@ def _train(checked: _Checked, files: RunFiles, tracker: Tracker) -> int:
         message = f"stopped by {stopping.received()} {message}; {RESUME}"
         tracker.finish(status, None, message)
         return _finish(files, status, message)
-    row = result_row(cfg, events, values, status, message, checked.started, files.root, checked.identity)
+    row = result_row(cfg, events, values, status, message, checked.started, files.root, checked.identity,
+                     shared_seconds=_group_share(files))
     stopping.check("before its row was written (training is saved: the rerun only scores)")
     try:
         append_row(checked.results_csv, row)  # the run is done once its row is in the table
         checked.index.finished(checked.identity)
+        files.group_training.unlink(missing_ok=True)  # counted in the row
     except ResultsError as err:
         status, message = "failed", str(err)
         row.update(status=status, error=message)
@@ -272,17 +277,18 @@ def _train(checked: _Checked, files: RunFiles, tracker: Tracker) -> int:
 
 
 def result_row(cfg: DictConfig, events, values: dict, status: str, message: str, started: float, run_dir: Path,
-               identity: str) -> dict:
+               identity: str, shared_seconds: float = 0.0) -> dict:
     """A results row: the cell, the metric columns (blank where a failed run has none), the status, every setting
     column (:func:`flowvae.identity.run_settings`) and the bookkeeping. Every row of one kind of data has the same
-    columns, whatever its outcome."""
+    columns, whatever its outcome. ``wall_seconds`` is the time since ``started`` plus ``shared_seconds``, the
+    run's share of work done for it elsewhere (a stacked group's training, :func:`_group_share`)."""
     from flowvae.experiment import event_metric_columns
 
     columns = event_metric_columns(events, cfg.eval.protocol)
     settings = run_settings(cfg)
     cell = {key: settings.pop(key) for key in ("flow", "n_flows", "seed")}
     return {**cell, **{key: values.get(key, "") for key in columns}, "status": status, "error": message,
-            **settings, "wall_seconds": round(time.time() - started, 3),
+            **settings, "wall_seconds": round(time.time() - started + shared_seconds, 3),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_dir": str(run_dir),
             "config_hash": identity, "train_hash": train_hash(cfg), "flowvae_version": __version__,
             "host": platform.node()}
@@ -316,6 +322,16 @@ def _log_also_in(folder: Path, hydra_folder: Path) -> Iterator[None]:
         for handler in added:
             root.removeHandler(handler)
             handler.close()
+
+
+def _group_share(files: RunFiles) -> float:
+    """The seconds of a stacked group's training that were this run's (:func:`flowvae.group.train_group` wrote
+    them when it ended the run's training); 0 for a run that trained alone."""
+    try:
+        seconds = float(json.loads(files.group_training.read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+    return seconds if math.isfinite(seconds) and seconds > 0 else 0.0
 
 
 def _did_no_work(files: RunFiles) -> bool:

@@ -2,7 +2,8 @@
 
 Many runs (parallel jobs, cluster array tasks, cron reruns) append to one CSV. Each row is formatted in memory
 and written with a single ``write`` of whole lines while holding ``<results>.lock``, so rows never interleave,
-the header is written once, and a killed writer leaves at most nothing behind. When a row brings a column the
+the header is written once, and a killed writer leaves at most nothing behind. The lock file is there only
+while an append holds it (:class:`flowvae.files.Lock`). When a row brings a column the
 header lacks (another flow family's option, a key a newer flowvae added), the file is rewritten whole, under the
 same lock and by an atomic rename, with the wider header and blanks in the old rows.
 
@@ -24,9 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
-from flowvae.files import replaced
+from flowvae.files import Lock, LockTimeout, locked, replaced
 
 __all__ = ["append_row", "read_rows", "ok_row", "has_ok_row", "write_row_file", "check_writable", "ResultsError",
            "RunIndex", "LOCK_TIMEOUT", "REQUIRED_COLUMNS"]
@@ -66,8 +65,8 @@ def _existing_header(path: Path) -> list[str] | None:
     return next(csv.reader([first.decode("utf-8").rstrip("\r\n")]), [])
 
 
-def _lock(path: Path, timeout: float) -> FileLock:
-    return FileLock(str(path) + ".lock", timeout=timeout)
+def _lock_path(path: Path) -> Path:
+    return Path(str(path) + ".lock")
 
 
 def check_writable(path: str | os.PathLike, timeout: float = LOCK_TIMEOUT) -> None:
@@ -88,13 +87,13 @@ def check_writable(path: str | os.PathLike, timeout: float = LOCK_TIMEOUT) -> No
         folder = folder.parent
     if not folder.is_dir():
         raise ResultsError(f"cannot make the folder of {path}: {folder} is a file")
-    lock_path = Path(str(path) + ".lock")
+    lock_path = _lock_path(path)
     _probe_lock(folder, lock_path)
-    if lock_path.exists():
+    if lock_path.exists():  # an append now, or one that holds the lock for good
         try:
-            with _lock(path, timeout):
+            with locked(lock_path, timeout):
                 pass
-        except Timeout:
+        except LockTimeout:
             raise ResultsError(f"could not take the lock {lock_path} within {timeout:.0f} s: another process holds "
                                f"it; use another results_csv") from None
 
@@ -125,9 +124,9 @@ def _probe_lock(folder: Path, lock_path: Path) -> None:
         raise ResultsError(f"cannot create the lock file {lock_path}: {err.strerror or err}") from None
     os.close(fd)
     try:
-        with FileLock(probe, timeout=PROBE_TIMEOUT):
+        with locked(probe, PROBE_TIMEOUT):  # removes the probe when it works
             pass
-    except (Timeout, OSError, NotImplementedError):
+    except (LockTimeout, OSError, NotImplementedError):
         raise ResultsError(f"cannot lock files in {folder}: this file system does not support locks; use a "
                            f"results_csv on a local disk") from None
     finally:
@@ -143,13 +142,13 @@ def append_row(path: str | os.PathLike, row: dict, timeout: float = LOCK_TIMEOUT
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with _lock(path, timeout):
+        with locked(_lock_path(path), timeout):
             header = _existing_header(path)
             if header is not None and any(key not in header for key in row):
                 _widen(path, header, row)
             else:
                 _append(path, _format(header or list(row), [row], header=header is None))
-    except Timeout:
+    except LockTimeout:
         raise ResultsError(f"could not take the lock {path}.lock within {timeout:.0f} s to append the row; "
                            f"the row is in the run's result.csv") from None
 
@@ -212,6 +211,8 @@ class RunIndex:
     the table. ``<hash>.lock`` is held while a run of that config works, so two runs of one
     config never work at once (a sweep's n_flows = 0 jobs of every flow family are one config): the second waits,
     then finds the first's row (skipped, with ``skip_existing``) or its directory (resumed), never a half-done one.
+    The lock file is there only while it is held, and the folder only while it holds a lock or an entry: once
+    every run of the table has its row, nothing is left of it.
     """
 
     def __init__(self, results_csv: str | os.PathLike):
@@ -225,21 +226,14 @@ class RunIndex:
               ) -> Iterator[bool]:
         """Hold the lock of runs of ``config_hash`` for the block; yields whether it had to wait for another run.
         While waiting, ``check()`` is called every ``poll`` seconds (it raises to stop waiting)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.folder / f"{config_hash}.lock")
+        lock = Lock(self.folder / f"{config_hash}.lock", remove_folder=True)
         waited = False
         try:
             lock.acquire(timeout=0)
-        except Timeout:
+        except LockTimeout:
             waited = True
             log.info("waiting: another run of this config (%s) works now; this one goes on when it ends", config_hash)
-            while True:
-                check()
-                try:
-                    lock.acquire(timeout=poll)
-                    break
-                except Timeout:
-                    continue
+            lock.acquire(poll=poll, check=check)
         try:
             yield waited
         finally:

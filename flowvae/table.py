@@ -18,7 +18,7 @@ from flowvae.report import pyplot
 from flowvae.results import REQUIRED_COLUMNS
 
 __all__ = ["TableError", "load_results", "check_one_setting", "seed_table", "format_table", "plot_table",
-           "table_figure", "noise_floor", "upgrade_results", "main"]
+           "table_figure", "noise_floor", "floor_meaning", "upgrade_results", "main"]
 
 # The 0.2 format's setting columns, replaced by the dotted ones of flowvae.identity (read only by --upgrade).
 _OLD_SETTING_COLUMNS = ["data", "data_mu", "data_sigma", "data_offset_sigma", "data_scale_sigma", "data_seed",
@@ -139,6 +139,27 @@ def noise_floor(table, metric: str) -> float | None:
         return None
     values = pd.to_numeric(table[column], errors="coerce").dropna()
     return float(values.mean()) if len(values) else None
+
+
+# The per-feature metrics whose floors the rows carry: always between two halves of the held-out events.
+_FEATURE_FLOORS = ("kl_sum", "w1_sum", "js_sum")
+_HALVES = "the metric between two halves of the held-out events"
+
+
+def floor_meaning(table, metric: str) -> str:
+    """What the noise floor of ``metric`` in these rows is: the per-feature metrics' floors and the jet-level ones
+    under ``eval.protocol=scaled`` are the metric between two halves of the held-out events; the jet-level ones
+    under a protocol with a truth row (``jetnet``) are the metric between the held-out and the training jets."""
+    from flowvae.metrics.protocol import PROTOCOLS
+
+    if metric in _FEATURE_FLOORS:
+        return _HALVES
+    protocols = set(table["eval.protocol"]) - {""} if "eval.protocol" in table.columns else set()
+    name = protocols.pop() if len(protocols) == 1 else "scaled"  # check_one_setting leaves one; blank: before
+    protocol = PROTOCOLS.get(name)
+    if protocol is not None and protocol.floor == "truth":
+        return f"the metric between the held-out and the training jets: eval.protocol={name}'s truth row"
+    return _HALVES
 
 
 def _cell(stats) -> str:
@@ -324,8 +345,7 @@ def main(args: list[str]) -> int:
           + (f", {not_ok} failed or unfinished rows left out" if not_ok else ""))
     floor = noise_floor(table, options.metric)
     if floor is not None:
-        print(f"noise floor of {options.metric} (the metric between two halves of the held-out events): "
-              f"{floor:.4g}")
+        print(f"noise floor of {options.metric} ({floor_meaning(table, options.metric)}): {floor:.4g}")
     print(formatted.to_string())
     written = [out / f"{stem}.csv", out / f"{stem}.md"]
     if not options.no_plot:

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,16 @@ def stop_after_step(monkeypatch, at_step: int):
 
     monkeypatch.setattr(train_module, "_make_step", patched)
     return lambda: calls["n"] >= at_step
+
+
+def wait_until(condition, what: str, timeout: float = 300, process=None, poll: float = 0.05) -> None:
+    """Poll ``condition()`` until it is true; fail naming ``what`` when ``process`` (a Popen) ends first, or when
+    ``timeout`` seconds pass. A condition, not a fixed sleep: a busy machine only waits longer (the timeout is far
+    beyond any real wait), a fast one goes on at once."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"the process ended (exit code {process.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {timeout:.0f} s")
+        time.sleep(poll)

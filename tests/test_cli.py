@@ -69,6 +69,7 @@ def test_train_writes_row_outputs_and_is_deterministic(tmp_path, tiny):
         assert (run_dir / name).exists(), name
     curves = pd.read_csv(run_dir / "training_curves.csv")
     assert list(curves["epoch"]) == [1, 2]
+    assert [p for p in tmp_path.rglob("*") if p.suffix in (".lock", ".runs")] == []  # finished: no locks left
     assert pd.read_csv(run_dir / "result.csv").iloc[0]["kl_sum"] == row["kl_sum"]
 
 
@@ -170,7 +171,7 @@ def _bash_tab(lines: list[str], cwd: Path) -> tuple[list[list[str]], str]:
     script += ["complete -p flowvae", "complete -p train 2>/dev/null || echo 'train: none'"]
     env = {**os.environ, "PATH": os.path.dirname(command[0]) + os.pathsep + os.environ["PATH"]}
     out = subprocess.run(["bash", "-c", "\n".join(script)], cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=600)  # a flowvae start per line: minutes on a busy machine
     replies = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("REPLY")]
     assert len(replies) == len(lines), out.stdout + out.stderr
     return replies, out.stdout + out.stderr
@@ -213,7 +214,7 @@ def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path, args):
     os.close(read_end)
     try:
         out = subprocess.run([*flowvae_command(), *args], cwd=tmp_path, stdout=write_end,
-                             stderr=subprocess.PIPE, text=True, timeout=120,
+                             stderr=subprocess.PIPE, text=True, timeout=300,
                              env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     finally:
         os.close(write_end)
@@ -267,3 +268,37 @@ def test_wrong_type_is_refused_by_hydra(tmp_path, tiny):
     assert out.returncode == 2
     assert "n_flows" in out.stdout + out.stderr
     assert not (tmp_path / "results.csv").exists()
+
+
+@pytest.mark.parametrize(("overrides", "name"), [
+    ([], "_planar_K2_s1"),  # the default model: the names runs always had
+    (["model=conditional_flow"], "_conditional_flow_planar_K2_s1"),
+])
+def test_run_and_sweep_directories_name_a_model_other_than_the_default(overrides, name):
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from flowvae.config import register_configs
+
+    register_configs()
+    with initialize_config_module(config_module="flowvae.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, "flow=planar", "n_flows=2", "seed=1"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.job.num = 3
+    HydraConfig.instance().set_config(cfg)
+    run_dir = cfg.hydra.run.dir
+    assert run_dir.endswith(name) and "__" not in run_dir.rsplit("/", 1)[-1]
+    assert cfg.hydra.sweep.subdir == "3" + name
+
+
+@pytest.mark.parametrize("args", [["flow=nope"], ["-m", "flow=planar,nope", "n_flows=1"], ["data=jetnett"]])
+def test_an_option_a_config_group_does_not_have_is_one_line_naming_the_options(tmp_path, args):
+    out = run_flowvae(["train", *args, f"results_csv={tmp_path / 'results.csv'}"], cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stdout == ""
+    group, value = ("data", "jetnett") if "data=jetnett" in args else ("flow", "nope")
+    options = ("gaussian, jetnet, jets, npy" if group == "data"
+               else "householder, iaf, none, orthogonal, planar, triangular")
+    assert out.stderr.splitlines() == [f"flowvae train: {group}={value} is not allowed: one of {options}"]
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "results.csv").exists()

@@ -91,3 +91,16 @@ def test_per_feature_accepts_a_number_or_one_per_feature():
         per_feature([1, 2], 3, "data.mu")
     with pytest.raises(ConfigError, match="data.mu"):
         per_feature("abc", 3, "data.mu")
+
+
+@pytest.mark.parametrize(("overrides", "shape"), [
+    (["data=jetnet"], "a .npz file whose array particle_features is (N, particles, features)"),
+    (["data=npy"], "a .npy or .npz array (N, features, particles)"),
+    (["data=npy", "data.layout=particles_first"], "a .npy or .npz array (N, particles, features)"),
+])
+def test_a_missing_data_path_names_the_shape_data_layout_reads(overrides, shape):
+    """JetNet's files are (N, particles, features), and data=jetnet reads them so: the message says the shape of
+    the file as data.layout reads it, not the events' shape inside flowvae."""
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(*overrides))
+    assert info.value.key == "data.path" and str(info.value).endswith(f"the path of {shape}")

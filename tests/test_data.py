@@ -258,3 +258,13 @@ def test_jets_and_npy_groups_compose_with_their_defaults():
     validate(npy)
     assert npy.data.test_fraction == 0.2 and npy.data.min_events == 10 and list(npy.data.feature_names) == [
         "pt", "eta", "phi"]
+
+
+def test_an_array_of_the_wrong_rank_is_told_the_shape_its_layout_reads(tmp_path):
+    np.save(tmp_path / "flat.npy", np.zeros((10, 8), dtype=np.float32))
+    with pytest.raises(ConfigError, match=r"shape \(events, features, particles\); .*x.reshape\(len\(x\), features, "
+                                          r"particles\)"):
+        read_array("flat.npy", launch_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"shape \(events, particles, features\); .*x.reshape\(len\(x\), particles, "
+                                          r"features\)"):
+        read_array("flat.npy", launch_dir=tmp_path, layout="particles_first")

@@ -48,7 +48,7 @@ def test_make_particles_gives_skewed_jet_like_features():
 @pytest.mark.slow
 def test_npy_example_runs_end_to_end_with_the_printed_command(tmp_path):
     made = subprocess.run([sys.executable, str(SCRIPT), "--out", "particles.npy", "--events", "300", "--particles",
-                           "10", "--seed", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                           "10", "--seed", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr
     command = next(line for line in made.stdout.splitlines() if "flowvae train" in line)
     overrides = shlex.split(command)[2:]

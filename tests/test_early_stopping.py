@@ -258,7 +258,11 @@ def test_the_defaults_train_the_numbers_of_before():
     absent = _model()
     outcome = fit(absent, train_x, test_x, OmegaConf.create(old_keys), seed=0)
     losses = [(row["train_loss"], row["test_loss"]) for row in outcome.history]
-    np.testing.assert_allclose(losses, BEFORE, rtol=1e-6)  # bit-equal on the machine that recorded them
+    # BEFORE was recorded on another machine: float32 training whose matrix products round differently with the
+    # CPU and the torch build (measured: 3.4e-8 relative on a second machine). rtol=1e-5 is 300 times that and
+    # still catches a change in what the defaults train: train.lr 1% off moves these by 9e-5, no warm-up by 4e-3,
+    # batch size 25 by 9e-3. Bit for bit on one machine: the state dicts below.
+    np.testing.assert_allclose(losses, BEFORE, rtol=1e-5)
     assert outcome.best_epoch is None and outcome.epochs_trained == 3
     assert list(outcome.history[0]) == ["epoch", "beta", "train_loss", "train_recon", "train_kl", "test_loss",
                                         "test_recon", "test_kl", "seconds"]  # the curves' columns of before

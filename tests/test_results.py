@@ -23,7 +23,7 @@ def test_concurrent_appends_keep_every_row_whole(tmp_path):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(60)
+        p.join(300)  # 8 spawned interpreters on a busy machine: a timeout for a hang only
         assert p.exitcode == 0
     with path.open(newline="") as f:
         lines = list(csv.reader(f))
@@ -31,6 +31,7 @@ def test_concurrent_appends_keep_every_row_whole(tmp_path):
     rows = lines[1:]
     assert len(rows) == 160 and all(len(r) == 5 and r[3] == "x" * 500 for r in rows)
     assert sorted((int(r[0]), int(r[1])) for r in rows) == [(w, i) for w in range(8) for i in range(20)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]  # no lock file left beside it
 
 
 def test_a_row_with_new_columns_widens_the_table_and_keeps_every_value(tmp_path):
@@ -75,7 +76,7 @@ def test_a_held_lock_times_out_with_a_message_instead_of_hanging(tmp_path):
     with FileLock(str(path) + ".lock"):  # held by this process; another process must give up
         proc = ctx.Process(target=_append_with_timeout, args=(str(path),))
         proc.start()
-        proc.join(30)
+        proc.join(300)
     assert proc.exitcode == 7
     assert not path.exists()
 
@@ -103,7 +104,7 @@ def test_check_writable_creates_nothing(tmp_path):
     """A run refused later (a bad data path) must not leave a folder or a lock file behind the check."""
     check_writable(tmp_path / "new" / "deeper" / "results.csv")
     append_row(tmp_path / "table.csv", {"flow": "planar", "n_flows": 1, "status": "ok", "config_hash": "abc"})
-    (tmp_path / "table.csv.lock").unlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]  # the append's lock went with it
     check_writable(tmp_path / "table.csv")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
 
@@ -133,11 +134,11 @@ def test_a_second_claim_of_one_config_waits_for_the_first(tmp_path):
     def first():
         with index.claim("abc"):
             held.set()
-            release.wait(10)
+            release.wait(300)  # released by the second claim's checks; the timeout only ends a hung test
 
     thread = threading.Thread(target=first)
     thread.start()
-    assert held.wait(10)
+    assert held.wait(300)
     with index.claim("other") as waited:
         assert not waited
     checks = []
@@ -149,7 +150,7 @@ def test_a_second_claim_of_one_config_waits_for_the_first(tmp_path):
 
     with index.claim("abc", check, poll=0.1) as waited:
         assert waited and release.is_set() and len(checks) >= 2  # it went on only once the first let go
-    thread.join(10)
+    thread.join(300)
     with pytest.raises(KeyboardInterrupt), index.claim("abc"):  # a claim is released when its block raises
         raise KeyboardInterrupt
     with index.claim("abc") as waited:
@@ -169,3 +170,21 @@ def test_the_index_names_an_unfinished_run_until_its_row_is_in(tmp_path):
     index.started("abc", run_dir)
     run_dir.rmdir()  # a directory the user removed is no run to resume
     assert index.unfinished("abc") is None
+
+
+def test_the_index_leaves_nothing_once_every_run_of_it_has_its_row(tmp_path):
+    """A claim's lock file goes when the claim ends, the folder with its last file; an unfinished run's entry
+    stays (a rerun resumes from it) until its row is in."""
+    index = RunIndex(tmp_path / "results.csv")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with index.claim("abc"):
+        assert (tmp_path / "results.csv.runs" / "abc.lock").exists()
+        index.started("abc", run_dir)
+    assert sorted(p.name for p in (tmp_path / "results.csv.runs").iterdir()) == ["abc.json"]  # interrupted
+    with index.claim("abc"), index.claim("other"):
+        index.finished("abc")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    with index.claim("abc"):  # the folder is made again
+        assert index.unfinished("abc") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

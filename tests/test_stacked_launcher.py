@@ -5,16 +5,16 @@ during the group's training leaves every seed resumable."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from flowvae.group import group_key
-from tests.conftest import compose_config, flowvae_command, run_flowvae
+from tests.conftest import compose_config, flowvae_command, run_flowvae, wait_until
 
 # The columns a stacked seed's row must share with its basic-launcher row exactly.
 SAME = ["flow", "n_flows", "seed", "status", "config_hash", "train_hash", "epochs_run", "resumed_from",
@@ -61,6 +61,7 @@ def test_a_stacked_sweep_writes_the_rows_the_basic_launcher_writes(tmp_path, tin
         names = {path.name for path in run_dir.iterdir()}
         assert {"checkpoint.pt", "best.pt", "training_curves.csv", "result.csv", "status.json"} <= names
         assert list(pd.read_csv(run_dir / "training_curves.csv")["epoch"]) == [1, 2, 3]
+    assert [p for p in tmp_path.rglob("*") if p.suffix in (".lock", ".runs")] == []  # no lock outlives the sweeps
 
 
 def test_a_seed_with_a_row_is_skipped_and_the_others_train_together(tmp_path, tiny):
@@ -83,15 +84,18 @@ def test_sigterm_during_the_groups_training_leaves_every_seed_to_resume(tmp_path
     args = ["train", "-m", *tiny, "hydra/launcher=stacked", f"results_csv={tmp_path / 'results.csv'}", *overrides]
     process = subprocess.Popen([*flowvae_command(), *args], cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    curves = []
-    while time.time() < deadline and process.poll() is None:
+
+    def two_epochs_each():  # the curves' header and two rows; a line count, so a poll takes no time
         curves = list(tmp_path.glob("outputs/multirun/*/*/training_curves.csv"))
-        if len(curves) == 2 and all(len(pd.read_csv(c)) >= 2 for c in curves):
-            break
-        time.sleep(0.2)
+        return len(curves) == 2 and all(len(c.read_text().splitlines()) >= 3 for c in curves)
+
+    try:
+        wait_until(two_epochs_each, "second epoch of both seeds", process=process)
+    except BaseException:
+        process.kill()
+        raise
     process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=120)
+    out, _ = process.communicate(timeout=300)
     assert process.returncode == 3, out
     statuses = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/multirun/*/*/status.json")]
     assert [s["status"] for s in statuses] == ["interrupted", "interrupted"], out
@@ -136,13 +140,64 @@ def test_sigterm_to_a_stacked_sweep_on_two_workers_interrupts_every_job(tmp_path
             f"hydra.sweep.dir={tmp_path / 'sweep'}", f"results_csv={tmp_path / 'results.csv'}", "flow=planar",
             "n_flows=1,2,3", "seed=0,1", "train.epochs=200", "data.n_train=2000"]
     process = subprocess.Popen([*flowvae_command(), *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(tmp_path.glob("sweep/*/training_curves.csv"))) < 4:
-        time.sleep(0.2)
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_until(lambda: len(list(tmp_path.glob("sweep/*/training_curves.csv"))) >= 4, "curves of four seeds",
+                   process=process, poll=0.1)
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
     process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=180)
+    out, _ = process.communicate(timeout=300)
     assert process.returncode == 3, out
     statuses = [json.loads(p.read_text())["status"] for p in tmp_path.glob("sweep/*/status.json")]
     assert statuses == ["interrupted"] * 6, out
     assert not (tmp_path / "results.csv").exists()
+
+
+def test_a_stacked_seeds_wall_seconds_holds_its_share_of_the_groups_training(tmp_path, tiny, monkeypatch):
+    """The group's wall time (600 s on a stand-in clock) is divided among the three seeds it trained; each job
+    adds its 200 s to its own time in wall_seconds, and the file that carried it is gone once the row is in."""
+    from flowvae import group, job, stopping
+    from flowvae.files import RunFiles
+    from flowvae.group import Member, train_group
+
+    ticks = iter([1000.0, 1600.0])  # the group's start, and the end of its training
+    monkeypatch.setattr(group, "_clock", lambda: next(ticks))
+    results = tmp_path / "results.csv"
+    members = [Member(compose_config(*tiny, f"seed={seed}", f"results_csv={results}"), tmp_path / f"s{seed}")
+               for seed in range(3)]
+    assert train_group(members, tmp_path, tmp_path) == 3
+    for member in members:
+        shared = json.loads(RunFiles(member.run_dir).group_training.read_text())
+        assert shared == {"seconds": 200.0, "group_seconds": 600.0, "seeds": 3}
+    try:
+        for member in members:
+            assert job.run(member.cfg, member.run_dir, tmp_path, sweep_dir=tmp_path) == 0
+    finally:
+        stopping.reset()
+    rows = pd.read_csv(results)
+    assert sorted(rows["seed"]) == [0, 1, 2] and (rows["epochs_run"] == 2).all()  # trained by the group
+    own = rows["wall_seconds"] - 200
+    assert ((0 < own) & (own < 300)).all(), rows["wall_seconds"]  # its own part: generating, scoring, writing
+    assert not any(RunFiles(member.run_dir).group_training.exists() for member in members)
+
+
+def test_the_groups_time_is_shared_by_the_epochs_each_seed_trained(tmp_path):
+    """A seed that stopped early trained fewer epochs of the stack and gets that much less of its time; a seed
+    the stop request interrupted gets none written (its rerun counts its own), and a stale share goes."""
+    from types import SimpleNamespace
+
+    from flowvae.files import RunFiles
+    from flowvae.group import _record_shares
+
+    def member(name, status, epochs):
+        files = RunFiles(tmp_path / name)
+        files.root.mkdir()
+        return SimpleNamespace(files=files), SimpleNamespace(status=status, epochs_run=epochs)
+
+    trained = [member("early", "ok", 1), member("whole", "ok", 3), member("stopped", "interrupted", 4)]
+    trained[2][0].files.group_training.write_text('{"seconds": 9.0}')
+    _record_shares(trained, 800.0)
+    shares = [json.loads(j.files.group_training.read_text())["seconds"] for j, _ in trained[:2]]
+    assert shares == [100.0, 300.0] and not trained[2][0].files.group_training.exists()

@@ -46,7 +46,7 @@ def test_sigterm_is_passed_on_to_child_processes():
     try:
         time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGTERM)
-        assert child.wait(10) == -signal.SIGTERM
+        assert child.wait(120) == -signal.SIGTERM
     finally:
         child.kill()
 

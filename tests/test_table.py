@@ -61,6 +61,23 @@ def test_table_mean_std_over_seeds_and_zero_flows_in_every_column(tmp_path):
     assert "noise floor of kl_sum (the metric between two halves of the held-out events): 0.002" in out.stdout
 
 
+@pytest.mark.parametrize(("protocol", "jet_floor"), [
+    ("scaled", "the metric between two halves of the held-out events"),
+    ("jetnet", "the metric between the held-out and the training jets: eval.protocol=jetnet's truth row"),
+])
+def test_the_noise_floor_says_what_it_is_under_each_protocol(tmp_path, table, protocol, jet_floor):
+    """A jet-level floor is two halves of the held-out events under scaled, held-out against training jets under
+    jetnet (its truth row); kl_sum's is two halves under both."""
+    floors = {"noise_floor": 0.002, "w1m": 0.01, "w1m_floor": 0.003}
+    path = _write(tmp_path, [{**_row(0.1, "flow=planar", "n_flows=1", f"seed={seed}", "data=jetnet",
+                                     f"eval.protocol={protocol}"), **floors} for seed in (0, 1)])
+    out = table(path, "--metric", "w1m")
+    assert out.returncode == 0, out.stderr
+    assert f"noise floor of w1m ({jet_floor}): 0.003" in out.stdout
+    out = table(path)
+    assert "noise floor of kl_sum (the metric between two halves of the held-out events): 0.002" in out.stdout
+
+
 @pytest.mark.parametrize("other", ["train.grad_clip=1.0", "train.warmup_epochs=2", "model.hidden=[64]",
                                    "eval.bins=50", "eval.eps=1e-8", "eval.n_samples=500", "data.n_test=500",
                                    "model.sigma_x=0.3"])

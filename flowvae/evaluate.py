@@ -12,6 +12,9 @@ Only ``eval.*``, ``results_csv``, ``skip_existing`` and the tracker (``logger=ml
 anything else would change what was trained. A run trained with ``logger=mlflow`` has its evaluations tracked too,
 each an MLflow run of its own tagged with the trained run's (``evaluates``).
 Many runs at once: ``flowvae evaluate outputs/multirun/<sweep>/*/ eval.source=posterior``.
+
+Generating and scoring say what they do on stderr as a run does (the run's ``train.progress``: a bar on a
+terminal, else a log line at least every 10 s; :mod:`flowvae.progress`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from flowvae import progress
 from flowvae.config import ConfigError
 from flowvae.tracking import Tracker, open_tracker
 
@@ -121,11 +125,11 @@ def _score(cfg, run, results_csv: Path, identity: str, tracker: Tracker) -> tupl
 
     started = time.time()
     experiment.configure_torch(choose_threads(cfg.train.threads, 1))
-    generated, gen_mask = experiment.generate_events(run.model, cfg.eval, run.test_input(cfg.eval.source),
-                                                     cfg.seed, run.events.test.shape[1:])
-    generated = experiment.data_units(run.feature_map, generated, gen_mask, run.events.kinematics)
-    stopping.check("while generating")
-    values = experiment.score_events(cfg, run.events, generated, gen_mask)
+    with progress.settings(mode=cfg.train.progress):  # as the run reported its own generation and scoring
+        generated, gen_mask = experiment.generate_for_scoring(run.model, cfg.eval, run.test_input(cfg.eval.source),
+                                                              cfg.seed, run.feature_map, run.events)
+        stopping.check("while generating")
+        values = experiment.score_events(cfg, run.events, generated, gen_mask)
     values.update(experiment.final_losses(run.history), epochs_run=0, resumed_from=run.epoch,
                   epochs_trained=run.epoch, best_epoch=run.scored_epoch)
     row = result_row(cfg, run.events, values, "ok", "", started, run.root, identity)
@@ -154,7 +158,8 @@ def main(args: list[str]) -> int:
     worst = 0
     for run_dir in runs:
         try:
-            status, message = evaluate_run(run_dir, overrides, device)
+            with progress.console():  # each phase says what it does on stderr (flowvae.progress)
+                status, message = evaluate_run(run_dir, overrides, device)
         except (ConfigError, RebuildError, ResultsError) as err:
             print(f"flowvae evaluate: {run_dir}: {err}", file=sys.stderr)
             worst = max(worst, 2)

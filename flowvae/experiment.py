@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from flowvae import pruning, stopping
+from flowvae import progress, pruning, stopping
 from flowvae.config import ConfigError
 from flowvae.cores import choose_threads
 from flowvae.data import Events, file_array, order_particles
@@ -25,7 +25,7 @@ from flowvae.train import CheckpointMismatch, check_checkpoint, fit, split_valid
 from flowvae.transforms import FeatureMap
 
 __all__ = ["metric_columns", "event_metric_columns", "preflight", "train_and_score", "generate_blocks", "data_units",
-           "generate_events", "choose_device", "configure_torch", "model_input", "seeded_model",
+           "generate_events", "generate_for_scoring", "choose_device", "configure_torch", "model_input", "seeded_model",
            "model_tensors", "write_curves", "checkpoint_key"]
 
 log = logging.getLogger(__name__)
@@ -129,11 +129,19 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
         return outcome.status, outcome.message, values
 
     stopping.check("after training, before generating (training is saved: the rerun only scores)")
-    generated, gen_mask = generate_events(model, cfg.eval, test_x, cfg.seed, events.test.shape[1:])
-    generated = data_units(feature_map, generated, gen_mask, events.kinematics)
-    stopping.check("while generating (training is saved: the rerun only scores)")
-    values.update(score_events(cfg, events, generated, gen_mask))
-    values.update(final_losses(outcome.history))
+    with progress.settings(mode=cfg.train.progress):  # each phase from here on says what it does
+        generated, gen_mask = generate_for_scoring(model, cfg.eval, test_x, cfg.seed, feature_map, events)
+        stopping.check("while generating (training is saved: the rerun only scores)")
+        values.update(score_events(cfg, events, generated, gen_mask))
+        values.update(final_losses(outcome.history))
+        with progress.phase(f"writing {files.histograms.name} and {files.sample.name}", logger=log):
+            _write_outputs(cfg, events, generated, gen_mask, values, files)
+    return "ok", "", values
+
+
+def _write_outputs(cfg: DictConfig, events: Events, generated: np.ndarray, gen_mask: np.ndarray | None,
+                   values: dict, files: RunFiles) -> None:
+    """The run's histogram picture and its first 1000 generated events (``generated_sample.npy``)."""
     from flowvae.report import plot_histograms
 
     plot_histograms(generated, events.test, events.feature_names, values, files.histograms,
@@ -143,7 +151,6 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
                         cfg.data.get("mask_feature"), cfg.data.get("layout") or "features_first")
     with replaced(files.sample) as tmp:  # in the data's own units and layout, the mask where the file has it
         np.save(tmp, sample)
-    return "ok", "", values
 
 
 def model_tensors(cfg: DictConfig, events: Events, feature_map: FeatureMap, device: torch.device
@@ -263,11 +270,27 @@ def generate_blocks(model: FlowVAE, n: int, source: str, decode: str, test_x: to
 
 
 def generate_events(model: FlowVAE, cfg_eval: DictConfig, test_x: torch.Tensor, seed: int,
-                    event_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+                    event_shape: tuple[int, int], on_block: Callable[[int], None] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
     """``eval.n_samples`` events (N, F, P) in model space and their mask (N, P) bool or None, all at once
-    (:func:`generate_blocks` concatenated)."""
-    blocks = list(generate_blocks(model, cfg_eval.n_samples, cfg_eval.source, cfg_eval.decode, test_x, seed,
-                                  event_shape))
+    (:func:`generate_blocks` concatenated); ``on_block`` gets each block's event count once it is generated."""
+    blocks = []
+    for block in generate_blocks(model, cfg_eval.n_samples, cfg_eval.source, cfg_eval.decode, test_x, seed,
+                                 event_shape):
+        blocks.append(block)
+        if on_block is not None:
+            on_block(len(block[0]))
     values = np.concatenate([values for values, _ in blocks])
     mask = None if blocks[0][1] is None else np.concatenate([mask for _, mask in blocks])
     return values, mask
+
+
+def generate_for_scoring(model: FlowVAE, cfg_eval: DictConfig, test_x: torch.Tensor, seed: int,
+                         feature_map: FeatureMap, events: Events) -> tuple[np.ndarray, np.ndarray | None]:
+    """What a run scores: ``eval.n_samples`` events (:func:`generate_events`) in the data's units
+    (:func:`data_units`) and their mask, as a phase that says how many are done (:mod:`flowvae.progress`)."""
+    n = cfg_eval.n_samples
+    with progress.phase(f"generating {n} events ({cfg_eval.source}, {cfg_eval.decode})", n, "events",
+                        logger=log) as step:
+        generated, gen_mask = generate_events(model, cfg_eval, test_x, seed, events.test.shape[1:], step.advance)
+        return data_units(feature_map, generated, gen_mask, events.kinematics), gen_mask

@@ -14,7 +14,10 @@ Files:
 * ``.npz``: that array under the data's own array name (``data.key``, e.g. ``particle_features`` for JetNet
   files, so ``flowvae score gen.npz jets.npz --key particle_features ...`` reads both; ``events`` when the data has
   no key), and, when the data has a mask, ``mask``: the same mask once more as (N, P) booleans, True for a real
-  particle. Stored uncompressed, as ``numpy.savez`` does.
+  particle; when the run names its features (``data.feature_names``, one per feature of the file, the mask's
+  included), those names as strings, JetNet-style (``particle_feature_names`` beside ``particle_features``, else
+  ``feature_names``: :func:`flowvae.score.names_entry`), so that ``flowvae score`` names the features. Stored
+  uncompressed, as ``numpy.savez`` does.
 
 Random streams: ``--seed S`` draws what a run with ``seed=S`` draws when it generates: one ``torch.Generator``
 seeded ``S + 1`` on the device, consumed block after block of :data:`flowvae.experiment.GENERATE_BATCH` events
@@ -41,6 +44,9 @@ pages would count against the process); a ``.npz`` streams its events entry into
 mask to a temporary file beside the output, copied in at the end. The file is written under a temporary name and
 renamed when complete, so an interrupted command (SIGTERM or Ctrl-C: exit 3) leaves no half file.
 
+Progress (``--progress``, :mod:`flowvae.progress`): on stderr, a bar when it is a terminal, else a log line when
+the writing starts, at least every 10 s while it runs and when it is done.
+
 Exit codes: 0 written, 1 the write failed (e.g. the disk is full), 2 a bad argument or run directory (one line on
 stderr), 3 interrupted.
 """
@@ -48,6 +54,7 @@ stderr), 3 interrupted.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import shutil
@@ -55,14 +62,14 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
-from flowvae import stopping
+from flowvae import progress, stopping
 from flowvae.config import DECODES, DEVICES, SOURCES
 from flowvae.files import replaced, resolve_path
 from flowvae.rebuild import RebuildError, Run, data_layout, file_shape, load_held_out, load_run
@@ -76,6 +83,8 @@ NPZ_MASK = "mask"  # the (N, P) boolean mask in a .npz, when the data has one
 HELDOUT = "heldout"  # --source: the run's held-out events, not generated ones
 _COPY_BUFFER = 1 << 20
 _PROG = "flowvae generate"
+
+log = logging.getLogger("flowvae.generate")  # by name: `python -m flowvae.generate` runs it as __main__
 
 
 class GenerateError(Exception):
@@ -146,8 +155,9 @@ def _parse_args(args: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto (CUDA when available), cpu, cuda")
     parser.add_argument("--threads", type=_threads, default=0, metavar="T",
                         help="torch threads (default 0: the cores this process may use)")
-    parser.add_argument("--progress", choices=("auto", "bar", "none"), default="auto",
-                        help="auto: a progress bar when stderr is a terminal (default); bar: always; none: never")
+    parser.add_argument("--progress", choices=progress.MODES, default="auto",
+                        help="on stderr: auto: a progress bar when stderr is a terminal, else a log line at least "
+                             "every 10 s (default); bar: always a bar; log: always log lines; none: nothing")
     parser.add_argument("--allow-unfinished", action="store_true",
                         help="generate from a run whose training did not finish (its last checkpoint)")
     return parser.parse_args(args)
@@ -205,13 +215,21 @@ def _write_rows(handle: IO[bytes], array: np.ndarray) -> None:
 def write_events(path: str | os.PathLike, blocks: Iterator[tuple[np.ndarray, np.ndarray | None]],
                  shape: tuple[int, int, int], mask_shape: tuple[int, int] | None = None, *,
                  events_name: str = NPZ_EVENTS, dtype: np.dtype = np.float32,
-                 on_block: Callable[[int], None] | None = None) -> None:
-    """Stream ``blocks`` of (events, mask) to ``path`` (.npy, or .npz with ``events_name`` and, given
-    ``mask_shape``, ``mask``) through a temporary file renamed at the end. Memory: one block."""
+                 on_block: Callable[[int], None] | None = None, names: Sequence[str] | None = None) -> None:
+    """Stream ``blocks`` of (events, mask) to ``path`` (.npy, or .npz with ``events_name``, given
+    ``mask_shape`` ``mask``, and given ``names`` the features' names, one per entry of the file's feature axis,
+    at :func:`flowvae.score.names_entry`) through a temporary file renamed at the end. Memory: one block."""
+    from numpy.lib import format as npy
+
+    from flowvae.score import names_entry
+
     path = Path(path)
     npz = path.suffix.lower() == ".npz"
     if npz and mask_shape is not None and events_name == NPZ_MASK:
         events_name = NPZ_EVENTS
+    names_name = names_entry(events_name)
+    if names is not None and names_name in (events_name, NPZ_MASK if mask_shape is not None else None):
+        names = None  # nowhere to put them that the events or the mask do not take
     with replaced(path) as tmp:
         if not npz:
             with open(tmp, "wb") as out:
@@ -229,6 +247,9 @@ def write_events(path: str | os.PathLike, blocks: Iterator[tuple[np.ndarray, np.
                     with archive.open(f"{NPZ_MASK}.npy", "w", force_zip64=True) as entry:
                         _write_header(entry, mask_shape, np.dtype(bool))
                         shutil.copyfileobj(mask_spool, entry, _COPY_BUFFER)
+            if names is not None:
+                with archive.open(f"{names_name}.npy", "w") as entry:
+                    npy.write_array(entry, np.array([str(name) for name in names]), allow_pickle=False)
 
 
 def _stream(blocks, out: IO[bytes], mask_out: IO[bytes] | None, shape: tuple[int, ...], dtype,
@@ -268,14 +289,6 @@ def _check_out(out: str) -> Path:
     return path
 
 
-def _bar(total: int, mode: str):
-    if mode == "none" or (mode == "auto" and not sys.stderr.isatty()):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="generating", unit="event", unit_scale=True, dynamic_ncols=True)
-
-
 def _generate(options: argparse.Namespace) -> str:
     out = _check_out(options.out)
     if options.source == HELDOUT:
@@ -292,7 +305,8 @@ def _generate(options: argparse.Namespace) -> str:
     source = options.source or run.cfg.eval.source
     decode = options.decode or run.cfg.eval.decode
     n = options.n
-    seconds = _write(out, file_blocks(run, n, source, decode, seed), run.cfg, run.events, n, options.progress)
+    seconds = _write(out, file_blocks(run, n, source, decode, seed), run.cfg, run.events, n,
+                     f"generating {n} events ({source}, {decode}, seed {seed}) into {out.name}")
     return (f"{n} events ({_described(run.cfg, run.events, n)}; {source}, {decode}, seed {seed}, "
             f"{_weights(run)}) "
             f"written to {out} in {seconds:.1f} s")
@@ -310,32 +324,32 @@ def _write_held_out(options: argparse.Namespace, out: Path) -> str:
     if n > held_out:
         raise GenerateError(f"--n {n}: the run held out {held_out} events (--source {HELDOUT} writes them, or the "
                             f"first N of them)")
-    seconds = _write(out, held_out_blocks(cfg, events, n), cfg, events, n, options.progress)
+    seconds = _write(out, held_out_blocks(cfg, events, n), cfg, events, n,
+                     f"writing {n} held-out events into {out.name}")
     return (f"{n} of the run's {held_out} held-out events ({_described(cfg, events, n)}; the reference its row was "
             f"scored against) written to {out} in {seconds:.1f} s")
 
 
-def _write(out: Path, blocks, cfg, events, n: int, progress: str) -> float:
-    """Stream N events' ``blocks`` to ``out`` as the data's file holds them; returns the seconds it took."""
+def _write(out: Path, blocks, cfg, events, n: int, what: str) -> float:
+    """Stream N events' ``blocks`` to ``out`` as the data's file holds them, as a progress phase that says
+    ``what`` it does; returns the seconds it took."""
     key = cfg.data.get("key") if cfg.data.name == "npy" else None
     has_mask = events.test_mask is not None
-    bar = _bar(n, progress)
-
-    def advance(count: int) -> None:
-        if bar is not None:
-            bar.update(count)
-        stopping.check("while writing; no file was written")
-
+    names = cfg.data.get("feature_names")  # the file's features, the mask's included (data.npy checks the count)
     started = time.perf_counter()
     try:
-        mask_shape = (n, events.n_particles) if has_mask else None
-        write_events(out, blocks, file_shape(events, data_layout(cfg), n), mask_shape, events_name=key or NPZ_EVENTS,
-                     on_block=advance)
+        with progress.phase(what, n, "events", logger=log) as step:
+
+            def advance(count: int) -> None:
+                step.advance(count)
+                stopping.check("while writing; no file was written")
+
+            mask_shape = (n, events.n_particles) if has_mask else None
+            write_events(out, blocks, file_shape(events, data_layout(cfg), n), mask_shape,
+                         events_name=key or NPZ_EVENTS, on_block=advance,
+                         names=None if names is None else list(names))
     except OSError as err:
         raise _WriteFailed(f"writing {out} failed, nothing was written: {err}") from None
-    finally:
-        if bar is not None:
-            bar.close()
     return time.perf_counter() - started
 
 
@@ -359,7 +373,8 @@ def main(args: list[str]) -> int:
     stopping.install()
     try:
         options = _parse_args(list(args))
-        print(_generate(options))
+        with progress.console(), progress.settings(mode=options.progress):
+            print(_generate(options))
         return 0
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0

@@ -9,7 +9,12 @@ Two files are compared only when their events have the same features (named by `
 a .npz stores beside its array) and the same particle slots: the per-feature metrics pool each feature over the
 slots, so 30-slot jets against 150-slot jets would compare a truncation, not a generator. ``--jet-level-only``
 scores such files on the metrics of whole jets alone. A refusal says what differs and the likely fix (a file in
-the other layout, two files in opposite layouts, different slots).
+the other layout, two files in opposite layouts, different slots). A .npz of ``flowvae generate`` (its events
+beside a mask and feature names) needs no ``--key``.
+
+Scoring says what it does while it does it (:mod:`flowvae.progress`, ``--progress``): on stderr, each phase when
+it starts (the per-feature metrics, their floors, each jet-level metric, the floors' row) and, on a terminal,
+bars, elsewhere a line at least every 10 s; stdout holds the row alone.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import platform
 import sys
 from datetime import datetime, timezone
@@ -24,13 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
-from flowvae import __version__, metrics
+from flowvae import __version__, metrics, progress
 from flowvae.config import LAYOUTS, ConfigError
 from flowvae.data import ZIP_MAGIC, read_array, split_mask
 from flowvae.metrics import distances
 from flowvae.metrics import protocol as jet_protocol
+from flowvae.metrics.marginal import _check_finite
 
-__all__ = ["score_row", "jet_row", "row_columns", "jet_columns", "main"]
+__all__ = ["score_row", "jet_row", "row_columns", "jet_columns", "names_entry", "main"]
+
+log = logging.getLogger(__name__)
 
 
 # Events per batch of the per-feature W1's uncertainty (jetnet's w1p default).
@@ -82,19 +91,24 @@ def score_row(generated: np.ndarray, gen_mask: np.ndarray | None, reference: np.
     pool each feature over the particle slots, so both sides need the same slots; the jet-level ones compare
     whole jets, whatever their slot counts."""
     jet_options = {"seed": seed, "protocol": protocol, "truth": truth}
+    scoring = f"scoring {len(generated)} generated against {len(reference)} reference events (protocol {protocol}"
     if jet_level_only:
-        return jet_row(generated, gen_mask, reference, ref_mask, kinematics, **jet_options)
+        with progress.phase(f"{scoring}, jet-level metrics only)", logger=log):
+            return jet_row(generated, gen_mask, reference, ref_mask, kinematics, **jet_options)
     kl_options = {"bins": bins, "eps": eps}
-    values = metrics.score(generated, reference, gen_mask, ref_mask, **kl_options)
-    _, w1_err = distances.w1p(generated, gen_mask, reference, ref_mask, num_eval_samples=W1P_EVENTS, seed=seed)
-    values.update({f"w1_{i}_err": float(err) for i, err in enumerate(w1_err)})
-    # the floors of the per-feature metrics: the same metrics between two random halves of the reference
-    first, second = metrics.split_halves(len(reference), seed)
-    masks = (None, None) if ref_mask is None else (np.asarray(ref_mask, dtype=bool)[first],
-                                                   np.asarray(ref_mask, dtype=bool)[second])
-    halves = metrics.score(reference[first], reference[second], *masks, **kl_options)
-    values.update(noise_floor=halves["kl_sum"], w1_sum_floor=halves["w1_sum"], js_sum_floor=halves["js_sum"])
-    values.update(jet_row(generated, gen_mask, reference, ref_mask, kinematics, **jet_options))
+    with progress.phase(f"{scoring})", logger=log):
+        with progress.phase("per-feature KL, W1, JS and moments", logger=log):
+            values = metrics.score(generated, reference, gen_mask, ref_mask, **kl_options)
+        _, w1_err = distances.w1p(generated, gen_mask, reference, ref_mask, num_eval_samples=W1P_EVENTS, seed=seed)
+        values.update({f"w1_{i}_err": float(err) for i, err in enumerate(w1_err)})
+        # the floors of the per-feature metrics: the same metrics between two random halves of the reference
+        with progress.phase("noise floors of kl_sum, w1_sum and js_sum: two halves of the reference", logger=log):
+            first, second = metrics.split_halves(len(reference), seed)
+            masks = (None, None) if ref_mask is None else (np.asarray(ref_mask, dtype=bool)[first],
+                                                           np.asarray(ref_mask, dtype=bool)[second])
+            halves = metrics.score(reference[first], reference[second], *masks, **kl_options)
+        values.update(noise_floor=halves["kl_sum"], w1_sum_floor=halves["w1_sum"], js_sum_floor=halves["js_sum"])
+        values.update(jet_row(generated, gen_mask, reference, ref_mask, kinematics, **jet_options))
     return values
 
 
@@ -114,14 +128,20 @@ def jet_row(generated: np.ndarray, gen_mask: np.ndarray | None, reference: np.nd
     if truth is not None and _same_events(truth, (reference, ref_mask)):
         raise ValueError("the truth set is the reference itself: the truth row needs real events disjoint from "
                          "the reference (e.g. a run's training events against its held-out ones)")
-    values = jet_protocol.score_protocol(chosen, generated, gen_mask, reference, ref_mask, kinematics, seed)
-    floors = jet_protocol.protocol_floor(chosen, reference, ref_mask, kinematics, seed=seed, truth=truth)
+    with progress.phase(f"jet-level metrics ({chosen.name}): generated against the reference", logger=log):
+        values = jet_protocol.score_protocol(chosen, generated, gen_mask, reference, ref_mask, kinematics, seed)
+    against = (f"the truth set ({len(truth[0])} events) against the reference" if truth is not None
+               else "two halves of the reference")
+    with progress.phase(f"jet-level floors ({chosen.name}): {against}", logger=log):
+        floors = jet_protocol.protocol_floor(chosen, reference, ref_mask, kinematics, seed=seed, truth=truth)
     for key, value in floors.items():
         metric, suffix = (key.removesuffix("_err"), "_err") if key.endswith("_err") else (key, "")
         values[f"{metric}_floor{suffix}"] = value
     if chosen.floor_fd:
-        values["fpd_floor_fd"] = jet_protocol.fd_of_halves(reference, ref_mask, kinematics, seed=seed,
-                                                           include_mass_pt=chosen.include_mass_pt)
+        with progress.phase("FPD's floor before its extrapolation: the FD of two halves of the reference",
+                            logger=log):
+            values["fpd_floor_fd"] = jet_protocol.fd_of_halves(reference, ref_mask, kinematics, seed=seed,
+                                                               include_mass_pt=chosen.include_mass_pt)
     return values
 
 
@@ -164,6 +184,9 @@ def _parse_args(args: list[str]):
                              "--key, --layout, --mask-feature): --protocol jetnet's floors are the metrics between "
                              "it and the reference (without it, between two halves of the reference)")
     parser.add_argument("--csv", default=None, metavar="OUT", help="append the row to this results CSV (locked)")
+    parser.add_argument("--progress", choices=progress.MODES, default="auto",
+                        help="what each phase of the scoring is doing, on stderr: auto: progress bars on a terminal, "
+                             "else a log line at least every 10 s (default); bar; log; none: nothing")
     return parser.parse_args(args)
 
 
@@ -184,8 +207,34 @@ def _read(path: str, key: str | None, layout: str) -> tuple[np.ndarray, list[str
             is_npz = handle.read(4) == ZIP_MAGIC
     except OSError:
         is_npz = False  # read_array says what is wrong with the path
+    if is_npz and key is None:
+        key = _events_key(path)
     events = read_array(path, key if is_npz else None, layout=layout)
     return events, (_stored_names(path, key) if is_npz and key is not None else None)
+
+
+# Arrays a .npz may hold beside its events, so that a file of `flowvae generate` needs no --key: the mask (N, P)
+# (flowvae.generate.NPZ_MASK) and feature names (names_entry).
+_BESIDE_EVENTS = ("mask",)
+
+
+def _events_key(path: str) -> str | None:
+    """The events' name in a .npz that holds them beside a mask and feature names alone (as `flowvae generate`
+    writes), else None (one array needs no name; several leave :func:`read_array` to ask for --key)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = list(archive.files)
+    except (OSError, ValueError, EOFError):
+        return None  # read_array says what is wrong with the file
+    events = [name for name in names if name not in _BESIDE_EVENTS and not name.endswith("_names")]
+    return events[0] if len(names) > 1 and len(events) == 1 else None
+
+
+def names_entry(key: str) -> str:
+    """Where a .npz stores the feature names of its array ``key``, the first name :func:`_stored_names` looks
+    for: JetNet's ``particle_feature_names`` beside ``particle_features`` (``<key>`` ending in "features"), else
+    ``feature_names``."""
+    return f"{key.removesuffix('s')}_names" if key.endswith("features") else "feature_names"
 
 
 def _stored_names(path: str, key: str) -> list[str] | None:
@@ -309,8 +358,14 @@ def _load_truth(options, n_features: int) -> tuple[np.ndarray, np.ndarray | None
 
 
 def main(args: list[str]) -> int:
-    """``flowvae score``: print the metrics; with --csv, append them as one row."""
+    """``flowvae score``: print the metrics; with --csv, append them as one row. Each phase of the scoring says
+    what it does on stderr (--progress, :mod:`flowvae.progress`)."""
     options = _parse_args(args)
+    with progress.console(), progress.settings(mode=options.progress):
+        return _main(options)
+
+
+def _main(options) -> int:
     from flowvae.results import ResultsError, append_row, check_writable
 
     try:
@@ -325,6 +380,9 @@ def main(args: list[str]) -> int:
         if jet_protocol.PROTOCOLS[options.protocol].needs_kinematics and kinematics is None:
             raise ConfigError("--protocol", options.protocol, "needs --jet-kinematics I,J,K (JetNet: 0,1,2): its "
                                                               "metrics are of jet mass and energy-flow polynomials")
+        if not options.jet_level_only:  # what the per-feature metrics refuse, refused before any phase begins
+            _check_finite(generated, "generated")
+            _check_finite(reference, "reference")
         row = score_row(generated, gen_mask, reference, ref_mask, kinematics, bins=options.bins, seed=options.seed,
                         jet_level_only=options.jet_level_only, protocol=options.protocol, truth=truth)
     except ConfigError as err:

@@ -79,6 +79,19 @@ def test_more_posterior_events_than_held_out_ones_are_said_to_reuse_them(trained
             "held-out event i mod 200): they are draws from 200 posteriors, not 500 independent events") in caplog.text
 
 
+def test_generating_and_scoring_say_what_they_do_on_stderr(trained, evaluate):
+    """The run's train.progress (log, for TINY): a line when each phase starts, and how long the whole took."""
+    code, out, err = evaluate("run0", "eval.n_samples=300", "results_csv=progress.csv")
+    assert code == 0, err
+    said = [line.split("] ", 1)[1] for line in err.splitlines()]
+    assert said[0] == "generating 300 events (prior, sample)"
+    assert said[1].startswith("generating 300 events (prior, sample): done in ")
+    assert said[2] == "scoring 300 generated against 200 reference events (protocol scaled)"
+    assert "  per-feature KL, W1, JS and moments" in said and "    KPD: 10 batches of 100" in said
+    assert said[-1].startswith("scoring 300 generated against 200 reference events (protocol scaled): done in ")
+    assert "ok: kl_sum=" in out and "[" not in out
+
+
 @pytest.mark.parametrize("args, message", [
     (["run0", "train.lr=0.1"], "train.lr=0.1 is not allowed: only eval.*, results_csv, skip_existing and logger"),
     (["run0", "n_flows=3"], "n_flows"),

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import filecmp
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +29,7 @@ DATA = Path(__file__).parent / "data"
 GLUON30 = DATA / "gluon_30p_slice.npz"
 JETNET = ["--key", "particle_features", "--layout", "particles_first", "--mask-feature", "3", "--jet-kinematics",
           "0,1,2"]
+JET_NAMES = ["etarel", "phirel", "ptrel", "mask"]  # data=jetnet's data.feature_names, the file's features
 # The toy in other units than the model's: standardized, with very different means and spreads per feature.
 GAUSS = [*TINY, "data.mu=[50,-3,0.2]", "data.sigma=[10,0.1,1]", "data.standardize=true", "flow=planar",
          "n_flows=2"]
@@ -138,7 +141,9 @@ def test_jets_in_both_layouts_with_the_mask_at_index_3_and_ptrel_in_its_domain(r
     _ok(generate, runs["jets_pf"], "--n", n, "--out", tmp_path / "pf.npz")
     _ok(generate, runs["jets_ff"], "--n", n, "--out", tmp_path / "ff.npz")
     with np.load(tmp_path / "pf.npz") as pf, np.load(tmp_path / "ff.npz") as ff:
-        assert sorted(pf.files) == sorted(ff.files) == [NPZ_MASK, "particle_features"]  # the data's array name
+        # the data's array name, and its feature names (data.feature_names of data=jetnet) JetNet-style beside it
+        assert sorted(pf.files) == sorted(ff.files) == [NPZ_MASK, "particle_feature_names", "particle_features"]
+        assert list(pf["particle_feature_names"]) == list(ff["particle_feature_names"]) == JET_NAMES
         events, mask = pf["particle_features"], pf[NPZ_MASK]
         assert events.shape == (n, 30, 4) and events.dtype == np.float32  # JetNet's (N, P, F)
         assert ff["particle_features"].shape == (n, 4, 30)
@@ -152,6 +157,59 @@ def test_jets_in_both_layouts_with_the_mask_at_index_3_and_ptrel_in_its_domain(r
     assert mask.sum(axis=1).mean() > 1  # multiplicities drawn from the run's categorical, 0 to 30
     ptrel = events[:, :, 2][mask]  # logit-transformed: in (0, 1) by construction
     assert ptrel.min() > 0 and ptrel.max() < 1
+
+
+def test_a_training_run_logs_what_it_does_after_its_last_epoch(runs):
+    """Generating, scoring (each of its phases) and writing each say what they do in the run's log."""
+    lines = [line.split(" - ", 1)[1] for line in (runs["jets_pf"] / "train.log").read_text().splitlines()]
+    after = lines[next(i for i, line in enumerate(lines) if line.startswith("epoch 2/2")) + 1:]
+    said = [line for line in after if not line.startswith("posterior generation")]
+    expected = ["generating 300 events (posterior, sample)",
+                "scoring 300 generated against 80 reference events (protocol scaled)",
+                "  per-feature KL, W1, JS and moments",
+                "  W1 per particle feature: 5 batches of 10000 jets",
+                "  noise floors of kl_sum, w1_sum and js_sum: two halves of the reference",
+                "  jet-level metrics (scaled): generated against the reference",
+                "    W1 of jet mass and multiplicity: 5 batches of 50000 jets",
+                "    EFPs of 300 generated jets (up to 30 particles)",
+                "    EFPs of 80 reference jets (up to 30 particles)",
+                "    FPD: 10 batch sizes from 32 to 80, 20 batches each",
+                "    KPD: 10 batches of 40",
+                "  jet-level floors (scaled): two halves of the reference"]
+    started = [line for line in said if ": done in " not in line]
+    assert started[:len(expected)] == expected
+    assert "writing histograms.png and generated_sample.npy" in started
+    done = [line.split(": done in ")[0] for line in said if ": done in " in line]
+    assert done[0] == expected[0] and expected[1] in done and "writing histograms.png and generated_sample.npy" in done
+
+
+def test_an_npz_carries_the_runs_feature_names_and_score_prints_them(runs, generate, tmp_path, capsys):
+    """Two generated .npz files scored against each other name their features by the run's data.feature_names
+    (data=jetnet: etarel, phirel, ptrel, mask), with or without --key: the events are the one array beside the
+    mask and the names."""
+    for seed, name in ((0, "a.npz"), (1, "b.npz")):
+        _ok(generate, runs["jets_pf"], "--n", 300, "--seed", seed, "--out", tmp_path / name)
+    flags = ["--layout", "particles_first", "--mask-feature", "3", "--jet-kinematics", "0,1,2", "--bins", "20",
+             "--progress", "none"]
+    for key in ([], ["--key", "particle_features"]):
+        assert score_main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), *key, *flags]) == 0
+        out = capsys.readouterr().out
+        assert "300 vs 300 events, features etarel, phirel, ptrel\n" in out
+    # a run whose features have no names stores none (no "feature 0", which would clash with a file's names)
+    _ok(generate, runs["gauss"], "--n", 50, "--out", tmp_path / "toy.npz")
+    with np.load(tmp_path / "toy.npz") as toy:
+        assert toy.files == ["events"]
+
+
+def test_names_beside_events_without_an_array_name_are_feature_names(tmp_path, capsys):
+    events = np.arange(240, dtype=np.float32).reshape(40, 2, 3) % 7
+    blocks = iter([(events[:20], None), (events[20:], None)])
+    write_events(tmp_path / "x.npz", blocks, (40, 2, 3), names=["pt", "eta"])
+    with np.load(tmp_path / "x.npz") as stored:
+        assert sorted(stored.files) == ["events", "feature_names"]
+        assert np.array_equal(stored["events"], events) and list(stored["feature_names"]) == ["pt", "eta"]
+    assert score_main([str(tmp_path / "x.npz")] * 2 + ["--bins", "5", "--progress", "none"]) == 0
+    assert "features pt, eta\n" in capsys.readouterr().out
 
 
 def test_score_reads_the_files(runs, generate, tmp_path, capsys):
@@ -175,7 +233,8 @@ def test_the_held_out_events_are_the_files_own_and_score_the_run_to_its_row(runs
     assert "80 of the run's 80 held-out events (80x30x4, particles_first, the mask at feature 3" in line
     original = np.load(GLUON30)["particle_features"]
     with np.load(tmp_path / "held_out.npz") as held_out:
-        assert sorted(held_out.files) == [NPZ_MASK, "particle_features"]
+        assert sorted(held_out.files) == [NPZ_MASK, "particle_feature_names", "particle_features"]
+        assert list(held_out["particle_feature_names"]) == JET_NAMES
         events, mask = held_out["particle_features"], held_out[NPZ_MASK]
     # 20% of the file's 400 jets, each one of the file's own jets, in its units and layout, mask at index 3
     assert events.shape == (80, 30, 4) and events.dtype == np.float32 and mask.shape == (80, 30)
@@ -287,12 +346,45 @@ def test_blocks_are_written_as_they_come_never_held(tmp_path, suffix):
 # --- the command ---------------------------------------------------------------------------------------------
 
 
-def test_progress_bar_only_when_asked_or_on_a_terminal(runs, generate, tmp_path):
+def test_progress_bar_only_when_asked_or_on_a_terminal_else_log_lines(runs, generate, tmp_path):
     code, out, err = generate(runs["gauss"], "--n", 50, "--out", tmp_path / "a.npy", "--threads", "1")
-    assert code == 0 and err == ""  # stderr is not a terminal here: silent
+    # stderr is not a terminal here: log lines, no bar; stdout keeps the one summary line
+    lines = [line.split("] ", 1)[1] for line in err.splitlines()]
+    assert code == 0 and lines == ["generating 50 events (prior, sample, seed 0) into a.npy",
+                                   lines[1]] and lines[1].startswith("generating 50 events (prior, sample, seed 0) "
+                                                                     "into a.npy: done in ")
+    assert "%|" not in err and out.count("\n") == 1
     code, out, err = generate(runs["gauss"], "--n", 50, "--out", tmp_path / "b.npy", "--threads", "1",
                               "--progress", "bar")
     assert code == 0 and "generating" in err and "100%" in err
+    code, out, err = generate(runs["gauss"], "--n", 50, "--out", tmp_path / "c.npy", "--threads", "1",
+                              "--progress", "none")
+    assert code == 0 and err == ""  # asked for nothing
+    code, out, err = generate(runs["gauss"], "--source", "heldout", "--n", 50, "--out", tmp_path / "d.npy")
+    assert code == 0 and "writing 50 held-out events into d.npy" in err
+
+
+def test_a_long_generation_says_how_far_it_is_at_least_every_interval(runs, generate, tmp_path, monkeypatch):
+    """Log lines while the events are written, never only at the end: with a 0.05 s interval and blocks that
+    take 0.1 s each, the periodic lines count the blocks done."""
+    from flowvae import generate as generate_module
+    from flowvae import progress
+
+    blocks = generate_module.held_out_blocks
+
+    def slow_blocks(cfg, events, n):  # four blocks of 50 of the run's 200 held-out events, 0.1 s each
+        for block in blocks(cfg, events, n, block=50):
+            time.sleep(0.1)
+            yield block
+
+    monkeypatch.setattr(generate_module, "held_out_blocks", slow_blocks)
+    monkeypatch.setattr(progress._current, "interval", 0.05)
+    code, out, err = generate(runs["gauss"], "--source", "heldout", "--out", tmp_path / "h.npy")
+    assert code == 0, err
+    periodic = re.findall(r"writing 200 held-out events into h\.npy: (\d+)/200 events \(\d+%\), \d+ s", err)
+    assert len(periodic) >= 3 and sorted(map(int, periodic)) == list(map(int, periodic))  # counts that grow
+    assert {"50", "100", "150"} & set(periodic)  # what was done so far, said while the rest was still coming
+    assert err.splitlines()[-1].split("] ", 1)[1].startswith("writing 200 held-out events into h.npy: done in ")
 
 
 def test_the_console_command_writes_the_file_from_anywhere(runs, tmp_path):
@@ -300,10 +392,14 @@ def test_the_console_command_writes_the_file_from_anywhere(runs, tmp_path):
     out = subprocess.run([sys.executable, "-m", "flowvae.generate", str(runs["jets_ff"]), "--n", "1e3", "--out",
                           "gen.npz"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    # stderr: only the word that 1000 posterior events come from 80 held-out jets
-    assert out.stderr.splitlines() == ["posterior generation: 1000 events from 80 held-out events, each encoded about "
-                                       "12.5 times (event i from held-out event i mod 80): they are draws from 80 "
-                                       "posteriors, not 1000 independent events"]
+    # stderr (not a terminal): what it does, and the word that 1000 posterior events come from 80 held-out jets
+    lines = [line.split("] ", 1)[1] for line in out.stderr.splitlines()]
+    assert lines[:2] == ["generating 1000 events (posterior, sample, seed 0) into gen.npz",
+                         "posterior generation: 1000 events from 80 held-out events, each encoded about 12.5 times "
+                         "(event i from held-out event i mod 80): they are draws from 80 posteriors, not 1000 "
+                         "independent events"]
+    assert len(lines) == 3 and lines[2].startswith("generating 1000 events (posterior, sample, seed 0) into gen.npz: "
+                                                   "done in ")
     assert "1000 events (1000x4x30, features_first, the mask at feature 3" in out.stdout
     assert np.load(tmp_path / "gen.npz")["particle_features"].shape == (1000, 4, 30)
 

@@ -229,3 +229,33 @@ def test_feature_names_stored_in_the_npz_name_the_features_and_the_layout(tmp_pa
              particle_feature_names=other_names[:3])
     code, out, err = score(tmp_path / "three.npz", tmp_path / "three.npz", *flags)
     assert code == 0 and "features feature 0, feature 1, feature 2, feature 3\n" in out
+
+
+def test_each_phase_is_said_on_stderr_and_changes_no_number(tmp_path, score):
+    """Not a terminal: a log line per phase on stderr (--progress log, the default here), nothing with
+    --progress none; the row is the same to the last bit with a progress line every 20 ms."""
+    from flowvae import progress
+
+    raw = np.load(DATA / "gluon_30p_slice.npz")["particle_features"]  # (N, P, F), mask at 3
+    first, second = tmp_path / "a.npz", tmp_path / "b.npz"
+    np.savez(first, particle_features=raw[:100])
+    np.savez(second, particle_features=raw[100:200])
+    flags = ["--key", "particle_features", "--layout", "particles_first", "--mask-feature", "3", "--jet-kinematics",
+             "0,1,2", "--bins", "30", "--csv", tmp_path / "rows.csv"]
+    code, quiet, err = score(first, second, *flags, "--progress", "none")
+    assert code == 0 and err == ""
+    with progress.settings(interval=0.02):
+        code, out, err = score(first, second, *flags)
+    assert code == 0 and out.replace("appended to", "") == quiet.replace("appended to", "")
+    said = [line.split("] ", 1)[1].strip() for line in err.splitlines()]
+    for phase in ("scoring 100 generated against 100 reference events (protocol scaled)",
+                  "per-feature KL, W1, JS and moments", "noise floors of kl_sum, w1_sum and js_sum: two halves of "
+                  "the reference", "jet-level metrics (scaled): generated against the reference",
+                  "EFPs of 100 generated jets (up to 30 particles)", "jet-level floors (scaled): two halves of the "
+                  "reference", "FPD's floor before its extrapolation: the FD of two halves of the reference"):
+        assert phase in said, phase
+    assert any(" s" in line and "%)" in line for line in said)  # the periodic lines: how far a phase is
+    assert said[-1].startswith("scoring 100 generated against 100 reference events (protocol scaled): done in ")
+    rows = pd.read_csv(tmp_path / "rows.csv")
+    metrics = [c for c in rows.columns if c.startswith(("kl_", "w1", "js_", "gen_", "input_", "noise", "fpd", "kpd"))]
+    assert len(metrics) > 30 and rows.loc[0, metrics].equals(rows.loc[1, metrics])

@@ -4,6 +4,7 @@ and the kernel physics distance (KPD, an unbiased MMD² with a quartic polynomia
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -13,8 +14,11 @@ from scipy.stats import iqr
 
 from flowvae.metrics.jets import _check_count, _feature_pair, _jets, _normalise, jet_kinematics, multiplicity
 from flowvae.metrics.marginal import _as_float64, wasserstein_1
+from flowvae.progress import phase
 
 __all__ = ["w1_batched", "w1m", "w1_mult", "w1p", "frechet_distance", "fpd", "mmd2_unbiased", "kpd"]
+
+log = logging.getLogger(__name__)
 
 # Rows per block of a kernel matrix in the MMD: 256 × 5000 float64 is 10 MiB.
 _KERNEL_ROWS = 256
@@ -121,17 +125,20 @@ def w1p(
             raise ValueError(f"{name} has no real particle (its mask is 0 everywhere)")
     rng = np.random.default_rng(seed)
     w1s = np.empty((num_batches, gen.shape[1]))
-    for batch in range(num_batches):
-        ref_draw = rng.integers(ref.shape[0], size=num_eval_samples)
-        gen_draw = rng.integers(gen.shape[0], size=num_eval_samples)
-        # (jets, features, particles) → (features, real particles of the drawn jets)
-        ref_pool = np.moveaxis(ref[ref_draw], 1, 0)[:, ref_real[ref_draw]]
-        gen_pool = np.moveaxis(gen[gen_draw], 1, 0)[:, gen_real[gen_draw]]
-        for feature in range(gen.shape[1]):
-            if ref_pool.shape[1] == 0 or gen_pool.shape[1] == 0:  # every drawn jet empty: as jetnet, infinite
-                w1s[batch, feature] = math.inf
-            else:
-                w1s[batch, feature] = wasserstein_1(ref_pool[feature], gen_pool[feature])
+    with phase(f"W1 per particle feature: {num_batches} batches of {num_eval_samples} jets", num_batches,
+               "batches", logger=log) as step:
+        for batch in range(num_batches):
+            ref_draw = rng.integers(ref.shape[0], size=num_eval_samples)
+            gen_draw = rng.integers(gen.shape[0], size=num_eval_samples)
+            # (jets, features, particles) → (features, real particles of the drawn jets)
+            ref_pool = np.moveaxis(ref[ref_draw], 1, 0)[:, ref_real[ref_draw]]
+            gen_pool = np.moveaxis(gen[gen_draw], 1, 0)[:, gen_real[gen_draw]]
+            for feature in range(gen.shape[1]):
+                if ref_pool.shape[1] == 0 or gen_pool.shape[1] == 0:  # every drawn jet empty: as jetnet, infinite
+                    w1s[batch, feature] = math.inf
+                else:
+                    w1s[batch, feature] = wasserstein_1(ref_pool[feature], gen_pool[feature])
+            step.advance()
     return w1s.mean(axis=0), w1s.std(axis=0)
 
 
@@ -225,13 +232,17 @@ def fpd(
         )
     rng = np.random.default_rng(seed)
     means = []
-    for size in sizes:
-        values = []
-        for _ in range(num_batches):
-            mean_x, cov_x = _mean_cov(x[rng.choice(len(x), size=size, replace=replace)])
-            mean_y, cov_y = _mean_cov(y[rng.choice(len(y), size=size, replace=replace)])
-            values.append(frechet_distance(mean_x, cov_x, mean_y, cov_y))
-        means.append(np.mean(values))
+    drawn = " with replacement" if replace else ""
+    with phase(f"FPD: {num_points} batch sizes from {sizes[0]} to {sizes[-1]}, {num_batches} batches each{drawn}",
+               num_points * num_batches, "batches", logger=log) as step:
+        for size in sizes:
+            values = []
+            for _ in range(num_batches):
+                mean_x, cov_x = _mean_cov(x[rng.choice(len(x), size=size, replace=replace)])
+                mean_y, cov_y = _mean_cov(y[rng.choice(len(y), size=size, replace=replace)])
+                values.append(frechet_distance(mean_x, cov_x, mean_y, cov_y))
+                step.advance()
+            means.append(np.mean(values))
     return _nonnegative_line_intercept(1.0 / sizes, np.asarray(means))
 
 
@@ -346,9 +357,12 @@ def kpd(
         if batch_size < 2:
             raise ValueError(f"kpd without replacement needs at least 4 vectors in each set, got {len(x)} and {len(y)}")
     values = []
-    for batch in range(num_batches):
-        rng = np.random.default_rng(seed + 1000 * batch)
-        batch_x = x[rng.choice(len(x), size=batch_size, replace=replace)]
-        batch_y = y[rng.choice(len(y), size=batch_size, replace=replace)]
-        values.append(mmd2_unbiased(batch_x, batch_y, degree=degree))
+    drawn = " with replacement" if replace else ""
+    with phase(f"KPD: {num_batches} batches of {batch_size}{drawn}", num_batches, "batches", logger=log) as step:
+        for batch in range(num_batches):
+            rng = np.random.default_rng(seed + 1000 * batch)
+            batch_x = x[rng.choice(len(x), size=batch_size, replace=replace)]
+            batch_y = y[rng.choice(len(y), size=batch_size, replace=replace)]
+            values.append(mmd2_unbiased(batch_x, batch_y, degree=degree))
+            step.advance()
     return float(np.median(values)), float(iqr(values, rng=(16.275, 83.725)) / 2.0)

@@ -4,6 +4,7 @@ event feature vector that FPD and KPD compare."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -11,8 +12,11 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from flowvae.metrics.jets import _compact, _jets, _kinematics, _kinematics_of
+from flowvae.progress import phase
 
 __all__ = ["EFP_GRAPHS", "efps", "event_features"]
+
+log = logging.getLogger(__name__)
 
 _TWO_PI = 2.0 * math.pi
 
@@ -160,8 +164,10 @@ def efps(
     return _efps_of(jets, real, _kinematics(kinematics, jets.shape[1]), normed)
 
 
-def _efps_of(jets: np.ndarray, real: np.ndarray, indices: tuple[int, int, int], normed: bool) -> np.ndarray:
-    """:func:`efps` of validated, compacted jets (padded entries 0)."""
+def _efps_of(jets: np.ndarray, real: np.ndarray, indices: tuple[int, int, int], normed: bool,
+             label: str = "") -> np.ndarray:
+    """:func:`efps` of validated, compacted jets (padded entries 0), as a progress phase that names the jets
+    ``label`` ("generated": "EFPs of 1000 generated jets")."""
     eta, phi, z = (jets[:, i] for i in indices)
     if normed:
         sums = z.sum(axis=1, keepdims=True)
@@ -171,15 +177,19 @@ def _efps_of(jets: np.ndarray, real: np.ndarray, indices: tuple[int, int, int], 
     sorted_counts = counts[order]
     connected = np.zeros((jets.shape[0], 21))
     start, n_jets = 0, jets.shape[0]
-    while start < n_jets:
-        size = max(1, _EFP_BLOCK // max(int(sorted_counts[start]), 1) ** 2)
-        size = max(1, _EFP_BLOCK // max(int(sorted_counts[min(start + size, n_jets) - 1]), 1) ** 2)
-        stop = min(start + size, n_jets)
-        width = int(sorted_counts[stop - 1])
-        if width > 0:
-            block = order[start:stop]
-            connected[block] = _efp_block(eta[block, :width], phi[block, :width], z[block, :width])
-        start = stop
+    jets_named = f"{label} jets" if label else "jets"
+    with phase(f"EFPs of {n_jets} {jets_named} (up to {int(sorted_counts[-1])} particles)", n_jets, "jets",
+               logger=log) as step:
+        while start < n_jets:
+            size = max(1, _EFP_BLOCK // max(int(sorted_counts[start]), 1) ** 2)
+            size = max(1, _EFP_BLOCK // max(int(sorted_counts[min(start + size, n_jets) - 1]), 1) ** 2)
+            stop = min(start + size, n_jets)
+            width = int(sorted_counts[stop - 1])
+            if width > 0:
+                block = order[start:stop]
+                connected[block] = _efp_block(eta[block, :width], phi[block, :width], z[block, :width])
+            step.advance(stop - start)
+            start = stop
     values = np.empty((jets.shape[0], _N_EFPS))
     values[:, :21] = connected
     for column, factors in enumerate(_EFP_FACTORS, start=21):
@@ -215,10 +225,12 @@ def _features_of(
     include_mass_pt: bool,
     normed: bool,
     kinematics: dict[str, np.ndarray] | None = None,
+    label: str = "",
 ) -> np.ndarray:
-    """:func:`event_features` of validated, compacted jets; ``kinematics``, if given, saves recomputing them."""
+    """:func:`event_features` of validated, compacted jets; ``kinematics``, if given, saves recomputing them;
+    ``label`` names the jets in the EFPs' progress lines."""
     if indices is not None:
-        values = _efps_of(jets, real, indices, normed)
+        values = _efps_of(jets, real, indices, normed, label)
         if not include_mass_pt:
             return values
         jet = kinematics if kinematics is not None else _kinematics_of(jets, indices)

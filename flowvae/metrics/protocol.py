@@ -11,6 +11,7 @@ their floors. :data:`PROTOCOLS` is the one list of protocols; every column name 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,9 +23,12 @@ from flowvae.metrics.distances import _mean_cov, fpd, frechet_distance, kpd, w1_
 from flowvae.metrics.efp import _features_of
 from flowvae.metrics.jets import _compact, _jets, _kinematics, _kinematics_of, _normalise
 from flowvae.metrics.marginal import split_halves
+from flowvae.progress import phase
 
 __all__ = ["Protocol", "PROTOCOLS", "JETNET", "SCALED", "get_protocol", "score_protocol", "protocol_floor",
            "jet_score_columns", "score_jets", "jet_noise_floor", "fd_of_halves"]
+
+log = logging.getLogger(__name__)
 
 # What each metric needs besides the particles: the kinematic feature indices, or a mask.
 _NEEDS = {"w1m": "kinematics", "w1efp": "kinematics", "w1_mult": "mask"}
@@ -160,12 +164,15 @@ def score_protocol(
     ref_mask: ArrayLike | None,
     kinematics: Sequence[int] | None = None,
     seed: int = 0,
+    *,
+    sides: tuple[str, str] = ("generated", "reference"),
 ) -> dict[str, float]:
     """The jet metrics of generated vs reference events under ``protocol``, one flat row (:meth:`Protocol.columns`).
 
     The reference is the real set (jetnet's jets1): it is drawn first in every batch and normalises FPD's and
     KPD's features. A missing mask means every slot is a particle. The W1s' batches come from ``seed``; FPD and
-    KPD from the protocol's seed where it has one (jetnet: 42), else from ``seed``.
+    KPD from the protocol's seed where it has one (jetnet: 42), else from ``seed``. ``sides`` names the two sets
+    in the progress lines (:mod:`flowvae.progress`).
     """
     p = get_protocol(protocol)
     gen, gen_real = _compact(*_jets(generated, gen_mask, "generated"))
@@ -180,21 +187,31 @@ def score_protocol(
     has_mask = gen_mask is not None or ref_mask is not None
     columns = p.columns(gen.shape[1], indices is not None, has_mask)
     w1_options = {"num_eval_samples": p.num_eval_samples, "num_batches": p.num_batches, "seed": seed}
+    batches = f"{p.num_batches} batches of {p.num_eval_samples} jets"
     row: dict[str, float] = {}
     gen_jet = ref_jet = None
     if indices is not None:
         gen_jet, ref_jet = _kinematics_of(gen, indices), _kinematics_of(ref, indices)
-    if "w1m" in columns:
-        row["w1m"], row["w1m_err"] = w1_batched(ref_jet["mass"], gen_jet["mass"], **w1_options)
-    if "w1_mult" in columns:
-        row["w1_mult"], row["w1_mult_err"] = w1_batched(ref_real.sum(axis=1), gen_real.sum(axis=1), **w1_options)
+    whole = [name for metric, name in (("w1m", "jet mass"), ("w1_mult", "multiplicity")) if metric in columns]
+    if whole:
+        with phase(f"W1 of {' and '.join(whole)}: {batches}", logger=log):
+            if "w1m" in columns:
+                row["w1m"], row["w1m_err"] = w1_batched(ref_jet["mass"], gen_jet["mass"], **w1_options)
+            if "w1_mult" in columns:
+                row["w1_mult"], row["w1_mult_err"] = w1_batched(ref_real.sum(axis=1), gen_real.sum(axis=1),
+                                                                **w1_options)
     if "w1p" in columns:
         means, stds = w1p(gen, gen_real, ref, ref_real, **w1_options)
         row.update(_mean_of("w1p", means, stds))
-    gen_features = _features_of(gen, gen_real, indices, p.include_mass_pt, False, gen_jet)
-    ref_features = _features_of(ref, ref_real, indices, p.include_mass_pt, False, ref_jet)
+    gen_features = _features_of(gen, gen_real, indices, p.include_mass_pt, False, gen_jet, label=sides[0])
+    ref_features = _features_of(ref, ref_real, indices, p.include_mass_pt, False, ref_jet, label=sides[1])
     if "w1efp" in columns:  # the EFPs are the features' last 36 columns; each W1 draws the same jets
-        efp = [w1_batched(ref_features[:, k - 36], gen_features[:, k - 36], **w1_options) for k in p.w1efp_efps]
+        efps = ", ".join(map(str, p.w1efp_efps))
+        with phase(f"W1 of EFPs {efps}: {batches}", len(p.w1efp_efps), "EFPs", logger=log) as step:
+            efp = []
+            for k in p.w1efp_efps:
+                efp.append(w1_batched(ref_features[:, k - 36], gen_features[:, k - 36], **w1_options))
+                step.advance()
         row.update(_mean_of("w1efp", *np.array(efp).T))
     fixed = {"seed": seed if p.seed is None else p.seed}
     row["fpd"], row["fpd_err"] = fpd(ref_features, gen_features, **{**fixed, **p.fpd_options})
@@ -234,13 +251,15 @@ def protocol_floor(
             truthful = ", ".join(name for name, other in PROTOCOLS.items() if other.floor == "truth")
             raise ValueError(f"protocol {p.name} takes its floors from two halves of the reference and no truth set; "
                              f"a truth set is for protocol(s) {truthful}")
-        return score_protocol(p, truth[0], truth[1], reference, ref_mask, kinematics, seed)
+        return score_protocol(p, truth[0], truth[1], reference, ref_mask, kinematics, seed,
+                              sides=("truth", "reference"))
     events, real = _jets(reference, ref_mask, "reference")
     if events.shape[0] // 2 < 2:
         raise ValueError(f"a floor from halves needs at least 4 reference events, got shape {events.shape}")
     first, second = split_halves(events.shape[0], seed)
     masks = (real[first], real[second]) if ref_mask is not None else (None, None)
-    return score_protocol(p, events[first], masks[0], events[second], masks[1], kinematics, seed)
+    return score_protocol(p, events[first], masks[0], events[second], masks[1], kinematics, seed,
+                          sides=("first-half", "second-half"))
 
 
 def _with_options(protocol: str | Protocol, num_eval_samples: int | None, num_batches: int | None,
@@ -330,7 +349,7 @@ def fd_of_halves(
         raise ValueError(f"fd_of_halves needs at least 4 reference events, got shape {events.shape}")
     jets, real = _compact(events, real)
     indices = None if kinematics is None else _kinematics(kinematics, jets.shape[1])
-    features = _features_of(jets, real, indices, include_mass_pt, False)
+    features = _features_of(jets, real, indices, include_mass_pt, False, label="reference")
     first, second = split_halves(len(features), seed)
     reference_half, other_half = _normalise(features[second], features[first])
     return frechet_distance(*_mean_cov(other_half), *_mean_cov(reference_half))

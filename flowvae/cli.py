@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from flowvae import __version__, stopping
-from flowvae.config import register_configs
+from flowvae.app import register_configs
 
 __all__ = ["main", "train"]
 
@@ -54,27 +54,28 @@ register_configs()
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The commands besides `train`, each a module with main(args) -> exit code; imported only when called.
-COMMANDS = {"table": "flowvae.table", "score": "flowvae.score", "generate": "flowvae.generate",
-            "evaluate": "flowvae.evaluate"}
+COMMANDS = {"table": "flowvae.results.table", "score": "flowvae.commands.score",
+            "generate": "flowvae.commands.generate", "evaluate": "flowvae.commands.evaluate"}
 COMPLETION_FLAGS = ("-sc", "--shell-completion")
 
 # Exit codes of the jobs this process ran (a single run, or a sweep on the basic launcher); sweeps on other
-# launchers are summed up from the jobs' status files by flowvae.callbacks.SweepSummary.
+# launchers are summed up from the jobs' status files by flowvae.sweeps.callbacks.SweepSummary.
 _exit_codes: list[int] = []
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def train(cfg: DictConfig) -> int | float:
     """Hydra's task: one run of the experiment in its run directory. Returns its exit code, or, under flowvae's
-    Optuna sweeper (flowvae.sweeper), the objective (``optimize.metric`` of its row, +inf when it has none)."""
-    from flowvae.job import run
+    Optuna sweeper (flowvae.sweeps.optuna_sweeper), the objective (``optimize.metric`` of its row, +inf when it has
+    none)."""
+    from flowvae.run.job import run
 
     hc = HydraConfig.get()
     sweep_dir = Path(hc.runtime.cwd, hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
     code = run(cfg, Path(hc.runtime.output_dir), Path(hc.runtime.cwd), _parallel_jobs(hc), sweep_dir)
     _exit_codes.append(code)
     if "optuna" in str(OmegaConf.select(hc, "sweeper._target_", default="")).lower():
-        from flowvae.job import objective
+        from flowvae.run.job import objective
 
         return objective(cfg.optimize.metric)  # what the search minimizes; +inf for a failed trial
     return code
@@ -92,7 +93,7 @@ def _parallel_jobs(hc) -> int:
 
 
 def _run_train(args: list[str]) -> int:
-    from flowvae import callbacks
+    from flowvae.sweeps import callbacks
 
     stopping.install()  # from here on SIGTERM and Ctrl-C end the run (or sweep) with exit 3 and a status file
     from hydra_plugins.flowvae_plugins import register
@@ -140,7 +141,7 @@ def _unknown_option(args: list[str]) -> str | None:
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from flowvae.config import ConfigError
+    from flowvae.errors import ConfigError
 
     if any(arg.lstrip("+").startswith(("hydra.searchpath", "-cd", "--config-dir", "-cp", "--config-path"))
            for arg in args):
@@ -239,7 +240,7 @@ def _hydra_candidates(shell: str, overrides: list[str], current: str) -> list[st
 def _evaluate_candidates(shell: str, words: list[str], current: str) -> list[str]:
     """`flowvae evaluate RUN_DIR... [KEY=VALUE...] [--device D]`: its options, its devices, and the overrides
     it accepts; run directories (an empty or path-like word) are left to the shell's file completion."""
-    from flowvae.evaluate import EVALUATION_KEYS
+    from flowvae.commands.evaluate import EVALUATION_KEYS
 
     if words and words[-1] == "--device":
         return [d for d in ("auto", "cpu", "cuda") if d.startswith(current)]

@@ -9,39 +9,24 @@ Defaults live in ``conf/*.yaml``; the schema only fixes the types.
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass, field
 from typing import Any, Dict  # noqa: UP035 - OmegaConf reads typing.Dict, not dict[...]
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-__all__ = ["ConfigError", "Config", "register_configs", "with_schema_defaults", "validate", "per_feature",
-           "event_axes", "LIKELIHOODS"]
+from flowvae.data.events import LAYOUTS, event_axes, per_feature
+from flowvae.data.transforms import TRANSFORMS
+from flowvae.errors import ConfigError
+
+__all__ = ["Config", "with_schema_defaults", "validate", "LIKELIHOODS"]
 
 DATA_NAMES = ("gaussian", "npy", "jets")
 LIKELIHOODS = ("mse", "gaussian")
 DECODES = ("mean", "sample")
-LAYOUTS = ("features_first", "particles_first")
-TRANSFORMS = ("none", "log", "logit")
 SOURCES = ("prior", "posterior")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine")
 LOGGERS = ("none", "mlflow")
-
-
-class ConfigError(ValueError):
-    """A configuration value a user set is not allowed; the message names the key, the value and the rule."""
-
-    def __init__(self, key: str, value: Any, allowed: str):
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}={_show(value)} is not allowed: {allowed}")
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value)
-    return str(value)
 
 
 @dataclass
@@ -117,7 +102,8 @@ class EvalConfig:
 
 @dataclass
 class OptimizeConfig:
-    """What a search (``+search=default``, :mod:`flowvae.sweeper`) optimizes: a metric column of the run's row."""
+    """What a search (``+search=default``, :mod:`flowvae.sweeps.optuna_sweeper`) optimizes: a metric column of the
+    run's row."""
 
     metric: str = "kl_sum"
 
@@ -148,21 +134,6 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
-def register_configs() -> None:
-    """Register the top-level schema (``conf/config.yaml`` names it first in its defaults list), the
-    ``${flowvae.uid:}`` resolver that makes run directories unique, ``${flowvae.model:${model.name}}`` that names
-    a model other than the default in them, and ``${flowvae.study:}``, a search's study (:mod:`flowvae.search`)."""
-    from flowvae.search import register_resolver
-
-    ConfigStore.instance().store(name="flowvae_schema", node=Config)
-    if not OmegaConf.has_resolver("flowvae.uid"):
-        # Cached per config, and Hydra copies the cache into each job of a sweep: one value per run or sweep.
-        OmegaConf.register_new_resolver("flowvae.uid", lambda: secrets.token_hex(3), use_cache=True)
-    if not OmegaConf.has_resolver("flowvae.model"):
-        OmegaConf.register_new_resolver("flowvae.model", model_part)
-    register_resolver()
-
-
 def model_part(name: str) -> str:
     """The model's part of a run directory's name: nothing for the default model (the names runs always had),
     ``<name>_`` before the flow for another (``..._conditional_flow_none_K0_s0``)."""
@@ -173,20 +144,6 @@ def with_schema_defaults(written: DictConfig) -> DictConfig:
     """A run's config as written (``.hydra/config.yaml``) merged onto the schema: keys added since it ran get
     their defaults, so runs of older versions can be rebuilt and read."""
     return OmegaConf.merge(OmegaConf.structured(Config), written)
-
-
-def per_feature(value: Any, n_features: int, key: str) -> list[float]:
-    """A number, or a list of one number per feature, as a list of ``n_features`` floats."""
-    if isinstance(value, (list, tuple, ListConfig)):
-        values = list(value)
-        if len(values) != n_features:
-            raise ConfigError(key, value, f"one number, or a list of {n_features} (one per feature)")
-    else:
-        values = [value] * n_features
-    try:
-        return [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise ConfigError(key, value, "a number, or a list of numbers (one per feature)") from None
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -307,12 +264,6 @@ def _validate_logger(cfg: DictConfig) -> None:
         _require(logger.experiment_name is None or bool(logger.experiment_name), "logger.experiment_name",
                  logger.experiment_name, "the name of the MLflow experiment, e.g. flowvae_jets, or null: named "
                                          "after the data")
-
-
-def event_axes(layout: str) -> str:
-    """An event's axes in a data file as ``data.layout`` reads it, for messages: JetNet's files are
-    (N, particles, features)."""
-    return "particles, features" if layout == "particles_first" else "features, particles"
 
 
 def _validate_data(cfg: DictConfig) -> None:

@@ -2,7 +2,7 @@
 
 For each flow family and n_flows, the median wall time of one training step (forward, backward, Adam) at the
 default model and batch size, measured on the project's own model (``build_model``) and training step
-(``flowvae.train._make_step``), batched by index exactly as ``fit`` does. Also: the test-loss pass that ``fit``
+(``flowvae.training.kit._make_step``), batched by index exactly as ``fit`` does. Also: the test-loss pass that ``fit``
 runs after every epoch, generating and scoring ``eval.n_samples`` events, the plain VAE step's achieved GFLOP/s
 against a large ``torch.mm`` at the same thread count (per batch size), and what the seed table costs.
 
@@ -36,14 +36,16 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 from flowvae import metrics
-from flowvae.config import register_configs
+from flowvae.app import register_configs
 from flowvae.cores import choose_threads, cpu_name
-from flowvae.data import load_events
-from flowvae.experiment import configure_torch, generate_events, model_input
+from flowvae.data.events import load_events
+from flowvae.data.units import model_input
 from flowvae.flows import FLOWS
+from flowvae.metrics.row import score_row
 from flowvae.models import FlowVAE, build_model
-from flowvae.score import score_row
-from flowvae.train import _make_optimizer, _make_step, evaluate_loss, save_atomic
+from flowvae.models.sampling import generate_events
+from flowvae.run.preflight import configure_torch
+from flowvae.training.kit import evaluate_loss, make_optimizer, make_step, save_atomic
 
 FAMILIES = tuple(name for name in FLOWS if name != "none")  # the flow registry's families
 # the issue's targets for a family's step, as a multiple of the plain VAE's step
@@ -98,8 +100,8 @@ class Runner:
     def __init__(self, cfg: DictConfig, train_x: torch.Tensor, test_x: torch.Tensor, batch_size: int) -> None:
         torch.manual_seed(cfg.seed)
         self.model = build_model(train_x.shape[1], cfg.model, cfg.flow, cfg.n_flows, n_features=cfg.data.n_features)
-        optimizer = _make_optimizer(self.model, cfg.train)
-        self.step_fn = _make_step(self.model, optimizer, cfg.train.grad_clip)
+        optimizer = make_optimizer(self.model, cfg.train)
+        self.step_fn = make_step(self.model, optimizer, cfg.train.grad_clip)
         self.train_x, self.test_x, self.batch_size = train_x, test_x, batch_size
         self.order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))
         self.steps_per_epoch = math.ceil(len(train_x) / batch_size)
@@ -159,14 +161,14 @@ def _worker(job: tuple[list[str], list[Cell], int, int, bool, int]) -> list[Cell
 def measure_generation(cfg_overrides: list[str], repeats: int = 3) -> dict[str, float]:
     """Seconds a run spends outside its training steps, for the plain VAE: making the data, generating
     eval.n_samples events, scoring them, the noise floor, the histogram picture and one checkpoint."""
-    from flowvae.report import plot_histograms
+    from flowvae.results.plots import plot_histograms
 
     cfg = compose_config(cfg_overrides)
     events = load_events(cfg.data)
     test_x = model_input(events.test)
     torch.manual_seed(cfg.seed)
     model = build_model(test_x.shape[1], cfg.model, cfg.flow, 0, n_features=cfg.data.n_features)
-    optimizer = _make_optimizer(model, cfg.train)
+    optimizer = make_optimizer(model, cfg.train)
     kl_options = {"bins": cfg.eval.bins, "eps": cfg.eval.eps}
     # score_s: every metric of the row (per-feature, W1 errors, floors, FPD, KPD); noise_floor_s: the KL's alone
     timings: dict[str, list[float]] = {name: [] for name in ("data_s", "generate_s", "score_s", "noise_floor_s",

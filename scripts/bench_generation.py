@@ -1,8 +1,8 @@
 """How fast trained runs generate jets: microseconds per jet, as the published generators report it.
 
-For each run directory, the model is rebuilt (:func:`flowvae.rebuild.load_run`) and ``--n`` events are generated
-from the prior exactly as the run generates its own (:func:`flowvae.experiment.generate_blocks`, then
-:func:`flowvae.experiment.data_units`: the inverse feature map and the pT ordering), ``--repeats`` times; the
+For each run directory, the model is rebuilt (:func:`flowvae.run.rebuild.load_run`) and ``--n`` events are generated
+from the prior exactly as the run generates its own (:func:`flowvae.models.sampling.generate_blocks`, then
+:func:`flowvae.data.units.data_units`: the inverse feature map and the pT ordering), ``--repeats`` times; the
 figure is the median wall time divided by ``--n``. The runs take turns (round-robin), so a load that comes and
 goes on a shared machine moves every run alike and the ratios between runs hold better than the absolute times.
 
@@ -19,18 +19,20 @@ from pathlib import Path
 
 import torch
 
-from flowvae import experiment
 from flowvae.cores import cpu_name
-from flowvae.rebuild import RebuildError, load_run
+from flowvae.data.units import data_units
+from flowvae.models.sampling import generate_blocks
+from flowvae.run.preflight import configure_torch
+from flowvae.run.rebuild import RebuildError, load_run
 
 
 def generate_once(run, n: int, block: int) -> float:
     """Seconds to generate ``n`` events in data units from ``run``'s model (prior, sampled read-out)."""
     test_x = run.test_input("prior")
     started = time.perf_counter()
-    for values, mask in experiment.generate_blocks(run.model, n, "prior", "sample", test_x, run.cfg.seed,
+    for values, mask in generate_blocks(run.model, n, "prior", "sample", test_x, run.cfg.seed,
                                                    run.events.test.shape[1:], block):
-        experiment.data_units(run.feature_map, values, mask, run.events.kinematics)
+        data_units(run.feature_map, values, mask, run.events.kinematics)
     return time.perf_counter() - started
 
 
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--md", type=Path, help="also write the table here as Markdown")
     args = parser.parse_args(argv)
-    experiment.configure_torch(args.threads)
+    configure_torch(args.threads)
     try:
         runs = [load_run(path, "cpu") for path in args.runs]
     except RebuildError as err:

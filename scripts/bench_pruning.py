@@ -53,7 +53,7 @@ def summarize(folder: Path, run: dict) -> dict:
     """The study's trials as (seconds since the command started, objective or None), with what the table says."""
     import optuna
 
-    from flowvae.sweeper import open_storage
+    from flowvae.search.storage import open_storage
 
     storage = open_storage(f"journal:{folder / 'outputs' / 'optuna.journal'}")
     (summary,) = optuna.get_all_study_summaries(storage)

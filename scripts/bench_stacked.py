@@ -1,7 +1,8 @@
-"""How much faster S seeds train as one stacked model (flowvae.stacked) than one after the other (flowvae.train.fit).
+"""How much faster S seeds train as one stacked model (flowvae.training.stacked) than one after the other
+(flowvae.training.loop.fit).
 
 For each config (a preset of overrides) and S in --seeds: S models built as a run builds them, trained by fit's
-own step (``_make_step``, one seed after the other) and by fit_stacked's stacked step (all S at once), on the run's
+own step (``make_step``, one seed after the other) and by fit_stacked's stacked step (all S at once), on the run's
 real data batched as both batch it. The figure is training throughput: seed-steps per second (S steps of the
 stacked model count S), and the speed-up is stacked over sequential.
 
@@ -34,12 +35,14 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-from flowvae import stacked
-from flowvae.config import register_configs
+from flowvae.app import register_configs
 from flowvae.cores import choose_threads, cpu_name
-from flowvae.data import load_events
-from flowvae.experiment import configure_torch, model_input, seeded_model
-from flowvae.train import _make_optimizer, _make_step
+from flowvae.data.events import load_events
+from flowvae.data.units import model_input
+from flowvae.run.experiment import seeded_model
+from flowvae.run.preflight import configure_torch
+from flowvae.training import stacked
+from flowvae.training.kit import make_optimizer, make_step
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> overrides; jets: real gluon jets with their particle masks (the test slice: 30 particles, 4 features)
@@ -81,7 +84,7 @@ class Sequential:
         self.steps, self.orders = [], []
         for seed in seeds:
             model = seeded_model(cfg_with_seed(cfg, seed), events, train_x.device)
-            self.steps.append(_make_step(model, _make_optimizer(model, cfg.train), cfg.train.grad_clip))
+            self.steps.append(make_step(model, make_optimizer(model, cfg.train), cfg.train.grad_clip))
             self.orders.append(torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed)))
         self.train_x, self.batch = train_x, cfg.train.batch_size
         self.steps_per_epoch = math.ceil(len(train_x) / self.batch)

@@ -50,7 +50,7 @@ def _tracker_cost(run_dir: Path, store: Path) -> dict[str, float]:
 
     from flowvae.files import RunFiles
     from flowvae.identity import is_setting_column
-    from flowvae.tracking import open_tracker
+    from flowvae.results.tracking import open_tracker
 
     imported = time.perf_counter()
     from omegaconf import OmegaConf

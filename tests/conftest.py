@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-from flowvae.config import register_configs
+from flowvae.app import register_configs
 
 # A run small enough for the default suite: 200 events of 3x10, two epochs, a narrow network.
 TINY = [
@@ -59,9 +59,9 @@ def require_extra(module: str, extra: str):
 
 def stop_after_step(monkeypatch, at_step: int):
     """A ``should_stop`` that turns true once the training step has run ``at_step`` times (counting from 1)."""
-    from flowvae import train as train_module
+    from flowvae.training import loop as train_module
 
-    make_step = train_module._make_step
+    make_step = train_module.make_step
     calls = {"n": 0}
 
     def patched(*args, **kwargs):
@@ -73,7 +73,7 @@ def stop_after_step(monkeypatch, at_step: int):
 
         return counting
 
-    monkeypatch.setattr(train_module, "_make_step", patched)
+    monkeypatch.setattr(train_module, "make_step", patched)
     return lambda: calls["n"] >= at_step
 
 

@@ -16,7 +16,7 @@ import pytest
 from scipy.stats import entropy, wasserstein_distance
 
 from flowvae import __version__
-from flowvae.experiment import metric_columns
+from flowvae.metrics.row import metric_columns
 from tests.conftest import TINY, flowvae_command, run_flowvae
 
 
@@ -252,7 +252,7 @@ def test_the_wheel_holds_every_config_and_builds_without_warnings(tmp_path):
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     from hydra import compose, initialize_config_module
 
-    from flowvae.config import register_configs
+    from flowvae.app import register_configs
 
     register_configs()
     dirs = set()
@@ -279,7 +279,7 @@ def test_run_and_sweep_directories_name_a_model_other_than_the_default(overrides
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from flowvae.config import register_configs
+    from flowvae.app import register_configs
 
     register_configs()
     with initialize_config_module(config_module="flowvae.conf", version_base="1.3"):

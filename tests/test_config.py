@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from flowvae.config import ConfigError, per_feature, validate
+from flowvae.config import validate
+from flowvae.data.events import per_feature
+from flowvae.errors import ConfigError
 from flowvae.flows import FLOWS
 from tests.conftest import compose_config
 

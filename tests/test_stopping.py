@@ -12,8 +12,9 @@ import time
 import pandas as pd
 import pytest
 
-from flowvae import experiment, job, metrics, stopping
+from flowvae import metrics, stopping
 from flowvae.files import RunFiles
+from flowvae.run import experiment, job
 from tests.conftest import TINY, compose_config
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flowvae.cores import choose_threads, usable_cores
-from flowvae.experiment import configure_torch
+from flowvae.run.preflight import configure_torch
 
 
 def test_threads_are_the_usable_cores_shared_among_jobs(monkeypatch):

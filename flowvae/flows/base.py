@@ -168,7 +168,8 @@ class _TanhChain(torch.autograd.Function):
 
     Written for torch.func (forward without ctx, :meth:`setup_context`): what the backward needs comes out of
     forward as extra outputs, empty when no backward will run. Every input is per sample, so under ``vmap`` (a
-    stack of models, :mod:`flowvae.stacked`) the mapped axis is folded into the batch: one chain for all models.
+    stack of models, :mod:`flowvae.training.stacked`) the mapped axis is folded into the batch: one chain for all
+    models.
     """
 
     @staticmethod

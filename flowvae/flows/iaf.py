@@ -161,7 +161,7 @@ class _MadeChain(torch.autograd.Function):
     passed only where the raw logit is above it).
 
     Every input may also carry one leading axis of S models (a stack trained under ``vmap``,
-    :mod:`flowvae.stacked`): the same steps then run as batched products, one chain for all S, and :meth:`vmap`
+    :mod:`flowvae.training.stacked`): the same steps then run as batched products, one chain for all S, and :meth:`vmap`
     is that rule. Written for torch.func (forward without ctx): what the backward needs comes out of forward as
     extra outputs, empty when no backward will run.
     """

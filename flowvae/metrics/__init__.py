@@ -9,10 +9,14 @@
 - :mod:`~flowvae.metrics.distances`: W1 with errors (jet mass, multiplicity, particle features), FPD, KPD;
 - :mod:`~flowvae.metrics.protocol`: the jet-level part of a row, with noise floors, under a named protocol
   (``PROTOCOLS``): ``scaled`` (the differences below) or ``jetnet``, jetnet.evaluation's published defaults
-  exactly, whose docstring lists what still differs from jetnet's code and by how much.
+  exactly, whose docstring lists what still differs from jetnet's code and by how much;
+- :mod:`~flowvae.metrics.row`: a result row's metric columns and how they are computed (``score_row``), the one
+  definition that a run, ``flowvae evaluate`` and ``flowvae score`` share.
 
-Layers: marginal and jets import nothing of flowvae's but marginal; efp and distances import jets; protocol
-imports them all.
+Layers: marginal imports nothing of flowvae's and jets only marginal; efp and distances import jets; protocol
+imports them all; row imports protocol and distances. efp, distances, protocol and row report what a long step is
+doing (EFPs, W1 batches, FPD's batch sizes, KPD, the floors) through :mod:`flowvae.progress`, a base module that
+imports nothing of flowvae; reporting changes no number and no random stream.
 
 **The jet-level metrics, and where they differ from jetnet.** The definitions follow R. Kansal et al., "Evaluating
 generative models in high energy physics", Phys. Rev. D 107 (2023) 076017 (arXiv:2211.10295), and their reference

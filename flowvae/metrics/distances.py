@@ -12,8 +12,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.stats import iqr
 
-from flowvae.metrics.jets import _check_count, _feature_pair, _jets, _normalise, jet_kinematics, multiplicity
-from flowvae.metrics.marginal import _as_float64, wasserstein_1
+from flowvae.metrics.jets import check_count, checked_jets, feature_pair, jet_kinematics, multiplicity, scaled_by_real
+from flowvae.metrics.marginal import as_float64, wasserstein_1
 from flowvae.progress import phase
 
 __all__ = ["w1_batched", "w1m", "w1_mult", "w1p", "frechet_distance", "fpd", "mmd2_unbiased", "kpd"]
@@ -37,14 +37,14 @@ def w1_batched(
     between the two, and the result is (mean, std with ddof = 0) over the batches. The draws come from
     ``numpy.random.default_rng(seed)``.
     """
-    p_values, q_values = _as_float64(p).ravel(), _as_float64(q).ravel()
+    p_values, q_values = as_float64(p).ravel(), as_float64(q).ravel()
     for values, name in ((p_values, "p"), (q_values, "q")):
         if values.size == 0:
             raise ValueError(f"{name} is empty: a sample needs at least one value")
         if not np.isfinite(values).all():
             raise ValueError(f"{name} has {int((~np.isfinite(values)).sum())} non-finite value(s) (NaN or inf)")
-    num_eval_samples = _check_count(num_eval_samples, "num_eval_samples")
-    num_batches = _check_count(num_batches, "num_batches")
+    num_eval_samples = check_count(num_eval_samples, "num_eval_samples")
+    num_batches = check_count(num_batches, "num_batches")
     rng = np.random.default_rng(seed)
     w1s = []
     for _ in range(num_batches):
@@ -111,15 +111,15 @@ def w1p(
     Differs from jetnet in that only the masks say which particles are real (jetnet also drops particles whose
     features are all exactly 0). Sorting N·P values per feature and batch, it costs far more than :func:`w1m`.
     """
-    gen, gen_real = _jets(generated, gen_mask, "generated")
-    ref, ref_real = _jets(reference, ref_mask, "reference")
+    gen, gen_real = checked_jets(generated, gen_mask, "generated")
+    ref, ref_real = checked_jets(reference, ref_mask, "reference")
     if gen.shape[1] != ref.shape[1]:
         raise ValueError(
             f"generated and reference must have the same number of features (axis 1), got shapes {gen.shape} "
             f"and {ref.shape}"
         )
-    num_eval_samples = _check_count(num_eval_samples, "num_eval_samples")
-    num_batches = _check_count(num_batches, "num_batches")
+    num_eval_samples = check_count(num_eval_samples, "num_eval_samples")
+    num_batches = check_count(num_batches, "num_batches")
     for real, name in ((gen_real, "generated"), (ref_real, "reference")):
         if not real.any():
             raise ValueError(f"{name} has no real particle (its mask is 0 everywhere)")
@@ -153,8 +153,8 @@ def frechet_distance(mu1: ArrayLike, cov1: ArrayLike, mu2: ArrayLike, cov2: Arra
     has those of Σ1Σ2: the same number as jetnet's ``scipy.linalg.sqrtm`` trace, without complex round-off.
     Negative eigenvalues (round-off of singular covariances) count as 0, and FD as max(FD, 0).
     """
-    m1, m2 = np.atleast_1d(_as_float64(mu1)), np.atleast_1d(_as_float64(mu2))
-    c1, c2 = np.atleast_2d(_as_float64(cov1)), np.atleast_2d(_as_float64(cov2))
+    m1, m2 = np.atleast_1d(as_float64(mu1)), np.atleast_1d(as_float64(mu2))
+    c1, c2 = np.atleast_2d(as_float64(cov1)), np.atleast_2d(as_float64(cov2))
     dim = m1.shape[0]
     if m1.shape != (dim,) or m2.shape != (dim,) or c1.shape != (dim, dim) or c2.shape != (dim, dim):
         raise ValueError(
@@ -169,7 +169,7 @@ def frechet_distance(mu1: ArrayLike, cov1: ArrayLike, mu2: ArrayLike, cov2: Arra
     return max(float(diff @ diff + np.trace(c1) + np.trace(c2) - 2.0 * trace_root), 0.0)
 
 
-def _mean_cov(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def mean_cov(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (ddof = 1, as ``np.cov``) of a batch of row vectors; ``batch`` is overwritten."""
     mean = batch.mean(axis=0)
     batch -= mean
@@ -214,15 +214,15 @@ def fpd(
     scaled by the same factor so that the largest batch is the whole smaller set (10,000 events: N from 4,000 to
     10,000). ``replace=True`` keeps jetnet's sizes and sampling. ``seed`` seeds one numpy Generator.
     """
-    x, y = _feature_pair(real_features, gen_features)
-    min_samples = _check_count(min_samples, "min_samples", 2)
-    max_samples = _check_count(max_samples, "max_samples", 2)
-    num_batches = _check_count(num_batches, "num_batches")
-    num_points = _check_count(num_points, "num_points", 3)
+    x, y = feature_pair(real_features, gen_features)
+    min_samples = check_count(min_samples, "min_samples", 2)
+    max_samples = check_count(max_samples, "max_samples", 2)
+    num_batches = check_count(num_batches, "num_batches")
+    num_points = check_count(num_points, "num_points", 3)
     if min_samples >= max_samples:
         raise ValueError(f"min_samples must be < max_samples, got {min_samples} and {max_samples}")
     if normalise:
-        x, y = _normalise(x, y)
+        x, y = scaled_by_real(x, y)
     low, high = _sample_sizes(min_samples, max_samples, min(len(x), len(y)), replace)
     sizes = (1.0 / np.linspace(1.0 / low, 1.0 / high, num_points)).astype(np.int64)
     if np.unique(sizes).size < 2:
@@ -238,8 +238,8 @@ def fpd(
         for size in sizes:
             values = []
             for _ in range(num_batches):
-                mean_x, cov_x = _mean_cov(x[rng.choice(len(x), size=size, replace=replace)])
-                mean_y, cov_y = _mean_cov(y[rng.choice(len(y), size=size, replace=replace)])
+                mean_x, cov_x = mean_cov(x[rng.choice(len(x), size=size, replace=replace)])
+                mean_y, cov_y = mean_cov(y[rng.choice(len(y), size=size, replace=replace)])
                 values.append(frechet_distance(mean_x, cov_x, mean_y, cov_y))
                 step.advance()
             means.append(np.mean(values))
@@ -306,8 +306,8 @@ def mmd2_unbiased(x: ArrayLike, y: ArrayLike, *, degree: int = 4) -> float:
     al., JMLR 13 (2012) 723, eq. 3); its expectation is the population MMD², so it can be negative. jetnet's KPD
     uses degree 4; Bińkowski et al.'s KID (ICLR 2018), which KPD adapts, uses 3.
     """
-    a, b = _feature_pair(x, y)
-    degree = _check_count(degree, "degree")
+    a, b = feature_pair(x, y)
+    degree = check_count(degree, "degree")
     m, n = len(a), len(b)
     # x·y/D + 1 as one dot product: scaled vectors with a constant 1 appended
     scale = 1.0 / math.sqrt(a.shape[1])
@@ -346,12 +346,12 @@ def kpd(
     ``batch_size`` is capped at half the smaller set so that batches still differ (``replace=True`` keeps
     jetnet's size and sampling).
     """
-    x, y = _feature_pair(real_features, gen_features)
-    num_batches = _check_count(num_batches, "num_batches")
-    batch_size = _check_count(batch_size, "batch_size", 2)
-    degree = _check_count(degree, "degree")
+    x, y = feature_pair(real_features, gen_features)
+    num_batches = check_count(num_batches, "num_batches")
+    batch_size = check_count(batch_size, "batch_size", 2)
+    degree = check_count(degree, "degree")
     if normalise:
-        x, y = _normalise(x, y)
+        x, y = scaled_by_real(x, y)
     if not replace:
         batch_size = min(batch_size, min(len(x), len(y)) // 2)
         if batch_size < 2:

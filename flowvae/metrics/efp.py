@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from flowvae.metrics.jets import _compact, _jets, _kinematics, _kinematics_of
+from flowvae.metrics.jets import checked_jets, compact_particles, kinematics_indices, kinematics_of
 from flowvae.progress import phase
 
 __all__ = ["EFP_GRAPHS", "efps", "event_features"]
@@ -160,8 +160,8 @@ def efps(
     Computed in numpy by closed matrix forms of the 21 connected graphs (the 15 disconnected ones are products);
     jets are grouped by multiplicity M so that a jet costs ~M³ (the four graphs with a cycle), not P³.
     """
-    jets, real = _compact(*_jets(events, mask, "events"))
-    return _efps_of(jets, real, _kinematics(kinematics, jets.shape[1]), normed)
+    jets, real = compact_particles(*checked_jets(events, mask, "events"))
+    return _efps_of(jets, real, kinematics_indices(kinematics, jets.shape[1]), normed)
 
 
 def _efps_of(jets: np.ndarray, real: np.ndarray, indices: tuple[int, int, int], normed: bool,
@@ -213,12 +213,12 @@ def event_features(
     mean and the standard deviation (ddof = 0) of each feature over the event's real particles, D = 2F, ordered
     mean_0, …, mean_{F−1}, std_0, …, std_{F−1}; an event without real particles has all of them 0.
     """
-    jets, real = _compact(*_jets(events, mask, "events"))
-    indices = None if kinematics is None else _kinematics(kinematics, jets.shape[1])
-    return _features_of(jets, real, indices, include_mass_pt, normed)
+    jets, real = compact_particles(*checked_jets(events, mask, "events"))
+    indices = None if kinematics is None else kinematics_indices(kinematics, jets.shape[1])
+    return features_of(jets, real, indices, include_mass_pt, normed)
 
 
-def _features_of(
+def features_of(
     jets: np.ndarray,
     real: np.ndarray,
     indices: tuple[int, int, int] | None,
@@ -233,7 +233,7 @@ def _features_of(
         values = _efps_of(jets, real, indices, normed, label)
         if not include_mass_pt:
             return values
-        jet = kinematics if kinematics is not None else _kinematics_of(jets, indices)
+        jet = kinematics if kinematics is not None else kinematics_of(jets, indices)
         return np.column_stack([jet["mass"], jet["pt"], values])
     counts = real.sum(axis=1)[:, None]
     safe = np.maximum(counts, 1)

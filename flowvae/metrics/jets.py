@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from flowvae.metrics.marginal import _as_float64
+from flowvae.metrics.marginal import as_float64
 
 __all__ = ["multiplicity", "jet_kinematics"]
 
@@ -40,12 +40,12 @@ def _mask(mask: Any, shape: tuple[int, int], name: str) -> np.ndarray:
     return values == 1
 
 
-def _jets(events: ArrayLike, mask: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+def checked_jets(events: ArrayLike, mask: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Validated (N, F, P) float64 events with every padded entry set to 0, and the boolean (N, P) mask.
 
     Real particles (mask 1) must be finite; padded ones may hold anything, it is overwritten here.
     """
-    values = _as_float64(events)
+    values = as_float64(events)
     if values.ndim != 3:
         raise ValueError(f"{name} must be 3-D (events, features, particles), got {values.ndim}-D shape {values.shape}")
     if min(values.shape) == 0:
@@ -61,7 +61,7 @@ def _jets(events: ArrayLike, mask: Any, name: str) -> tuple[np.ndarray, np.ndarr
     return np.where(real[:, None, :], values, 0.0), real
 
 
-def _compact(events: np.ndarray, real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def compact_particles(events: np.ndarray, real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Real particles first in each jet (their order kept), trimmed to the largest multiplicity.
 
     After this no result depends on where the padded particles were, to the last bit: sums see the same
@@ -74,7 +74,7 @@ def _compact(events: np.ndarray, real: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.take_along_axis(events, order[:, None, :], axis=2), np.take_along_axis(real, order, axis=1)
 
 
-def _kinematics(kinematics: Sequence[int], n_features: int) -> tuple[int, int, int]:
+def kinematics_indices(kinematics: Sequence[int], n_features: int) -> tuple[int, int, int]:
     try:
         indices = tuple(int(i) for i in kinematics)
         exact = all(int(i) == i and not isinstance(i, bool) for i in kinematics)
@@ -90,14 +90,14 @@ def _kinematics(kinematics: Sequence[int], n_features: int) -> tuple[int, int, i
     return indices  # type: ignore[return-value]
 
 
-def _check_count(value: Any, name: str, minimum: int = 1) -> int:
+def check_count(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
     return int(value)
 
 
 def _features(x: ArrayLike, name: str) -> np.ndarray:
-    values = _as_float64(x)
+    values = as_float64(x)
     if values.ndim != 2:
         raise ValueError(f"{name} must be 2-D (samples, features), got {values.ndim}-D shape {values.shape}")
     if values.shape[0] < 2 or values.shape[1] == 0:
@@ -112,7 +112,7 @@ def _features(x: ArrayLike, name: str) -> np.ndarray:
     return values
 
 
-def _feature_pair(real: ArrayLike, gen: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+def feature_pair(real: ArrayLike, gen: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     x, y = _features(real, "real_features"), _features(gen, "gen_features")
     if x.shape[1] != y.shape[1]:
         raise ValueError(
@@ -122,7 +122,7 @@ def _feature_pair(real: ArrayLike, gen: ArrayLike) -> tuple[np.ndarray, np.ndarr
     return x, y
 
 
-def _normalise(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def scaled_by_real(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Both sets divided, per feature, by the real set's largest |value| (1 where that is 0), as jetnet does."""
     scale = np.abs(x).max(axis=0)
     scale[scale == 0] = 1.0
@@ -151,11 +151,11 @@ def jet_kinematics(
     PtEtaPhiM vectors; with relative coordinates (etarel, phirel, ptrel) mass and pT are in units of the jet's
     pT. m is computed as E² − |p|² in float64, so a near-massless jet's mass is exact to ~1e-8·E.
     """
-    jets, _ = _compact(*_jets(events, mask, "events"))
-    return _kinematics_of(jets, _kinematics(kinematics, jets.shape[1]))
+    jets, _ = compact_particles(*checked_jets(events, mask, "events"))
+    return kinematics_of(jets, kinematics_indices(kinematics, jets.shape[1]))
 
 
-def _kinematics_of(jets: np.ndarray, indices: tuple[int, int, int]) -> dict[str, np.ndarray]:
+def kinematics_of(jets: np.ndarray, indices: tuple[int, int, int]) -> dict[str, np.ndarray]:
     """:func:`jet_kinematics` of validated, compacted jets (padded entries 0)."""
     eta, phi, pt = (jets[:, i] for i in indices)
     px = (pt * np.cos(phi)).sum(axis=1)

@@ -39,7 +39,7 @@ _LN2 = math.log(2.0)
 # ---------------------------------------------------------------- inputs
 
 
-def _as_float64(x: Any) -> np.ndarray:
+def as_float64(x: Any) -> np.ndarray:
     """``x`` as a float64 numpy array; torch tensors (any device, any dtype, with grad) are converted."""
     if hasattr(x, "detach") and hasattr(x, "double"):  # a torch tensor, without importing torch
         x = x.detach().double().cpu()
@@ -48,14 +48,14 @@ def _as_float64(x: Any) -> np.ndarray:
 
 def _sample(x: ArrayLike, name: str) -> np.ndarray:
     """A non-empty, finite sample flattened to 1-D."""
-    values = _as_float64(x).ravel()
+    values = as_float64(x).ravel()
     if values.size == 0:
         raise ValueError(f"{name} is empty: a sample needs at least one value")
-    _check_finite(values, name)
+    check_finite(values, name)
     return values
 
 
-def _check_finite(values: np.ndarray, name: str) -> None:
+def check_finite(values: np.ndarray, name: str) -> None:
     finite = np.isfinite(values)
     if not finite.all():
         n_bad = values.size - int(finite.sum())
@@ -64,14 +64,14 @@ def _check_finite(values: np.ndarray, name: str) -> None:
 
 def _events(x: ArrayLike, name: str) -> np.ndarray:
     """Events of shape (N, F, P) with N·P > 0, all finite."""
-    events = _as_float64(x)
+    events = as_float64(x)
     if events.ndim != 3:
         raise ValueError(
             f"{name} must have shape (events, features, particles), got {events.ndim}-D shape {events.shape}"
         )
     if events.shape[0] == 0 or events.shape[2] == 0:
         raise ValueError(f"{name} has shape {events.shape}: it needs at least one event and one particle")
-    _check_finite(events, name)
+    check_finite(events, name)
     return events
 
 

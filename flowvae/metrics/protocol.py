@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from flowvae.metrics.distances import _mean_cov, fpd, frechet_distance, kpd, w1_batched, w1p
-from flowvae.metrics.efp import _features_of
-from flowvae.metrics.jets import _compact, _jets, _kinematics, _kinematics_of, _normalise
+from flowvae.metrics.distances import fpd, frechet_distance, kpd, mean_cov, w1_batched, w1p
+from flowvae.metrics.efp import features_of
+from flowvae.metrics.jets import checked_jets, compact_particles, kinematics_indices, kinematics_of, scaled_by_real
 from flowvae.metrics.marginal import split_halves
 from flowvae.progress import phase
 
@@ -175,15 +175,15 @@ def score_protocol(
     in the progress lines (:mod:`flowvae.progress`).
     """
     p = get_protocol(protocol)
-    gen, gen_real = _compact(*_jets(generated, gen_mask, "generated"))
-    ref, ref_real = _compact(*_jets(reference, ref_mask, "reference"))
+    gen, gen_real = compact_particles(*checked_jets(generated, gen_mask, "generated"))
+    ref, ref_real = compact_particles(*checked_jets(reference, ref_mask, "reference"))
     if gen.shape[1] != ref.shape[1]:
         raise ValueError(
             f"generated and reference must have the same number of features (axis 1), got shapes "
             f"{np.shape(generated)} and {np.shape(reference)}"
         )
     p.check(kinematics is not None)
-    indices = None if kinematics is None else _kinematics(kinematics, gen.shape[1])
+    indices = None if kinematics is None else kinematics_indices(kinematics, gen.shape[1])
     has_mask = gen_mask is not None or ref_mask is not None
     columns = p.columns(gen.shape[1], indices is not None, has_mask)
     w1_options = {"num_eval_samples": p.num_eval_samples, "num_batches": p.num_batches, "seed": seed}
@@ -191,7 +191,7 @@ def score_protocol(
     row: dict[str, float] = {}
     gen_jet = ref_jet = None
     if indices is not None:
-        gen_jet, ref_jet = _kinematics_of(gen, indices), _kinematics_of(ref, indices)
+        gen_jet, ref_jet = kinematics_of(gen, indices), kinematics_of(ref, indices)
     whole = [name for metric, name in (("w1m", "jet mass"), ("w1_mult", "multiplicity")) if metric in columns]
     if whole:
         with phase(f"W1 of {' and '.join(whole)}: {batches}", logger=log):
@@ -203,8 +203,8 @@ def score_protocol(
     if "w1p" in columns:
         means, stds = w1p(gen, gen_real, ref, ref_real, **w1_options)
         row.update(_mean_of("w1p", means, stds))
-    gen_features = _features_of(gen, gen_real, indices, p.include_mass_pt, False, gen_jet, label=sides[0])
-    ref_features = _features_of(ref, ref_real, indices, p.include_mass_pt, False, ref_jet, label=sides[1])
+    gen_features = features_of(gen, gen_real, indices, p.include_mass_pt, False, gen_jet, label=sides[0])
+    ref_features = features_of(ref, ref_real, indices, p.include_mass_pt, False, ref_jet, label=sides[1])
     if "w1efp" in columns:  # the EFPs are the features' last 36 columns; each W1 draws the same jets
         efps = ", ".join(map(str, p.w1efp_efps))
         with phase(f"W1 of EFPs {efps}: {batches}", len(p.w1efp_efps), "EFPs", logger=log) as step:
@@ -253,7 +253,7 @@ def protocol_floor(
                              f"a truth set is for protocol(s) {truthful}")
         return score_protocol(p, truth[0], truth[1], reference, ref_mask, kinematics, seed,
                               sides=("truth", "reference"))
-    events, real = _jets(reference, ref_mask, "reference")
+    events, real = checked_jets(reference, ref_mask, "reference")
     if events.shape[0] // 2 < 2:
         raise ValueError(f"a floor from halves needs at least 4 reference events, got shape {events.shape}")
     first, second = split_halves(events.shape[0], seed)
@@ -344,12 +344,12 @@ def fd_of_halves(
     largest |value| per feature as :func:`fpd` normalises by its real set), i.e. the FD at FPD's largest batch
     size when batches are drawn without replacement (the whole halves, ⌊N/2⌋ events each). It falls like 1/N.
     """
-    events, real = _jets(reference, ref_mask, "reference")
+    events, real = checked_jets(reference, ref_mask, "reference")
     if events.shape[0] // 2 < 2:
         raise ValueError(f"fd_of_halves needs at least 4 reference events, got shape {events.shape}")
-    jets, real = _compact(events, real)
-    indices = None if kinematics is None else _kinematics(kinematics, jets.shape[1])
-    features = _features_of(jets, real, indices, include_mass_pt, False, label="reference")
+    jets, real = compact_particles(events, real)
+    indices = None if kinematics is None else kinematics_indices(kinematics, jets.shape[1])
+    features = features_of(jets, real, indices, include_mass_pt, False, label="reference")
     first, second = split_halves(len(features), seed)
-    reference_half, other_half = _normalise(features[second], features[first])
-    return frechet_distance(*_mean_cov(other_half), *_mean_cov(reference_half))
+    reference_half, other_half = scaled_by_real(features[second], features[first])
+    return frechet_distance(*mean_cov(other_half), *mean_cov(reference_half))

@@ -123,7 +123,7 @@ class FlowVAE(nn.Module):
 
         The noise comes from ``generator`` when given (generation), else from torch's global stream (training);
         ``noise`` (B, D) is the standard normal draw itself, drawn by the caller (a stack of models trained under
-        ``vmap``, each with its own stream: :mod:`flowvae.stacked`).
+        ``vmap``, each with its own stream: :mod:`flowvae.training.stacked`).
         """
         mean, log_var, params = self.encode(x)
         eps = noise if noise is not None else torch.randn(mean.shape, generator=generator, device=mean.device,

@@ -1,12 +1,13 @@
 """``hydra/sweeper=flowvae_optuna`` (conf/hydra/sweeper/flowvae_optuna.yaml, which ``+search=default`` selects):
-flowvae's Optuna sweeper, :class:`flowvae.sweeper.OptunaSweeper`, under the name Hydra instantiates it by."""
+flowvae's Optuna sweeper, :class:`flowvae.sweeps.optuna_sweeper.OptunaSweeper`, under the name Hydra instantiates it
+by."""
 
 from __future__ import annotations
 
-from flowvae import sweeper
+from flowvae.sweeps import optuna_sweeper as sweeper
 
 __all__ = ["OptunaSweeper"]
 
 
 class OptunaSweeper(sweeper.OptunaSweeper):
-    """:class:`flowvae.sweeper.OptunaSweeper` in the ``hydra_plugins`` namespace."""
+    """:class:`flowvae.sweeps.optuna_sweeper.OptunaSweeper` in the ``hydra_plugins`` namespace."""

@@ -1,12 +1,12 @@
 """``hydra/launcher=stacked`` (conf/hydra/launcher/stacked.yaml): flowvae's launcher that trains a sweep's seeds
-as one model, :class:`flowvae.stacked_launcher.StackedLauncher`, under the name Hydra instantiates it by."""
+as one model, :class:`flowvae.sweeps.stacked_launcher.StackedLauncher`, under the name Hydra instantiates it by."""
 
 from __future__ import annotations
 
-from flowvae import stacked_launcher
+from flowvae.sweeps import stacked_launcher
 
 __all__ = ["StackedLauncher"]
 
 
 class StackedLauncher(stacked_launcher.StackedLauncher):
-    """:class:`flowvae.stacked_launcher.StackedLauncher` in the ``hydra_plugins`` namespace."""
+    """:class:`flowvae.sweeps.stacked_launcher.StackedLauncher` in the ``hydra_plugins`` namespace."""

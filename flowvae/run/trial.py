@@ -1,0 +1,141 @@
+"""A search trial, seen from the job that trains it: its link to the study (from the environment the sweeper
+sets), the objective it reports after each epoch, and the hook that reports it and ends training when the
+pruner says so. The Optuna side (pruners, the study's storage) is :mod:`flowvae.search`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+
+from flowvae.search.pruning import (
+    ENV,
+    REPORTED,
+    TrialLink,
+    objective_metric,
+    open_trial,
+    prune_message,
+    warn_unreported,
+)
+
+__all__ = ["from_environment", "hook", "validation_objective"]
+
+
+log = logging.getLogger(__name__)
+
+
+def validation_objective(cfg, model, val_x, events, feature_map) -> Callable[[], float] | None:
+    """``optimize.metric`` of the model as it is now (:func:`objective_metric`), or None without validation events.
+
+    Each call generates min(``eval.n_samples``, validation events) events as a run's scoring does (``eval.source``
+    and ``eval.decode``; the posterior encodes the validation events), from a generator of its own seeded afresh
+    with ``seed`` (every epoch the same noise, and training's random streams untouched), takes them to data units
+    and scores them against the validation events (the training events that
+    :func:`flowvae.training.kit.split_validation`
+    holds out, in data units). The model is left in the mode it was in. Its ``label`` names it in messages.
+    Raises :class:`ConfigError` for a metric it cannot compute (:func:`check_report` refuses those before a
+    search starts)."""
+    if val_x is None:
+        return None
+    import torch
+    from omegaconf import OmegaConf
+
+    from flowvae.data.units import data_units
+    from flowvae.models.sampling import generate_events
+    from flowvae.training.kit import split_validation
+
+    measure = objective_metric(cfg.optimize.metric, cfg.eval.bins, cfg.eval.eps)
+    # the held-out rows of the training events: the same split applied to their indices
+    held = split_validation(torch.arange(len(events.train)), cfg.train.val_fraction, cfg.data.seed)[1].numpy()
+    reference = events.train[held]
+    ref_mask = None if events.train_mask is None else events.train_mask[held]
+    settings = OmegaConf.merge(cfg.eval, {"n_samples": min(cfg.eval.n_samples, len(held))})
+
+    def value() -> float:
+        training = model.training
+        try:
+            generated, gen_mask = generate_events(model, settings, val_x, cfg.seed, events.train.shape[1:])
+        finally:
+            model.train(training)
+        generated = data_units(feature_map, generated, gen_mask, events.kinematics)
+        return measure(generated, gen_mask, reference, ref_mask)
+
+    value.label = f"validation {cfg.optimize.metric}"  # the pruner's messages: "validation kl_sum 0.0123"
+    return value
+
+
+def from_environment(environ: Mapping[str, str] = os.environ) -> TrialLink | None:
+    """This job's trial, when a search's sweeper launched it; None otherwise (or for a value that is not a link,
+    with a warning)."""
+    text = environ.get(ENV)
+    if not text:
+        return None
+    try:
+        return TrialLink.parse(text)
+    except (TypeError, ValueError) as err:
+        log.warning("search: %s is not a trial (%s); this run trains unpruned", ENV, err)
+        return None
+
+
+def hook(link: TrialLink | None = None, objective: Callable[[], Callable[[], float] | None] | None = None
+         ) -> Callable[[dict], str | None] | None:
+    """``fit``'s ``prune`` hook for this job's trial (``link``, else the environment's), or None outside a search
+    and with pruner ``none`` (nothing would read what it reports).
+
+    After each finished epoch it reports (step = the epoch) the validation loss of the epoch's history row or,
+    with ``report=objective``, the value of the measure that ``objective()`` makes (:func:`validation_objective`;
+    made only here, so an ordinary run never generates a thing), and returns the message that ends training when
+    the pruner prunes the trial. Pruning never fails the run: a measure that cannot be made or the first error
+    with the storage is a warning, and the rest of the training goes unreported."""
+    link = link if link is not None else from_environment()
+    if link is None or link.pruner.get("name") == "none":
+        return None
+    report = link.pruner.get("report", REPORTED)
+    measure = None
+    if report == "objective":
+        try:
+            measure = objective() if objective is not None else None
+        except Exception as err:  # noqa: BLE001 - a ConfigError the sweeper refuses first; the run goes on
+            warn_unreported(link, "make the objective to report", err)
+            return None
+    label = REPORTED if report == REPORTED else getattr(measure, "label", report)  # what messages call it
+    try:
+        study, trial = open_trial(link)
+    except Exception as err:  # noqa: BLE001 - the storage's errors come in many types; the run goes on
+        warn_unreported(link, "open the study", err)
+        return None
+    state = {"working": True, "missing": False}
+
+    def value_of(row: dict) -> float | None:
+        if report == REPORTED or measure is None:
+            return row.get(REPORTED) if report == REPORTED else None
+        try:
+            return measure()
+        except ValueError as err:  # generated events the metric refuses (non-finite): the run's scoring would too
+            log.warning("search: trial %d reports %s inf after epoch %s: %s", link.number, label, row.get("epoch"),
+                        err)
+            return math.inf
+
+    def prune(row: dict) -> str | None:
+        if not state["working"]:
+            return None
+        value = value_of(row)
+        if value is None:
+            if not state["missing"]:
+                state["missing"] = True
+                log.warning("search: trial %d has no %s to report (train.val_fraction is 0): it is not pruned",
+                            link.number, label)
+            return None
+        try:
+            epoch = int(row["epoch"])
+            trial.report(float(value), epoch)
+            if not trial.should_prune():
+                return None
+            return prune_message(study, link, epoch, label)
+        except Exception as err:  # noqa: BLE001 - as above: a warning, never the run's outcome
+            state["working"] = False
+            warn_unreported(link, "report to the trial", err)
+            return None
+
+    return prune

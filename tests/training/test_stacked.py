@@ -1,0 +1,365 @@
+"""Seeds trained as one stacked model end where fit leaves each of them (to rounding): every flow family, masks,
+the conditional flow, clipping, the cosine rate, validation and early stopping, divergence, interruption and
+resume in both directions, and checkpoints in fit's format."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from flowvae.models import FlowVAE
+from flowvae.training import loop as train_module
+from flowvae.training import stacked as stacked_module
+from flowvae.training.kit import TRAINED_KEY, split_validation
+from flowvae.training.loop import fit
+from flowvae.training.stacked import fit_stacked
+
+SEEDS = [0, 1, 2]
+# batched against single matrix products: a few ulps a step, after a few epochs ~1e-6 of the weights' scale
+TOLERANCE = {"rtol": 1e-4, "atol": 2e-5}
+
+
+def _cfg(**overrides):
+    base = {"epochs": 3, "batch_size": 20, "lr": 1e-3, "warmup_epochs": 1, "grad_clip": None, "checkpoint_every": 1,
+            "eval_every": 1, "progress": "log", "patience": None, "lr_schedule": "constant", "lr_min_factor": 0.0}
+    return OmegaConf.create({**base, **overrides})
+
+
+MODELS = {  # name -> FlowVAE arguments; events of 3 features x 10 particles
+    "none": {"flow": "none", "n_flows": 0},
+    "planar": {"flow": "planar", "n_flows": 2},
+    "iaf": {"flow": "iaf", "n_flows": 2, "flow_options": {"hidden": 8, "context": 4}},
+    "householder": {"flow": "householder", "n_flows": 2, "flow_options": {"num_householder": 2}},
+    "orthogonal": {"flow": "orthogonal", "n_flows": 2},
+    "triangular": {"flow": "triangular", "n_flows": 3},
+    "masked_planar": {"flow": "planar", "n_flows": 2, "n_mask": 10},
+    "masked_iaf": {"flow": "iaf", "n_flows": 2, "n_mask": 10, "flow_options": {"hidden": 8}},
+    "conditional_flow": {"flow": "orthogonal", "n_flows": 2, "n_mask": 10, "coupling_layers": 5, "n_features": 3,
+                         "coupling_transform": "spline", "coupling_hidden": [8]},
+}
+
+
+def _build(seed: int, name: str = "planar") -> tuple[FlowVAE, torch.Tensor]:
+    """The model as experiment.seeded_model builds it, and the noise stream it leaves."""
+    torch.manual_seed(seed)
+    return FlowVAE(30, [16], 3, **MODELS[name]), torch.get_rng_state()
+
+
+def _data(masked: bool = False, n_train: int = 100):
+    g = torch.Generator().manual_seed(1)
+    train_x, test_x = torch.randn(n_train, 30, generator=g), torch.randn(40, 30, generator=g)
+    if not masked:
+        return train_x, test_x
+
+    def with_mask(x: torch.Tensor) -> torch.Tensor:
+        n = torch.randint(1, 11, (len(x),), generator=g)
+        mask = (torch.arange(10) < n[:, None]).float()
+        return torch.cat([x * mask.repeat(1, 3), mask], dim=1)
+
+    return with_mask(train_x), with_mask(test_x)
+
+
+def _fit_each(name, train_x, test_x, cfg, seeds=SEEDS, checkpoints=None, **kwargs):
+    models, outcomes = [], []
+    for i, seed in enumerate(seeds):
+        model, _ = _build(seed, name)
+        checkpoint = None if checkpoints is None else checkpoints[i]
+        outcomes.append(fit(model, train_x, test_x, cfg, seed=seed, checkpoint=checkpoint, **kwargs))
+        models.append(model)
+    return models, outcomes
+
+
+def _stacked(name, train_x, test_x, cfg, seeds=SEEDS, checkpoints=None, **kwargs):
+    built = [_build(seed, name) for seed in seeds]
+    models = [model for model, _ in built]
+    outcomes = fit_stacked(models, train_x, test_x, cfg, seeds=seeds, rng_states=[state for _, state in built],
+                           checkpoints=checkpoints or [None] * len(seeds), extra_states=[{}] * len(seeds), **kwargs)
+    return models, outcomes
+
+
+def _assert_same(expected, actual, exact: bool = False) -> None:
+    """Outcomes alike (status, counts, message) and histories and final weights equal to rounding."""
+    (models_a, outcomes_a), (models_b, outcomes_b) = expected, actual
+    assert len(outcomes_a) == len(outcomes_b)
+    for a, b, model_a, model_b in zip(outcomes_a, outcomes_b, models_a, models_b, strict=True):
+        for key in ("status", "epochs_run", "resumed_from", "epochs_trained", "best_epoch"):
+            assert getattr(a, key) == getattr(b, key), key
+        assert a.message.split(" (")[0] == b.message.split(" (")[0]
+        assert [sorted(row) for row in a.history] == [sorted(row) for row in b.history]
+        for row_a, row_b in zip(a.history, b.history, strict=True):
+            values = [(row_a[k], row_b[k]) for k in row_a if k != "seconds"]
+            ref, got = (torch.tensor(v, dtype=torch.float64) for v in zip(*values, strict=True))
+            if exact:
+                assert torch.equal(ref.nan_to_num(123.0), got.nan_to_num(123.0)), (row_a, row_b)
+            else:
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+        for (key, ref), got in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
+            torch.testing.assert_close(got, ref, **({"rtol": 0, "atol": 0} if exact else TOLERANCE), equal_nan=True,
+                                       msg=key)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_each_seed_ends_where_fit_leaves_it(name):
+    """Per seed: the same order, noise, Adam and clipping as fit, under a warm-up and a cosine rate; 110 events,
+    so each epoch ends with a batch of 10."""
+    train_x, test_x = _data(masked="n_mask" in MODELS[name], n_train=110)
+    cfg = _cfg(grad_clip=5.0, lr_schedule="cosine", lr_min_factor=0.1, lr=3e-3)
+    _assert_same(_fit_each(name, train_x, test_x, cfg), _stacked(name, train_x, test_x, cfg))
+
+
+def test_gradient_clipping_is_per_seed():
+    """A clip far below every gradient's norm: each seed's step is its own gradient scaled to the norm (a norm over
+    all seeds would scale each by another factor)."""
+    train_x, test_x = _data()
+    cfg = _cfg(grad_clip=1e-3, lr=1e-2, epochs=2)
+    _assert_same(_fit_each("planar", train_x, test_x, cfg), _stacked("planar", train_x, test_x, cfg))
+
+
+def test_validation_early_stopping_and_best_weights_per_seed(tmp_path, caplog):
+    """Seeds stop at different epochs (seed 1 runs all 8) and leave the stack; each keeps its best epoch's weights
+    and best.pt, as fit; the group's one line an epoch says how many still train."""
+    events, test_x = _data(n_train=125)
+    train_x, val_x = split_validation(events, 0.2, 0)
+    cfg = _cfg(epochs=8, lr=1e-2, warmup_epochs=0, patience=1)
+    fits = [tmp_path / f"fit{seed}.pt" for seed in SEEDS]
+    expected = _fit_each("planar", train_x, test_x, cfg, val_x=val_x, checkpoints=fits)
+    assert [o.epochs_trained for o in expected[1]] == [5, 8, 4]  # the case this test is about
+    bests, checkpoints = [tmp_path / f"best{seed}.pt" for seed in SEEDS], [tmp_path / f"c{seed}.pt" for seed in SEEDS]
+    with caplog.at_level(logging.INFO, logger="flowvae.training.stacked"):
+        actual = _stacked("planar", train_x, test_x, cfg, val_x=val_x, bests=bests, checkpoints=checkpoints)
+    _assert_same(expected, actual)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split("  ")[:2] for line in lines] == [
+        [f"epoch {e}/8", f"{n} of 3 seeds training"] for e, n in enumerate([3, 3, 3, 3, 2, 1, 1, 1], 1)]
+    for outcome, best, model in zip(actual[1], bests, actual[0], strict=True):
+        saved = torch.load(best, weights_only=True)
+        assert saved["epoch"] == outcome.best_epoch < outcome.epochs_trained
+        for key, tensor in model.state_dict().items():
+            assert torch.equal(saved["model"][key], tensor), key
+    for fit_path, path in zip(fits, checkpoints, strict=True):  # the last epoch's weights, as fit's checkpoint
+        expected_state, state = (torch.load(p, weights_only=False) for p in (fit_path, path))
+        validation, expected_validation = state["validation"], expected_state["validation"]
+        assert validation.pop("best_loss") == pytest.approx(expected_validation.pop("best_loss"), rel=1e-6)
+        assert validation == expected_validation
+        for key, tensor in expected_state["model"].items():
+            torch.testing.assert_close(state["model"][key], tensor, **TOLERANCE)
+
+
+def test_a_diverging_seed_leaves_and_the_others_train_on(tmp_path, monkeypatch):
+    """Seed 1's weights turn NaN after step 7 (inside epoch 2), in fit and in the stack alike: it is diverged in
+    epoch 2 with fit's message and history, its checkpoint records it, and seeds 0 and 2 train on as fit trains them.
+    """
+    train_x, test_x = _data()
+    cfg = _cfg(epochs=4)
+
+    def poison(params):
+        with torch.no_grad():
+            for p in params:
+                p.fill_(math.nan)
+
+    make_step, steps = train_module.make_step, {"n": 0}
+
+    def fit_step(model, optimizer, grad_clip):
+        step = make_step(model, optimizer, grad_clip)
+
+        def poisoned(batch, beta):
+            out = step(batch, beta)
+            steps["n"] += 1
+            if steps["n"] == 7 and model.seed == 1:
+                poison(model.parameters())
+            return out
+
+        return poisoned
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "make_step", fit_step)
+        models, outcomes = [], []
+        for seed in SEEDS:
+            model, _ = _build(seed)
+            model.seed, steps["n"] = seed, 0
+            outcomes.append(fit(model, train_x, test_x, cfg, seed=seed))
+            models.append(model)
+    assert [o.status for o in outcomes] == ["ok", "diverged", "ok"]
+
+    stack_step, calls = stacked_module._Stack.step, {"n": 0}
+
+    def stacked_step(self, *args):
+        stack_step(self, *args)
+        calls["n"] += 1
+        if calls["n"] == 7:
+            j = [m.seed for m in self.members].index(1)
+            poison(p[j] for p in self.params.values())
+
+    checkpoints = [tmp_path / f"c{seed}.pt" for seed in SEEDS]
+    with monkeypatch.context() as patch:
+        patch.setattr(stacked_module._Stack, "step", stacked_step)
+        actual = _stacked("planar", train_x, test_x, cfg, checkpoints=checkpoints)
+    _assert_same((models, outcomes), actual)
+    assert "non-finite training loss (nan) in epoch 2" in actual[1][1].message
+    state = torch.load(checkpoints[1], weights_only=False)
+    assert state[TRAINED_KEY]["status"] == "diverged" and len(state["history"]) == 2
+    again = fit(_build(1)[0], train_x, test_x, cfg, seed=1, checkpoint=checkpoints[1])  # the seed's own job
+    assert again.status == "diverged" and again.epochs_run == 1 and again.message == actual[1][1].message
+
+
+def _stop_after(monkeypatch, at_step: int):
+    """A should_stop that turns true once the stack has stepped ``at_step`` times."""
+    step, calls = stacked_module._Stack.step, {"n": 0}
+
+    def counting(self, *args):
+        calls["n"] += 1
+        return step(self, *args)
+
+    monkeypatch.setattr(stacked_module._Stack, "step", counting)
+    return lambda: calls["n"] >= at_step
+
+
+@pytest.mark.parametrize("stop_at", [7, 10])  # inside epoch 2 (5 steps an epoch), and at its end
+def test_interrupted_stack_resumes_stacked_or_alone(tmp_path, monkeypatch, stop_at):
+    """Every seed saves where the stop found it and is interrupted (no trained record); resumed as a stack it ends
+    bit-identical to the stack never stopped, and each seed resumed by fit ends where fit alone leaves it."""
+    train_x, test_x = _data()
+    cfg = _cfg(epochs=4)
+    uninterrupted = _stacked("planar", train_x, test_x, cfg)
+    checkpoints = [tmp_path / f"c{seed}.pt" for seed in SEEDS]
+    with monkeypatch.context() as patch:
+        _, outcomes = _stacked("planar", train_x, test_x, cfg, checkpoints=checkpoints,
+                               should_stop=_stop_after(patch, stop_at))
+    where = "in epoch 2 after step 2" if stop_at == 7 else "after epoch 2"
+    assert all(o.status == "interrupted" and o.message == where for o in outcomes)
+    states = [torch.load(c, weights_only=False) for c in checkpoints]
+    assert all(TRAINED_KEY not in s and (s["partial"] is not None) == (stop_at == 7) for s in states)
+    for s in states:  # each holds its own tensors, not a view of the stack's (which would store all of it)
+        for tensor in [*s["model"].values(), *(s["partial"] or {"order": torch.zeros(0)}).values()]:
+            if isinstance(tensor, torch.Tensor):
+                assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    copies = [tmp_path / f"copy{seed}.pt" for seed in SEEDS]
+    for checkpoint, copy in zip(checkpoints, copies, strict=True):
+        copy.write_bytes(checkpoint.read_bytes())
+
+    torch.manual_seed(123)  # whatever torch's streams hold now, the checkpoints' win
+    resumed = _stacked("planar", train_x, test_x, cfg, checkpoints=checkpoints)
+    assert all(o.resumed_from == 1 + (stop_at == 10) for o in resumed[1])
+    _assert_same(_with_resume(uninterrupted, resumed[1]), resumed, exact=True)
+
+    alone = _fit_each("planar", train_x, test_x, cfg, checkpoints=copies)
+    _assert_same(_with_resume(_fit_each("planar", train_x, test_x, cfg), alone[1]), alone)
+
+
+def _with_resume(result, like):
+    """A result whose outcomes count epochs as the resumed ones ``like`` do (the history is the whole run's)."""
+    models, outcomes = result
+    for outcome, other in zip(outcomes, like, strict=True):
+        outcome.resumed_from, outcome.epochs_run = other.resumed_from, other.epochs_run
+    return models, outcomes
+
+
+def test_fit_checkpoints_at_different_points_resume_as_one_stack(tmp_path, monkeypatch):
+    """Seed 0 never started, seed 1 was stopped by fit inside epoch 2, seed 2 after epoch 3 (of 4) with validation,
+    seed 3 finished by an earlier stack: the group trains each from its own point and each ends as fit alone."""
+    events, test_x = _data(n_train=125)
+    train_x, val_x = split_validation(events, 0.2, 0)
+    seeds = [0, 1, 2, 3]
+    cfg = _cfg(epochs=4)
+    expected = _fit_each("planar", train_x, test_x, cfg, seeds=seeds, val_x=val_x)
+    checkpoints = [tmp_path / f"c{seed}.pt" for seed in seeds]
+    bests = [tmp_path / f"b{seed}.pt" for seed in seeds]
+    for seed, stop_at in ((1, 7), (2, 15)):
+        calls = {"n": 0}
+        with monkeypatch.context() as patch:
+            make_step = train_module.make_step
+
+            def counting(*args, make_step=make_step, calls=calls):
+                step = make_step(*args)
+
+                def counted(batch, beta):
+                    calls["n"] += 1
+                    return step(batch, beta)
+
+                return counted
+
+            patch.setattr(train_module, "make_step", counting)
+            fit(_build(seed)[0], train_x, test_x, cfg, seed=seed, checkpoint=checkpoints[seed], val_x=val_x,
+                best=bests[seed], should_stop=lambda calls=calls, stop_at=stop_at: calls["n"] >= stop_at)
+    _stacked("planar", train_x, test_x, cfg, seeds=[3], checkpoints=[checkpoints[3]], val_x=val_x, bests=[bests[3]])
+    recorded = torch.load(checkpoints[3], weights_only=False)[TRAINED_KEY]
+    assert recorded["status"] == "ok" and recorded["epochs_run"] == 4
+
+    epochs_seen = {seed: [] for seed in seeds}
+    on_epoch = [lambda history, seed=seed: epochs_seen[seed].append(history[-1]["epoch"]) for seed in seeds]
+    actual = _stacked("planar", train_x, test_x, cfg, seeds=seeds, checkpoints=checkpoints, val_x=val_x, bests=bests,
+                      on_epoch=on_epoch)
+    assert [o.resumed_from for o in actual[1]] == [0, 1, 3, 0]
+    assert [o.epochs_run for o in actual[1]] == [4, 3, 1, 4]  # seed 3's as its stack recorded it
+    assert epochs_seen == {0: [1, 2, 3, 4], 1: [2, 3, 4], 2: [4], 3: []}
+    _with_resume(expected, actual[1])
+    _assert_same(expected, actual)
+
+
+def test_checkpoints_have_fits_format(tmp_path):
+    """Same keys, weights, optimizer layout (param groups, per-parameter state and shapes), streams and history as
+    fit's checkpoint of the same seed and epoch; the noise stream and batch order bit-identical."""
+    train_x, test_x = _data()
+    cfg = _cfg(epochs=2, lr_schedule="cosine")
+    fits = [tmp_path / f"fit{seed}.pt" for seed in SEEDS]
+    stacks = [tmp_path / f"stack{seed}.pt" for seed in SEEDS]
+    _fit_each("iaf", train_x, test_x, cfg, checkpoints=fits)
+    _stacked("iaf", train_x, test_x, cfg, checkpoints=stacks)
+    for fit_path, stack_path in zip(fits, stacks, strict=True):
+        expected, actual = (torch.load(p, weights_only=False) for p in (fit_path, stack_path))
+        assert set(actual) == set(expected) | {TRAINED_KEY}
+        for key in ("epoch", "partial", "extra", "validation", "cuda_rng"):
+            assert actual[key] == expected[key], key
+        for key in ("torch_rng", "shuffle_rng"):
+            assert torch.equal(actual[key], expected[key]), key
+        assert list(actual["model"]) == list(expected["model"])
+        for key, tensor in expected["model"].items():
+            assert actual["model"][key].is_contiguous()
+            torch.testing.assert_close(actual["model"][key], tensor, **TOLERANCE)
+        opt_a, opt_e = actual["optimizer"], expected["optimizer"]
+        assert opt_a["param_groups"] == opt_e["param_groups"]
+        assert list(opt_a["state"]) == list(opt_e["state"])
+        for index, state in opt_e["state"].items():
+            assert list(opt_a["state"][index]) == list(state)
+            for key, tensor in state.items():
+                got = opt_a["state"][index][key]
+                assert (got.shape, got.stride(), got.dtype, got.device) == (tensor.shape, tensor.stride(),
+                                                                           tensor.dtype, tensor.device)
+                assert torch.equal(got, tensor) if key == "step" else torch.allclose(got, tensor, rtol=1e-3,
+                                                                                     atol=1e-7)
+        assert [sorted(row) for row in actual["history"]] == [sorted(row) for row in expected["history"]]
+        # only the checkpoint's own tensors are stored, not the whole stack's
+        assert stack_path.stat().st_size < 1.5 * fit_path.stat().st_size
+
+
+def test_wrong_calls_are_refused_with_what_to_fix():
+    train_x, test_x = _data()
+    models = [_build(seed)[0] for seed in SEEDS]
+    states = [torch.get_rng_state()] * 3
+    with pytest.raises(ValueError, match=r"one entry per model \(3\); got \{'checkpoints': 2\}"):
+        fit_stacked(models, train_x, test_x, _cfg(), seeds=SEEDS, rng_states=states, checkpoints=[None] * 2,
+                    extra_states=[{}] * 3)
+    with pytest.raises(ValueError, match="model 1 differs from model 0"):
+        fit_stacked([models[0], _build(1, "iaf")[0]], train_x, test_x, _cfg(), seeds=[0, 1], rng_states=states[:2],
+                    checkpoints=[None] * 2, extra_states=[{}] * 2)
+    with pytest.raises(ValueError, match="train.patience needs validation events"):
+        fit_stacked(models, train_x, test_x, _cfg(patience=2), seeds=SEEDS, rng_states=states,
+                    checkpoints=[None] * 3, extra_states=[{}] * 3)
+
+
+def test_loss_with_the_noise_passed_in_is_the_loss_drawing_it():
+    """FlowVAE.loss(noise=eps), eps drawn from a generator in the global stream's state, is bit for bit the loss
+    that draws eps from the global stream (what lets a stack draw each seed's noise outside vmap)."""
+    model, state = _build(0, "masked_planar")
+    x, _ = _data(masked=True)
+    noise = torch.randn(len(x), model.latent_dim, generator=torch.Generator().manual_seed(0).set_state(state))
+    with_noise = model.loss(x, 0.5, noise=noise)
+    torch.set_rng_state(state)
+    drawn = model.loss(x, 0.5)
+    for a, b in ((with_noise.loss, drawn.loss), (with_noise.recon, drawn.recon), (with_noise.kl, drawn.kl)):
+        assert torch.equal(a, b)
+    assert not torch.equal(model.loss(x, 0.5, noise=torch.zeros_like(noise)).loss, drawn.loss)

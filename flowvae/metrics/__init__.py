@@ -14,9 +14,10 @@
   definition that a run, ``flowvae evaluate`` and ``flowvae score`` share.
 
 Layers: marginal imports nothing of flowvae's and jets only marginal; efp and distances import jets; protocol
-imports them all; row imports protocol and distances. efp, distances, protocol and row report what a long step is
-doing (EFPs, W1 batches, FPD's batch sizes, KPD, the floors) through :mod:`flowvae.progress`, a base module that
-imports nothing of flowvae; reporting changes no number and no random stream.
+imports them all; row builds on them all (and on ``Events`` of :mod:`flowvae.data.events`). efp, distances,
+protocol and row report what a long step is doing (EFPs, W1 batches, FPD's batch sizes, KPD, the floors) through
+:mod:`flowvae.progress`, a base module that imports nothing of flowvae; reporting changes no number and no random
+stream.
 
 **The jet-level metrics, and where they differ from jetnet.** The definitions follow R. Kansal et al., "Evaluating
 generative models in high energy physics", Phys. Rev. D 107 (2023) 076017 (arXiv:2211.10295), and their reference

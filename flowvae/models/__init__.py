@@ -10,6 +10,7 @@ Every architecture shares the encoder, the posterior flows (``flow=``, ``n_flows
 
 from __future__ import annotations
 
+from flowvae.models.priors import build_prior
 from flowvae.models.vae import MSE_SIGMA, FlowVAE, LossTerms
 
 __all__ = ["FlowVAE", "LossTerms", "MSE_SIGMA", "MODELS", "build_model"]
@@ -21,11 +22,13 @@ MODELS = {
 }
 
 
-def build_model(n_in: int, cfg_model, cfg_flow, n_flows: int, n_mask: int = 0, n_features: int | None = None
-                ) -> FlowVAE:
+def build_model(n_in: int, cfg_model, cfg_flow, n_flows: int, n_mask: int = 0, n_features: int | None = None,
+                cfg_prior=None) -> FlowVAE:
     """The VAE of the ``model.*`` config with the flow stack of ``flow.*`` and ``n_flows``; ``n_mask`` = P for
     events with a particle mask; ``n_features`` = F (events of F × P values, n_in = F·P), which
-    ``conditional_flow`` needs to lay an event out."""
+    ``conditional_flow`` needs to lay an event out; ``cfg_prior`` (``prior.*``) a learned flow prior for
+    ``prior=flow``, built after the rest of the model (N(0, I) otherwise: a two-stage prior is fitted after
+    training)."""
     options = {k: v for k, v in cfg_flow.items() if k != "name" and v is not None}
     name = cfg_model.get("name", "default")
     if name not in MODELS:
@@ -36,5 +39,8 @@ def build_model(n_in: int, cfg_model, cfg_flow, n_flows: int, n_mask: int = 0, n
         coupling = {"coupling_layers": cfg_model.coupling_layers, "n_features": n_features,
                     "coupling_hidden": list(hidden) if hidden is not None else None,
                     "coupling_transform": cfg_model.coupling_transform, "coupling_bins": cfg_model.coupling_bins}
-    return FlowVAE(n_in, list(cfg_model.hidden), cfg_model.latent_dim, cfg_flow.name, n_flows, options,
-                   cfg_model.likelihood, cfg_model.sigma_x, n_mask, **coupling)
+    model = FlowVAE(n_in, list(cfg_model.hidden), cfg_model.latent_dim, cfg_flow.name, n_flows, options,
+                    cfg_model.likelihood, cfg_model.sigma_x, n_mask, **coupling)
+    if cfg_prior is not None and cfg_prior.get("name", "standard") == "flow":
+        model.prior = build_prior(cfg_model.latent_dim, cfg_prior)  # its weights drawn last
+    return model

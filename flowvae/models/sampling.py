@@ -44,7 +44,7 @@ def generate_blocks(model: FlowVAE, n: int, source: str, decode: str, test_x: to
         for start in range(0, n, block):
             size = min(block, n - start)
             if source == "prior":
-                z = torch.randn(size, model.latent_dim, generator=generator, device=device)
+                z = model.prior.sample(size, generator, device)  # N(0, I): torch.randn as it always was
             else:
                 index = torch.arange(start, start + size, device=device) % len(test_x)
                 z = model.posterior_latent(test_x[index], generator)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from flowvae import flows
 from flowvae.models.conditional_flow import CouplingFlow
+from flowvae.models.priors import Prior, StandardNormal
 
 __all__ = ["FlowVAE", "LossTerms", "MSE_SIGMA"]
 
@@ -76,13 +77,15 @@ class FlowVAE(nn.Module):
     of squared errors), or ``gaussian`` with a learned per-element variance (``sigma_x=None``) or a fixed one.
     ``coupling_layers`` > 0 pushes that Gaussian through a coupling flow conditioned on z (and the mask) with
     ``coupling_hidden`` conditioner widths, each moving a value by ``coupling_transform`` (``affine`` or a
-    ``spline`` of ``coupling_bins`` bins); it needs ``n_features`` to lay the event out as (F, P).
+    ``spline`` of ``coupling_bins`` bins); it needs ``n_features`` to lay the event out as (F, P). ``prior`` is
+    p(z) (:mod:`flowvae.models.priors`), N(0, I) when not given.
     """
 
     def __init__(self, n_in: int, hidden: list[int], latent_dim: int, flow: str = "none", n_flows: int = 0,
                  flow_options: dict | None = None, likelihood: str = "gaussian", sigma_x: float | None = None,
                  n_mask: int = 0, coupling_layers: int = 0, coupling_hidden: list[int] | None = None,
-                 n_features: int | None = None, coupling_transform: str = "affine", coupling_bins: int = 8):
+                 n_features: int | None = None, coupling_transform: str = "affine", coupling_bins: int = 8,
+                 prior: Prior | None = None):
         super().__init__()
         self.n_in, self.latent_dim, self.likelihood = n_in, latent_dim, likelihood
         self.n_mask = n_mask  # P when events carry a particle mask (appended to the input), else 0
@@ -109,6 +112,9 @@ class FlowVAE(nn.Module):
         # One matmul gives every flow's amortized parameters at once.
         n_params = self.flows.num_params
         self.flow_head = nn.Linear(hidden[-1], n_params) if n_params > 0 else None
+        # p(z), built by the caller after everything above (a learned prior draws its weights last): N(0, I) has
+        # no weights, so a standard-prior model's weights, stream and checkpoint are those it always had.
+        self.prior = prior if prior is not None else StandardNormal(latent_dim)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """q0's mean and log-variance, each (B, D), and the flows' parameters (B, num_params) or None."""
@@ -185,8 +191,7 @@ class FlowVAE(nn.Module):
         if mask is not None:
             multiplicity = mask.sum(-1).round().long()
             recon = recon + F.cross_entropy(self.multiplicity_head(h), multiplicity, reduction="none")
-        log_p_z = -0.5 * (z_k.pow(2) + LOG_2PI).sum(-1)
-        kl = log_q_k - log_p_z
+        kl = log_q_k - self.prior.log_prob(z_k)  # with a flow prior: the same sample's log p(z_K) under the flow
         recon, kl = recon.mean(), kl.mean()
         return LossTerms(recon + beta * kl, recon, kl)
 

@@ -101,6 +101,23 @@ class EvalConfig:
 
 
 @dataclass
+class PriorConfig:
+    """p(z) (``conf/prior/<name>.yaml``, :mod:`flowvae.models.priors`): ``standard`` N(0, I), ``flow`` learned with
+    the ELBO, ``two_stage`` fitted to the training events' latent codes after training."""
+
+    name: str = "standard"
+    family: str | None = None  # flow, two_stage: planar, nsf, maf
+    n_layers: int | None = None
+    hidden: list[int] | None = None
+    bins: int | None = None
+    epochs: int | None = None  # two_stage: the fit's epochs, learning rate, batch, validation share, patience
+    lr: float | None = None
+    batch_size: int | None = None
+    val_fraction: float | None = None
+    patience: int | None = None
+
+
+@dataclass
 class OptimizeConfig:
     """What a search (``+search=default``, :mod:`flowvae.sweeps.optuna_sweeper`) optimizes: a metric column of the
     run's row."""
@@ -126,6 +143,7 @@ class Config:
     model: ModelConfig = MISSING
     train: TrainConfig = MISSING
     eval: EvalConfig = MISSING
+    prior: PriorConfig = field(default_factory=PriorConfig)
     n_flows: int = 0
     seed: int = 0
     results_csv: str = "outputs/results.csv"
@@ -165,6 +183,35 @@ def validate(cfg: DictConfig) -> None:
     _validate_eval(cfg)
     _validate_data(cfg)
     _validate_logger(cfg)
+    _validate_prior(cfg)
+
+
+def _validate_prior(cfg: DictConfig) -> None:
+    """The prior's name and, for a flow prior, its family and sizes; a two-stage fit's settings."""
+    from flowvae.models.priors import FAMILIES, PRIORS
+
+    prior = cfg.get("prior") or {"name": "standard"}
+    name = prior.get("name")
+    _require(name in PRIORS, "prior", name, f"one of {', '.join(PRIORS)}")
+    if name == "standard":
+        return
+    _require(prior.get("family") in FAMILIES, "prior.family", prior.get("family"), f"one of {', '.join(FAMILIES)}")
+    _positive_int(cfg, "prior.n_layers")
+    if prior.family != "planar":
+        hidden = prior.get("hidden")
+        _require(hidden is not None and len(hidden) > 0 and all(isinstance(h, int) and h > 0 for h in hidden),
+                 "prior.hidden", hidden, "a list of positive layer widths, e.g. [64, 64]")
+    if prior.family == "nsf":
+        _positive_int(cfg, "prior.bins", minimum=2)
+    if name == "two_stage":
+        for key in ("epochs", "batch_size"):
+            _positive_int(cfg, f"prior.{key}")
+        _require(isinstance(prior.lr, float) and prior.lr > 0, "prior.lr", prior.lr, "a number > 0")
+        fraction = prior.val_fraction
+        _require(isinstance(fraction, float) and 0 < fraction < 1, "prior.val_fraction", fraction,
+                 "a number in (0, 1): the share of the codes that chooses the best epoch")
+        _require(prior.patience is None or (isinstance(prior.patience, int) and prior.patience >= 1),
+                 "prior.patience", prior.patience, "an integer >= 1, or null: every epoch")
 
 
 def _validate_flow(cfg: DictConfig) -> None:

@@ -55,9 +55,14 @@ def _plain(cfg: DictConfig | dict) -> dict:
 
 
 def _identity(cfg: DictConfig | dict) -> dict:
-    """The nested identity: the resolved config without NOT_IDENTITY, the flow's unset options dropped, and
-    the flow replaced by ``none`` when n_flows is 0."""
+    """The nested identity: the resolved config without NOT_IDENTITY, the flow's unset options dropped, the
+    flow replaced by ``none`` when n_flows is 0, and a standard prior dropped (N(0, I) is what every run had
+    before priors could be chosen: their hashes, rows and checkpoints stay theirs); another prior without its
+    unset keys."""
     data = _plain(cfg)
+    prior = data.pop("prior", None) or {}
+    if prior.get("name", "standard") != "standard":
+        data["prior"] = {key: value for key, value in prior.items() if value is not None}
     flow = data.get("flow") or {}
     if data.get("n_flows") == 0:
         flow = {"name": "none"}

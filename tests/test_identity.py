@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from flowvae.identity import NOT_IDENTITY, is_setting_column, run_hash, run_settings, same_value
+from flowvae.identity import NOT_IDENTITY, is_setting_column, run_hash, run_settings, same_value, train_hash
 from tests.conftest import compose_config
 
 
@@ -38,13 +38,37 @@ def test_every_key_but_the_excluded_ones_changes_the_hash_and_its_column(data):
         changed = OmegaConf.create(base)
         OmegaConf.update(changed, key, _changed(value))
         column = "flow" if key == "flow.name" else key
-        if any(key == k or key.startswith(f"{k}.") for k in NOT_IDENTITY):
+        if any(key == k or key.startswith(f"{k}.") for k in NOT_IDENTITY) or _standard_prior_option(base, key):
             assert run_hash(changed) == base_hash, key
             assert column not in base_row
         else:
             assert run_hash(changed) != base_hash, key
-            assert run_settings(changed)[column] != base_row[column], key
+            assert run_settings(changed)[column] != base_row.get(column), key
             assert is_setting_column(column)
+
+
+def _standard_prior_option(base: dict, key: str) -> bool:
+    """A standard prior's unset family options are no part of the identity (its name is)."""
+    return base["prior"]["name"] == "standard" and key.startswith("prior.") and key != "prior.name"
+
+
+@pytest.mark.parametrize("prior", ["flow", "two_stage"])
+def test_every_key_of_a_chosen_prior_changes_the_hash_and_its_column(prior):
+    base = OmegaConf.to_container(compose_config(f"prior={prior}"))
+    base_hash, base_row = run_hash(base), run_settings(base)
+    for key, value in _leaves(base["prior"], "prior."):
+        changed = OmegaConf.create(base)
+        OmegaConf.update(changed, key, _changed(value))
+        assert run_hash(changed) != base_hash, key
+        assert run_settings(changed)[key] != base_row.get(key), key
+
+
+def test_a_standard_prior_leaves_every_hash_as_it_was():
+    """N(0, I) is what every run had before priors could be chosen: its config hashes as it always did."""
+    cfg = OmegaConf.to_container(compose_config())
+    without = {key: value for key, value in cfg.items() if key != "prior"}
+    assert run_hash(cfg) == run_hash(without) and train_hash(cfg) == train_hash(without)
+    assert not [column for column in run_settings(cfg) if column.startswith("prior")]
 
 
 def test_zero_flows_of_any_type_is_one_run_with_no_flow_options():

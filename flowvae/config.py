@@ -18,7 +18,7 @@ from flowvae.data.events import LAYOUTS, event_axes, per_feature
 from flowvae.data.transforms import TRANSFORMS
 from flowvae.errors import ConfigError
 
-__all__ = ["Config", "with_schema_defaults", "validate", "LIKELIHOODS"]
+__all__ = ["Config", "with_schema_defaults", "validate", "validate_prior", "LIKELIHOODS"]
 
 DATA_NAMES = ("gaussian", "npy", "jets")
 LIKELIHOODS = ("mse", "gaussian")
@@ -183,10 +183,10 @@ def validate(cfg: DictConfig) -> None:
     _validate_eval(cfg)
     _validate_data(cfg)
     _validate_logger(cfg)
-    _validate_prior(cfg)
+    validate_prior(cfg)
 
 
-def _validate_prior(cfg: DictConfig) -> None:
+def validate_prior(cfg: DictConfig) -> None:
     """The prior's name and, for a flow prior, its family and sizes; a two-stage fit's settings."""
     from flowvae.models.priors import FAMILIES, PRIORS
 

@@ -74,6 +74,17 @@ class RunFiles:
         return self.root / "generated_sample.npy"
 
     @property
+    def prior(self) -> Path:
+        """A two-stage prior (``prior=two_stage``, ``flowvae fit-prior``): the flow fitted to the training events'
+        latent codes, its settings and its fit; what generating from this run draws z from."""
+        return self.root / "prior.pt"
+
+    @property
+    def latent(self) -> Path:
+        """Each latent dimension's aggregate posterior (held-out events' codes) against the generating prior."""
+        return self.root / "latent.png"
+
+    @property
     def error(self) -> Path:
         """The traceback of a run that failed."""
         return self.root / "error.txt"

@@ -78,8 +78,11 @@ def run_hash(cfg: DictConfig | dict) -> str:
 
 def train_hash(cfg: DictConfig | dict) -> str:
     """12 hex digits of sha256 over what trains the model: the identity without SCORING_KEYS. A checkpoint is
-    keyed by it, so any evaluation of a trained model finds it, and a resumed run only resumes its own training."""
+    keyed by it, so any evaluation of a trained model finds it, and a resumed run only resumes its own training.
+    A two-stage prior is fitted after training, to the trained model: it is no part of what trains it."""
     data = _identity(cfg)
+    if data.get("prior", {}).get("name") == "two_stage":
+        data.pop("prior")
     for key in SCORING_KEYS:
         data.pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]

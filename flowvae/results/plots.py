@@ -12,7 +12,7 @@ import numpy as np
 
 from flowvae.files import replaced
 
-__all__ = ["plot_histograms", "pyplot", "plot_table", "table_figure"]
+__all__ = ["plot_histograms", "plot_latent", "pyplot", "plot_table", "table_figure"]
 
 
 def pyplot():
@@ -124,3 +124,31 @@ def _n_flows_ticks(ax, n_flows: list[int]) -> None:
         last = position if show else last
     ax.set_xticks(n_flows, labels=labels, fontsize=8)
     ax.xaxis.set_minor_locator(NullLocator())
+
+
+def plot_latent(codes: np.ndarray, prior_samples: np.ndarray, path: Path, gap: float, floor: float,
+                title: str = "", bins: int = 60) -> None:
+    """One panel per latent dimension: the held-out events' posterior codes (N, D), the aggregate posterior,
+    against as many draws of the generating prior (M, D), on shared bins; the title gives ``latent_gap`` and its
+    floor (:mod:`flowvae.metrics.latent`). The histograms the user draws by hand to ask "is the latent Gaussian?"."""
+    plt = pyplot()
+    n_dims = codes.shape[1]
+    columns = min(n_dims, 4)
+    rows = -(-n_dims // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.8 * rows), squeeze=False)
+    for d, ax in enumerate(axes.ravel()):
+        if d >= n_dims:
+            ax.axis("off")
+            continue
+        edges = np.linspace(min(codes[:, d].min(), prior_samples[:, d].min()),
+                            max(codes[:, d].max(), prior_samples[:, d].max()), bins + 1)
+        ax.hist(codes[:, d], bins=edges, density=True, histtype="stepfilled", alpha=0.35, color="C0",
+                label="posterior codes")
+        ax.hist(prior_samples[:, d], bins=edges, density=True, histtype="step", lw=1.6, color="C3", label="prior")
+        ax.set_title(f"z{d}", fontsize=9)
+    axes[0][-1].legend(loc="upper right", fontsize=7)
+    fig.suptitle(f"{title + ': ' if title else ''}latent_gap {gap:.3f} (floor {floor:.3f})", fontsize=10)
+    fig.tight_layout()
+    with replaced(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)

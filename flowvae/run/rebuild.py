@@ -231,11 +231,16 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto", allow_unfinished:
     n_mask = events.n_particles if events.train_mask is not None else 0
     try:
         model = build_model(events.n_features * events.n_particles, cfg.model, cfg.flow, cfg.n_flows, n_mask,
-                            events.n_features)
+                            events.n_features, cfg.get("prior"))
         model.load_state_dict(state["model"])
     except (RuntimeError, ValueError, TypeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RebuildError(f"{files.checkpoint} does not fit the model of the run's config: {first}") from None
     model.to(torch_device).eval()
+    if files.prior.exists():  # a two-stage prior (prior=two_stage, flowvae fit-prior): what generation draws from
+        from flowvae.run.two_stage import load_prior
+
+        model.prior, record = load_prior(files.prior, torch_device)
+        cfg.prior = record["config"]  # the run's rows and identity say which prior generated
     return Run(cfg, events, feature_map, model, torch_device, state["epoch"], root, state["history"],
                state["best_epoch"])

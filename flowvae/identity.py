@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flowvae.files import resolve_path
 
-__all__ = ["NOT_IDENTITY", "SCORING_KEYS", "CELL_COLUMNS", "SEED_COLUMN", "run_settings", "run_hash", "train_hash",
+__all__ = ["NOT_IDENTITY", "NEUTRAL", "SCORING_KEYS", "CELL_COLUMNS", "SEED_COLUMN", "run_settings", "run_hash", "train_hash",
            "setting_columns", "is_setting_column", "same_value", "data_label"]
 
 # Where or how a run writes, how fast it goes: these change no number of the row, so they are not its identity.
@@ -36,6 +36,9 @@ NOT_IDENTITY = ("results_csv", "skip_existing", "optimize", "logger", "train.thr
                 "train.checkpoint_every", "train.eval_every", "hydra")
 # What scores a trained model rather than trains it: changing these needs no training (``flowvae evaluate``).
 SCORING_KEYS = ("eval",)
+# Settings added after runs existed, at the value that does what every earlier run did: left out of the identity
+# there, so earlier runs keep their hashes, rows and checkpoints (a new setting changes the hash only when set).
+NEUTRAL = {"prior.name": "standard", "train.ema": 0.0, "train.select_by": "val_loss"}
 # A table's cells: one per (flow, n_flows); the seeds inside a cell are what its mean and std are over.
 CELL_COLUMNS = ("flow", "n_flows")
 SEED_COLUMN = "seed"
@@ -61,8 +64,12 @@ def _identity(cfg: DictConfig | dict) -> dict:
     unset keys."""
     data = _plain(cfg)
     prior = data.pop("prior", None) or {}
-    if prior.get("name", "standard") != "standard":
+    if prior.get("name", "standard") != NEUTRAL["prior.name"]:
         data["prior"] = {key: value for key, value in prior.items() if value is not None}
+    for key, neutral in NEUTRAL.items():
+        section, _, leaf = key.partition(".")
+        if section != "prior" and leaf in data.get(section, {}) and data[section][leaf] == neutral:
+            del data[section][leaf]
     flow = data.get("flow") or {}
     if data.get("n_flows") == 0:
         flow = {"name": "none"}

@@ -27,8 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from flowvae.files import resolve_path
 
-__all__ = ["NOT_IDENTITY", "NEUTRAL", "SCORING_KEYS", "CELL_COLUMNS", "SEED_COLUMN", "run_settings", "run_hash", "train_hash",
-           "setting_columns", "is_setting_column", "same_value", "data_label"]
+__all__ = ["NOT_IDENTITY", "NEUTRAL", "SCORING_KEYS", "CELL_COLUMNS", "SEED_COLUMN", "run_settings", "run_hash",
+           "train_hash", "setting_columns", "is_setting_column", "same_value", "data_label"]
 
 # Where or how a run writes, how fast it goes: these change no number of the row, so they are not its identity.
 # train.eval_every belongs here because the test loss has its own random stream: it changes no trained weight.

@@ -33,6 +33,7 @@ usage:
   flowvae generate RUN_DIR --n N --out FILE     N events from a trained run, in the data's units (--help)
   flowvae generate RUN_DIR --source heldout --out FILE   the run's held-out events, its scoring reference
   flowvae evaluate RUN_DIR... [eval.KEY=VALUE]  score trained runs again with other eval settings (--help)
+  flowvae fit-prior RUN_DIR... [prior.KEY=VALUE]  fit a flow prior to a run's latent codes; it then generates
   flowvae --version
 
 examples:
@@ -55,7 +56,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The commands besides `train`, each a module with main(args) -> exit code; imported only when called.
 COMMANDS = {"table": "flowvae.results.table", "score": "flowvae.commands.score",
-            "generate": "flowvae.commands.generate", "evaluate": "flowvae.commands.evaluate"}
+            "generate": "flowvae.commands.generate", "evaluate": "flowvae.commands.evaluate",
+            "fit-prior": "flowvae.commands.fit_prior"}
 COMPLETION_FLAGS = ("-sc", "--shell-completion")
 
 # Exit codes of the jobs this process ran (a single run, or a sweep on the basic launcher); sweeps on other
@@ -65,20 +67,35 @@ _exit_codes: list[int] = []
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def train(cfg: DictConfig) -> int | float:
-    """Hydra's task: one run of the experiment in its run directory. Returns its exit code, or, under flowvae's
-    Optuna sweeper (flowvae.sweeps.optuna_sweeper), the objective (``optimize.metric`` of its row, +inf when it has
-    none)."""
-    from flowvae.run.job import run
+    """Hydra's task: one run of the experiment in its run directory. Returns what Hydra hands its sweeper as the
+    job's ``return_value``: the run's exit code or, under flowvae's Optuna sweeper (:func:`_searching`), the
+    objective (``optimize.metric`` of its row, +inf when it has none)."""
+    from flowvae.run.job import execute
 
     hc = HydraConfig.get()
     sweep_dir = Path(hc.runtime.cwd, hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
-    code = run(cfg, Path(hc.runtime.output_dir), Path(hc.runtime.cwd), _parallel_jobs(hc), sweep_dir)
-    _exit_codes.append(code)
-    if "optuna" in str(OmegaConf.select(hc, "sweeper._target_", default="")).lower():
-        from flowvae.run.job import objective
+    outcome = execute(cfg, Path(hc.runtime.output_dir), Path(hc.runtime.cwd), _parallel_jobs(hc), sweep_dir)
+    _exit_codes.append(outcome.code)
+    if _searching(hc):
+        return outcome.objective(cfg.optimize.metric)  # what the search optimizes; +inf for a failed trial
+    return outcome.code
 
-        return objective(cfg.optimize.metric)  # what the search minimizes; +inf for a failed trial
-    return code
+
+def _searching(hc) -> bool:
+    """Whether the job's sweeper is flowvae's Optuna sweeper (:class:`flowvae.sweeps.optuna_sweeper.OptunaSweeper`,
+    under whatever name or subclass ``hydra.sweeper._target_`` gives it), which optimizes its jobs' return values."""
+    target = OmegaConf.select(hc, "sweeper._target_", default=None)
+    if not target:
+        return False
+    from hydra.utils import get_class
+
+    from flowvae.sweeps.optuna_sweeper import OptunaSweeper
+
+    try:
+        sweeper = get_class(str(target))
+    except Exception:  # noqa: BLE001 - a sweeper this process cannot import is not flowvae's
+        return False
+    return isinstance(sweeper, type) and issubclass(sweeper, OptunaSweeper)
 
 
 def _parallel_jobs(hc) -> int:

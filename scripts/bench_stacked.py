@@ -42,7 +42,7 @@ from flowvae.data.units import model_input
 from flowvae.run.experiment import seeded_model
 from flowvae.run.preflight import configure_torch
 from flowvae.training import stacked
-from flowvae.training.kit import make_optimizer, make_step
+from flowvae.training.kit import Plan, make_optimizer, make_step
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> overrides; jets: real gluon jets with their particle masks (the test slice: 30 particles, 4 features)
@@ -107,12 +107,11 @@ class Stacked:
     """The same S models as fit_stacked stacks them: a round is one stacked step."""
 
     def __init__(self, cfg: DictConfig, events, train_x: torch.Tensor, seeds: list[int]) -> None:
-        members = []
+        members, plan = [], Plan(cfg.train, train_x)
         for seed in seeds:
             model = seeded_model(cfg_with_seed(cfg, seed), events, train_x.device)
-            member = stacked._seed(model, seed, torch.get_rng_state(), None, {}, None, None, cfg.train,
-                                   train_x.device)
-            member.draw_order(len(train_x), train_x.device)
+            member = stacked._Seed(model, seed, plan, torch.get_rng_state())
+            member.draw_order()
             members.append(member)
         self.template, self.cfg = stacked._Loss(copy.deepcopy(members[0].model)), cfg.train
         self.stack = stacked._Stack(members, self.template, cfg.train)

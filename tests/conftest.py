@@ -58,8 +58,10 @@ def require_extra(module: str, extra: str):
 
 
 def stop_after_step(monkeypatch, at_step: int):
-    """A ``should_stop`` that turns true once the training step has run ``at_step`` times (counting from 1)."""
+    """A callback whose ``should_stop`` turns true once fit's training step has run ``at_step`` times (counting
+    from 1)."""
     from flowvae.training import loop as train_module
+    from flowvae.training.callbacks import Callback
 
     make_step = train_module.make_step
     calls = {"n": 0}
@@ -73,8 +75,12 @@ def stop_after_step(monkeypatch, at_step: int):
 
         return counting
 
+    class StopAfter(Callback):
+        def should_stop(self) -> bool:
+            return calls["n"] >= at_step
+
     monkeypatch.setattr(train_module, "make_step", patched)
-    return lambda: calls["n"] >= at_step
+    return StopAfter()
 
 
 def wait_until(condition, what: str, timeout: float = 300, process=None, poll: float = 0.05) -> None:

@@ -122,8 +122,9 @@ def _score(cfg, run, results_csv: Path, identity: str, tracker: Tracker) -> tupl
     from flowvae.cores import choose_threads
     from flowvae.results.store import append_row
     from flowvae.run import experiment
-    from flowvae.run.job import metric_values, result_row
     from flowvae.run.preflight import configure_torch
+    from flowvae.run.row import metric_values, result_row
+    from flowvae.run.two_stage import latent_columns
 
     started = time.time()
     configure_torch(choose_threads(cfg.train.threads, 1))
@@ -132,6 +133,7 @@ def _score(cfg, run, results_csv: Path, identity: str, tracker: Tracker) -> tupl
                                                               cfg.seed, run.feature_map, run.events)
         stopping.check("while generating")
         values = experiment.score_events(cfg, run.events, generated, gen_mask)
+        values.update(latent_columns(run.model, run.test_input("posterior"), cfg.seed))
     values.update(experiment.final_losses(run.history), epochs_run=0, resumed_from=run.epoch,
                   epochs_trained=run.epoch, best_epoch=run.scored_epoch)
     row = result_row(cfg, run.events, values, "ok", "", started, run.root, identity)

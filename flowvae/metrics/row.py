@@ -1,6 +1,8 @@
-"""The one definition of a result row's metric columns and of how they are computed from two event sets: the
-per-feature distances, the jet-level metrics under a protocol, and their floors. ``flowvae score``, a run and a
-search's pruning all ask this module."""
+"""The one definition of a result row's metric columns (:func:`metric_columns`) and of how the scores among them
+are computed from two event sets (:func:`score_row`): the per-feature distances, the jet-level metrics under a
+protocol, and their floors. ``flowvae score`` writes the scores alone (:func:`row_columns`); a run's row
+(:func:`flowvae.run.row.result_row`) adds the numbers of the training that made the generator
+(:data:`TRAINING_COLUMNS`, filled by the run); a search checks its objective against these columns."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from flowvae.data.events import Events
 from flowvae.errors import ConfigError
 from flowvae.metrics import distances
 from flowvae.metrics import protocol as jet_protocol
+from flowvae.metrics.latent import LATENT_COLUMNS
 
-__all__ = ["row_columns", "jet_columns", "score_row", "jet_row", "W1P_EVENTS", "metric_columns", "event_metric_columns"]
+__all__ = ["row_columns", "jet_columns", "score_row", "jet_row", "W1P_EVENTS", "TRAINING_COLUMNS", "metric_columns",
+           "event_metric_columns"]
 
 
 log = logging.getLogger(__name__)
@@ -22,12 +26,16 @@ log = logging.getLogger(__name__)
 
 # Events per batch of the per-feature W1's uncertainty (jetnet's w1p default).
 W1P_EVENTS = 10_000
+# A run's row's metric columns after the scores: the numbers of the training that made the generator (its last
+# epoch's losses, how many epochs it ran, resumed from, trained in all, and the epoch whose weights were scored).
+TRAINING_COLUMNS = ("final_train_loss", "final_test_loss", "final_recon", "final_kl_term", "epochs_run",
+                    "resumed_from", "epochs_trained", "best_epoch")
 
 
 def row_columns(n_features: int, kinematics: bool = False, mask: bool = False, jet_level_only: bool = False,
                 protocol: str = "scaled") -> list[str]:
-    """The columns of :func:`score_row` for events of ``n_features`` features, with kinematics and a mask or
-    not, in their order; ``jet_level_only``: the jet-level ones alone (:func:`jet_columns`)."""
+    """The columns of :func:`score_row` (the scores) for events of ``n_features`` features, with kinematics and a
+    mask or not, in their order; ``jet_level_only``: the jet-level ones alone (:func:`jet_columns`)."""
     if jet_level_only:
         return jet_columns(kinematics, mask, protocol, n_features)
     return [*metrics.score_columns(n_features), *[f"w1_{i}_err" for i in range(n_features)], "noise_floor",
@@ -121,15 +129,15 @@ def _same_events(one: tuple, other: tuple) -> bool:
 def metric_columns(n_features: int, kinematics: bool = False, mask: bool = False, protocol: str = "scaled"
                    ) -> list[str]:
     """The result row's metric columns for events of ``n_features`` features, with jet kinematics and a
-    particle mask or not, under metric ``protocol`` (``eval.protocol``), in their order."""
-    from flowvae.metrics.row import row_columns
-
-    return [*row_columns(n_features, kinematics, mask, protocol=protocol), "final_train_loss", "final_test_loss",
-            "final_recon", "final_kl_term", "epochs_run", "resumed_from", "epochs_trained", "best_epoch"]
+    particle mask or not, under metric ``protocol`` (``eval.protocol``), in their order: the scores
+    (:func:`row_columns`), then the training's numbers (:data:`TRAINING_COLUMNS`), then the latent's gap to the
+    generating prior (:data:`flowvae.metrics.latent.LATENT_COLUMNS`, added last so older tables only widen). The one
+    definition: a run's and an evaluation's rows, their trackers and a search's objective all take these."""
+    return [*row_columns(n_features, kinematics, mask, protocol=protocol), *TRAINING_COLUMNS, *LATENT_COLUMNS]
 
 
 def event_metric_columns(events: Events, protocol: str) -> list[str]:
-    """The metric columns of a row scored on ``events`` under metric ``protocol`` (``cfg.eval.protocol``; the
+    """:func:`metric_columns` of a row scored on ``events`` under metric ``protocol`` (``cfg.eval.protocol``; the
     events' features, kinematics and mask decide the rest). A protocol the events cannot be scored by (jetnet's
     needs jet kinematics) is a :class:`ConfigError`."""
     try:

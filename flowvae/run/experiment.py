@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,15 @@ from flowvae.files import RunFiles, replaced
 from flowvae.metrics.row import event_metric_columns
 from flowvae.models import FlowVAE, build_model
 from flowvae.models.sampling import generate_events
-from flowvae.run.preflight import checkpoint_key, choose_device, configure_torch
-from flowvae.run.trial import hook, validation_objective
+from flowvae.run.preflight import checkpoint_key, choose_device, configure_torch, fit_feature_map
+from flowvae.run.trial import pruning, validation_objective
+from flowvae.run.two_stage import latent_columns, run_prior
+from flowvae.training.callbacks import Callback, StopRequests
 from flowvae.training.kit import split_validation
 from flowvae.training.loop import fit
 
-__all__ = ["train_and_score", "generate_for_scoring", "seeded_model", "model_tensors", "write_curves"]
+__all__ = ["train_and_score", "generate_for_scoring", "seeded_model", "model_tensors", "write_curves", "Curves",
+           "Tracker"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,7 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
                     feature_map: FeatureMap | None = None,
                     on_epoch: Callable[[list[dict]], None] | None = None) -> tuple[str, str, dict]:
     """Train, generate, score; write the run's curves, checkpoint and histogram picture. ``on_epoch`` gets the
-    training history after every epoch, after the curves file is written (the experiment tracker).
+    training history after every epoch, after the curves file is written (the experiment tracker; :class:`Tracker`).
 
     Returns (status, message, values for the result row). A stop request ends training at a step boundary
     (status ``interrupted``) and any later phase by :class:`flowvae.stopping.Interrupted`; in a search's trial
@@ -53,11 +57,10 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
         feature_map = fit_feature_map(cfg, events)
     train_x, val_x, test_x = model_tensors(cfg, events, feature_map, device)
     model = seeded_model(cfg, events, device)
+    callbacks = [Curves(files.curves), Tracker(on_epoch) if on_epoch is not None else None, StopRequests(),
+                 pruning(objective=partial(validation_objective, cfg, model, val_x, events, feature_map))]
     outcome = fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=files.checkpoint,
-                  extra_state=checkpoint_key(cfg),
-                  on_epoch=lambda history: _epoch_done(files, history, on_epoch), should_stop=stopping.requested,
-                  val_x=val_x, best=files.best, prune=hook(
-                      objective=lambda: validation_objective(cfg, model, val_x, events, feature_map)))
+                  extra_state=checkpoint_key(cfg), val_x=val_x, best=files.best, callbacks=callbacks)
     if outcome.epochs_run == 0 and outcome.history and on_epoch is not None:
         on_epoch(outcome.history)  # trained before this process (a stacked group): the tracker logs it now
     if outcome.status == "interrupted":
@@ -71,10 +74,16 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
 
     stopping.check("after training, before generating (training is saved: the rerun only scores)")
     with progress.settings(mode=cfg.train.progress):  # each phase from here on says what it does
+        if cfg.prior.name == "two_stage":  # fitted to the training events' codes; generation draws from it
+            model.prior = run_prior(model, train_x, cfg, files.prior)
+            stopping.check("after fitting the two-stage prior (it is saved: the rerun only scores)")
         generated, gen_mask = generate_for_scoring(model, cfg.eval, test_x, cfg.seed, feature_map, events)
         stopping.check("while generating (training is saved: the rerun only scores)")
         values.update(score_events(cfg, events, generated, gen_mask))
         values.update(final_losses(outcome.history))
+        with progress.phase("the latent against the generating prior: latent_gap", logger=log):
+            values.update(latent_columns(model, test_x, cfg.seed, files.latent,
+                                         title=f"{cfg.flow.name}, n_flows={cfg.n_flows}, prior {cfg.prior.name}"))
         with progress.phase(f"writing {files.histograms.name} and {files.sample.name}", logger=log):
             _write_outputs(cfg, events, generated, gen_mask, values, files)
     return "ok", "", values
@@ -110,7 +119,7 @@ def seeded_model(cfg: DictConfig, events: Events, device: torch.device) -> FlowV
     torch.manual_seed(cfg.seed)
     n_mask = events.n_particles if events.train_mask is not None else 0
     return build_model(events.n_features * events.n_particles, cfg.model, cfg.flow, cfg.n_flows, n_mask,
-                       events.n_features).to(device)
+                       events.n_features, cfg.get("prior")).to(device)
 
 
 def final_losses(history: list[dict]) -> dict:
@@ -118,13 +127,6 @@ def final_losses(history: list[dict]) -> dict:
     last = history[-1] if history else {}
     return {"final_train_loss": last.get("train_loss", ""), "final_test_loss": last.get("test_loss", ""),
             "final_recon": last.get("test_recon", ""), "final_kl_term": last.get("test_kl", "")}
-
-
-def fit_feature_map(cfg: DictConfig, events: Events) -> FeatureMap:
-    """The run's per-feature transforms and scaler, fitted on its training events (numpy only: a value outside
-    a transform's domain is a ConfigError before any training)."""
-    return FeatureMap.fit(events.train, events.train_mask, events.transforms, cfg.data.standardize,
-                          events.feature_names)
 
 
 def score_events(cfg: DictConfig, events: Events, generated: np.ndarray, gen_mask: np.ndarray | None) -> dict:
@@ -145,11 +147,24 @@ def score_events(cfg: DictConfig, events: Events, generated: np.ndarray, gen_mas
                          bins=cfg.eval.bins, eps=cfg.eval.eps, seed=cfg.seed, protocol=protocol, truth=truth)
 
 
-def _epoch_done(files: RunFiles, history: list[dict], then: Callable[[list[dict]], None] | None) -> None:
-    """After every epoch: the curves file, then ``then`` (the run's experiment tracker)."""
-    write_curves(files.curves, history)
-    if then is not None:
-        then(history)
+class Curves(Callback):
+    """The run's curves file (:func:`write_curves`) after every epoch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_epoch_end(self, row: dict, history: list[dict]) -> None:
+        write_curves(self.path, history)
+
+
+class Tracker(Callback):
+    """The run's experiment tracker: ``log_epochs`` gets the history so far after every epoch."""
+
+    def __init__(self, log_epochs: Callable[[list[dict]], None]) -> None:
+        self.log_epochs = log_epochs
+
+    def on_epoch_end(self, row: dict, history: list[dict]) -> None:
+        self.log_epochs(history)
 
 
 def write_curves(path: Path, history: list[dict]) -> None:

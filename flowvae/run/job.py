@@ -1,4 +1,6 @@
-"""One run of the experiment: validate, make data, train, generate, score, write.
+"""One run of the experiment: every check before work (:func:`flowvae.run.preflight.preflight`), then claim,
+resume or start, train, generate, score, write its row (:func:`flowvae.run.row.result_row`), and hand back its
+:class:`Outcome` (the exit code and the row, whose ``optimize.metric`` a search's task function returns).
 
 Everything a run can get wrong ends here as an exit code, never as an exception through Hydra: a sweep's
 other jobs go on, and the command's exit status tells cron what happened (0 ok, skipped, or pruned by a search,
@@ -10,28 +12,23 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from flowvae import __version__, stopping
-from flowvae.config import validate
-from flowvae.data.events import Events, load_events
-from flowvae.data.transforms import FeatureMap
+from flowvae import stopping
 from flowvae.errors import ConfigError
-from flowvae.files import Lock, LockTimeout, RunFiles, replaced, resolve_path
-from flowvae.identity import run_hash, run_settings, train_hash
-from flowvae.results.store import ResultsError, RunIndex, append_row, check_writable, ok_row, write_row_file
+from flowvae.files import Lock, LockTimeout, RunFiles, replaced
+from flowvae.results.store import ResultsError, RunIndex, append_row, write_row_file
 from flowvae.results.tracking import Tracker, open_tracker
+from flowvae.run.preflight import Checked, Existing, Refused, check_checkpoint_of, preflight, reusable_row
+from flowvae.run.row import metric_values, result_row
 
-__all__ = ["run", "objective", "result_row", "metric_values", "EXIT_OK", "EXIT_FAILED", "EXIT_CONFIG",
+__all__ = ["run", "execute", "Outcome", "interrupted_run", "EXIT_OK", "EXIT_FAILED", "EXIT_CONFIG",
            "EXIT_INTERRUPTED"]
 
 log = logging.getLogger(__name__)
@@ -42,37 +39,47 @@ EXIT_CODES = {"ok": EXIT_OK, "skipped": EXIT_OK, "pruned": EXIT_OK, "failed": EX
               "invalid": EXIT_CONFIG, "interrupted": EXIT_INTERRUPTED}
 RESUME = "rerun the same command to resume this run"
 
-# The row of the last run in this process, or None when it wrote none: what a search's objective reads.
-_last_row: dict | None = None
 
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended: its exit code, and the row it wrote, or took when skipped (None when it has none:
+    refused, interrupted, its directory in use)."""
 
-def objective(metric: str) -> float:
-    """The last run's ``metric`` for a search to minimize: its row's value when the run finished ok (or was
-    skipped for an ok row), +inf otherwise (failed, diverged, refused, interrupted, pruned), so a bad trial never
-    stops a study."""
-    if _last_row is None or _last_row.get("status") != "ok":
-        return math.inf
-    try:
-        value = float(_last_row[metric])
-    except (KeyError, TypeError, ValueError):
-        return math.inf
-    return value if math.isfinite(value) else math.inf
+    code: int
+    row: dict | None = None
+
+    def objective(self, metric: str) -> float:
+        """The row's ``metric`` for a search to optimize: its value when the run finished ok (or was skipped for an
+        ok row), +inf otherwise (failed, diverged, refused, interrupted, pruned, no finite value), so a bad trial
+        never stops a study (the sweeper scores it the worst value of its direction)."""
+        if self.row is None or self.row.get("status") != "ok":
+            return math.inf
+        try:
+            value = float(self.row[metric])
+        except (KeyError, TypeError, ValueError):
+            return math.inf
+        return value if math.isfinite(value) else math.inf
 
 
 def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1, sweep_dir: Path | None = None
         ) -> int:
+    """The exit code of :func:`execute`."""
+    return execute(cfg, run_dir, launch_dir, parallel_jobs, sweep_dir).code
+
+
+def execute(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1, sweep_dir: Path | None = None
+            ) -> Outcome:
     """Run the experiment ``cfg`` in ``run_dir``; relative paths in the config are relative to ``launch_dir``;
     ``sweep_dir`` is the sweep the run belongs to (for the experiment tracker), if any.
 
-    Returns the exit code and leaves ``status.json`` in the run directory for whoever launched it. SIGTERM or
-    Ctrl-C at any point before the row is appended ends the run as ``interrupted`` (exit 3) with no row; once
-    the row is in the table the run is done. When this config has an interrupted run and ``run_dir`` has nothing
-    to resume (Hydra made it for this command), the run goes on in the interrupted run's directory instead
-    (:class:`flowvae.results.store.RunIndex`). A single run that did no work in ``run_dir`` (refused, skipped, or gone
-    on elsewhere) removes it; a sweep keeps its job directories, whose status files sum the sweep up.
+    Returns its outcome (the exit code and the row) and leaves ``status.json`` in the run directory for whoever
+    launched it. SIGTERM or Ctrl-C at any point before the row is appended ends the run as ``interrupted`` (exit 3)
+    with no row; once the row is in the table the run is done. When this config has an interrupted run and
+    ``run_dir`` has nothing to resume (Hydra made it for this command), the run goes on in the interrupted run's
+    directory instead (:class:`flowvae.results.store.RunIndex`). A single run that did no work in ``run_dir``
+    (refused, skipped, or gone on elsewhere) removes it; a sweep keeps its job directories, whose status files sum
+    the sweep up.
     """
-    global _last_row
-    _last_row = None
     stopping.install()
     files = RunFiles(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -81,39 +88,20 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path, parallel_jobs: int = 1
         lock.acquire(timeout=0)
     except LockTimeout:
         log.error("the run directory %s is in use by another run; give this one its own hydra.run.dir", run_dir)
-        return EXIT_CONFIG
+        return Outcome(EXIT_CONFIG)
     try:
-        code = _recorded(files, lambda: _run(cfg, files, launch_dir, parallel_jobs, sweep_dir))
+        outcome = _recorded(files, lambda: _run(cfg, files, launch_dir, parallel_jobs, sweep_dir))
     finally:
         lock.release()
     if sweep_dir is None and _did_no_work(files):
         files.discard()
-    if code == EXIT_INTERRUPTED:
+    if outcome.code == EXIT_INTERRUPTED:
         stopping.requeue()  # on a cluster's time-limit warning: submitit requeues the job here and exits
-    return code
+    return outcome
 
 
-@dataclass(frozen=True)
-class _Checked:
-    """A run whose configuration passed every check: what its work needs besides the directory it works in."""
-
-    cfg: DictConfig
-    events: Events
-    feature_map: FeatureMap
-    results_csv: Path
-    identity: str
-    started: float
-    launch_dir: Path
-    parallel_jobs: int
-    sweep_dir: Path | None
-
-    @property
-    def index(self) -> RunIndex:
-        return RunIndex(self.results_csv)
-
-
-def _recorded(files: RunFiles, work: Callable[[], int]) -> int:
-    """``work()``'s exit code; a stop request or a second Ctrl-C during it is recorded in ``files``' status."""
+def _recorded(files: RunFiles, work: Callable[[], Outcome]) -> Outcome:
+    """``work()``'s outcome; a stop request or a second Ctrl-C during it is recorded in ``files``' status."""
     try:
         return work()
     except stopping.Interrupted as err:
@@ -123,69 +111,32 @@ def _recorded(files: RunFiles, work: Callable[[], int]) -> int:
                                              f"{RESUME}")
 
 
-def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int, sweep_dir: Path | None) -> int:
-    """Every check that needs no training, in the order that creates nothing before a refusal; then the work,
-    under the lock of this config's runs (:meth:`RunIndex.claim`)."""
-    stopping.check("before the run started")
+def _run(cfg: DictConfig, files: RunFiles, launch_dir: Path, parallel_jobs: int, sweep_dir: Path | None
+         ) -> Outcome:
+    """Every check before work (:func:`flowvae.run.preflight.preflight`); then the work, under the lock of this
+    config's runs (:meth:`RunIndex.claim`)."""
     try:
-        validate(cfg)
-    except ConfigError as err:
-        return _finish(files, "invalid", f"bad configuration: {err}")
-    results_csv = resolve_path(cfg.results_csv, launch_dir)
-    try:
-        check_writable(results_csv)
-    except ResultsError as err:
-        return _finish(files, "invalid", f"bad configuration: results_csv={cfg.results_csv}: {err}")
-    identity = run_hash(cfg)
-    if (existing := reusable_row(cfg, results_csv, identity, sweep_dir)) is not None:
-        return _skip(files, existing, results_csv)
-    started = time.time()
-    try:
-        events = load_events(cfg.data, launch_dir)  # numpy only: a bad data file is refused at once
-        stopping.check("while loading the data")
-        from flowvae.metrics.row import event_metric_columns
-        from flowvae.run import experiment
-        from flowvae.run.preflight import preflight
-
-        feature_map = experiment.fit_feature_map(cfg, events)  # a value outside a transform's domain
-        preflight(cfg, files)
-        columns = event_metric_columns(events, cfg.eval.protocol)
-        if cfg.optimize.metric not in columns:
-            raise ConfigError("optimize.metric", cfg.optimize.metric, f"a metric column of this data's rows: "
-                                                                      f"{', '.join(columns)}")
-        stopping.check("before training")
-    except ConfigError as err:
-        return _finish(files, "invalid", f"bad configuration: {err}")
-    checked = _Checked(cfg, events, feature_map, results_csv, identity, started, launch_dir, parallel_jobs,
-                       sweep_dir)
-    with checked.index.claim(identity, lambda: stopping.check("while waiting for the other run of this config")):
-        if (existing := reusable_row(cfg, results_csv, identity, sweep_dir)) is not None:
-            return _skip(files, existing, results_csv)  # the run it waited for wrote it
+        checked = preflight(cfg, files, launch_dir, sweep_dir, parallel_jobs)
+    except Refused as err:
+        return _finish(files, "invalid", err.message)
+    if isinstance(checked, Existing):
+        return _skip(files, checked.row, checked.results_csv)
+    with checked.index.claim(checked.identity,
+                             lambda: stopping.check("while waiting for the other run of this config")):
+        if (existing := reusable_row(cfg, checked.results_csv, checked.identity, sweep_dir)) is not None:
+            return _skip(files, existing, checked.results_csv)  # the run it waited for wrote it
         interrupted = interrupted_run(checked.cfg, checked.index, checked.identity, files)
         if interrupted is not None:
-            code = _resume_in(interrupted, checked, files)
-            if code is not None:
-                return code
+            outcome = _resume_in(interrupted, checked, files)
+            if outcome is not None:
+                return outcome
         return _work(checked, files)
 
 
-def reusable_row(cfg: DictConfig, results_csv: Path, identity: str, sweep_dir: Path | None) -> dict | None:
-    """The ok row of this config that the run takes instead of training: any, with ``skip_existing``; in a sweep,
-    one that a job of the same sweep wrote, whatever ``skip_existing`` says — a sweep never trains one config
-    twice (its n_flows = 0 jobs are one plain VAE for every flow family)."""
-    if not cfg.skip_existing and sweep_dir is None:
-        return None
-    row = ok_row(results_csv, identity)
-    if row is None or cfg.skip_existing:
-        return row
-    run_dir = Path(str(row.get("run_dir") or ""))
-    return row if run_dir.is_absolute() and run_dir.resolve().is_relative_to(Path(sweep_dir).resolve()) else None
-
-
-def _skip(files: RunFiles, existing: dict, results_csv: Path) -> int:
-    _remember(existing)
+def _skip(files: RunFiles, existing: dict, results_csv: Path) -> Outcome:
     return _finish(files, "skipped", f"skipped: {results_csv} already has an ok row of this config "
-                                     f"({existing.get('config_hash')}), from {existing.get('run_dir') or 'a run'}")
+                                     f"({existing.get('config_hash')}), from {existing.get('run_dir') or 'a run'}",
+                   row=existing)
 
 
 def interrupted_run(cfg: DictConfig, index: RunIndex, identity: str, files: RunFiles) -> RunFiles | None:
@@ -197,16 +148,14 @@ def interrupted_run(cfg: DictConfig, index: RunIndex, identity: str, files: RunF
     if found is None or found.resolve() == files.root.resolve():
         return None
     other = RunFiles(found)
-    from flowvae.run.preflight import preflight
-
     try:
-        preflight(cfg, other)
+        check_checkpoint_of(cfg, other)
     except ConfigError:
         return None
     return other if other.checkpoint.exists() else None
 
 
-def _resume_in(other: RunFiles, checked: _Checked, files: RunFiles) -> int | None:
+def _resume_in(other: RunFiles, checked: Checked, files: RunFiles) -> Outcome | None:
     """Go on with the interrupted run in ``other``'s directory; its status is copied to ``files`` (a sweep's job
     directory tells the sweep). None when another process holds that directory (the caller starts anew)."""
     lock = Lock(other.lock)
@@ -219,16 +168,16 @@ def _resume_in(other: RunFiles, checked: _Checked, files: RunFiles) -> int | Non
     try:
         with _log_also_in(other.root, files.root):
             log.info("resuming the interrupted run of this config in %s", other.root)
-            code = _recorded(other, lambda: _work(checked, other))
+            outcome = _recorded(other, lambda: _work(checked, other))
     finally:
         lock.release()
     status = {**json.loads(other.status.read_text()), "run_dir": str(other.root)}
     with replaced(files.status) as tmp:
         tmp.write_text(json.dumps(status))
-    return code
+    return outcome
 
 
-def _work(checked: _Checked, files: RunFiles) -> int:
+def _work(checked: Checked, files: RunFiles) -> Outcome:
     """The work of a run in ``files``' directory: open its tracker, record it as unfinished, train and score."""
     try:
         tracker = open_tracker(checked.cfg, files, checked.launch_dir, checked.sweep_dir)  # it creates the run
@@ -242,7 +191,7 @@ def _work(checked: _Checked, files: RunFiles) -> int:
         raise
 
 
-def _train(checked: _Checked, files: RunFiles, tracker: Tracker) -> int:
+def _train(checked: Checked, files: RunFiles, tracker: Tracker) -> Outcome:
     """Train, score, append the row, track it. Once the row is in the table the run is no longer unfinished."""
     from flowvae.run import experiment
 
@@ -272,37 +221,10 @@ def _train(checked: _Checked, files: RunFiles, tracker: Tracker) -> int:
         row.update(status=status, error=message)
         log.error("run finished but its row is not in the table: %s", message)
     write_row_file(files.result, row)
-    _remember(row)
     tracker.finish(status, metric_values(row, events, cfg.eval.protocol), message)
     log.info("%s: kl_sum=%s, row appended to %s; the run's files are in %s", status, row.get("kl_sum") or "n/a",
              checked.results_csv, files.root)
-    return _finish(files, status, message)
-
-
-def result_row(cfg: DictConfig, events, values: dict, status: str, message: str, started: float, run_dir: Path,
-               identity: str, shared_seconds: float = 0.0) -> dict:
-    """A results row: the cell, the metric columns (blank where a failed run has none), the status, every setting
-    column (:func:`flowvae.identity.run_settings`) and the bookkeeping. Every row of one kind of data has the same
-    columns, whatever its outcome. ``wall_seconds`` is the time since ``started`` plus ``shared_seconds``, the
-    run's share of work done for it elsewhere (a stacked group's training, :func:`_group_share`)."""
-    from flowvae.metrics.row import event_metric_columns
-
-    columns = event_metric_columns(events, cfg.eval.protocol)
-    settings = run_settings(cfg)
-    cell = {key: settings.pop(key) for key in ("flow", "n_flows", "seed")}
-    return {**cell, **{key: values.get(key, "") for key in columns}, "status": status, "error": message,
-            **settings, "wall_seconds": round(time.time() - started + shared_seconds, 3),
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_dir": str(run_dir),
-            "config_hash": identity, "train_hash": train_hash(cfg), "flowvae_version": __version__,
-            "host": platform.node()}
-
-
-def metric_values(row: dict, events, protocol: str) -> dict:
-    """What a tracker logs of a row scored on ``events`` under metric ``protocol`` (``cfg.eval.protocol``): its
-    metric columns and its wall time."""
-    from flowvae.metrics.row import event_metric_columns
-
-    return {key: row[key] for key in (*event_metric_columns(events, protocol), "wall_seconds")}
+    return _finish(files, status, message, row=row)
 
 
 @contextmanager
@@ -347,15 +269,10 @@ def _did_no_work(files: RunFiles) -> bool:
     return status.get("status") in ("invalid", "skipped") or "run_dir" in status
 
 
-def _remember(row: dict) -> None:
-    global _last_row
-    _last_row = row
-
-
-def _finish(files: RunFiles, status: str, message: str) -> int:
+def _finish(files: RunFiles, status: str, message: str, row: dict | None = None) -> Outcome:
     code = EXIT_CODES[status]
     if message and status != "failed":
         (log.error if code else log.info)(message)
     with replaced(files.status) as tmp:
         tmp.write_text(json.dumps({"status": status, "exit_code": code, "message": message}))
-    return code
+    return Outcome(code, row)

@@ -212,8 +212,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto", allow_unfinished:
     """Rebuild the trained run in ``run_dir`` on ``device``. Raises :class:`RebuildError` for anything the user
     can fix: not a run directory, no or a foreign checkpoint, unfinished training, data that is gone."""
     from flowvae.models import build_model
-    from flowvae.run.experiment import fit_feature_map
-    from flowvae.run.preflight import choose_device
+    from flowvae.run.preflight import choose_device, fit_feature_map
 
     files = _run_files(run_dir)
     root = files.root
@@ -238,9 +237,13 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto", allow_unfinished:
         raise RebuildError(f"{files.checkpoint} does not fit the model of the run's config: {first}") from None
     model.to(torch_device).eval()
     if files.prior.exists():  # a two-stage prior (prior=two_stage, flowvae fit-prior): what generation draws from
+        from omegaconf import OmegaConf
+
+        from flowvae.config import PriorConfig
         from flowvae.run.two_stage import load_prior
 
         model.prior, record = load_prior(files.prior, torch_device)
-        cfg.prior = record["config"]  # the run's rows and identity say which prior generated
+        # the run's rows and identity say which prior generated
+        cfg.prior = OmegaConf.merge(OmegaConf.structured(PriorConfig), record["config"])
     return Run(cfg, events, feature_map, model, torch_device, state["epoch"], root, state["history"],
                state["best_epoch"])

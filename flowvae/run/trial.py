@@ -1,6 +1,6 @@
 """A search trial, seen from the job that trains it: its link to the study (from the environment the sweeper
-sets), the objective it reports after each epoch, and the hook that reports it and ends training when the
-pruner says so. The Optuna side (pruners, the study's storage) is :mod:`flowvae.search`."""
+sets), the objective it reports after each epoch, and the training callback (:class:`Pruning`) that reports it and
+ends training when the pruner says so. The Optuna side (pruners, the study's storage) is :mod:`flowvae.search`."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from flowvae.search.pruning import (
     prune_message,
     warn_unreported,
 )
+from flowvae.training.callbacks import Callback
 
-__all__ = ["from_environment", "hook", "validation_objective"]
+__all__ = ["Pruning", "from_environment", "pruning", "validation_objective"]
 
 
 log = logging.getLogger(__name__)
@@ -78,16 +79,15 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> TrialLink | Non
         return None
 
 
-def hook(link: TrialLink | None = None, objective: Callable[[], Callable[[], float] | None] | None = None
-         ) -> Callable[[dict], str | None] | None:
-    """``fit``'s ``prune`` hook for this job's trial (``link``, else the environment's), or None outside a search
-    and with pruner ``none`` (nothing would read what it reports).
+def pruning(link: TrialLink | None = None, objective: Callable[[], Callable[[], float] | None] | None = None
+            ) -> Pruning | None:
+    """The training callback of this job's trial (``link``, else the environment's): :class:`Pruning`; None
+    outside a search and with pruner ``none`` (nothing would read what it reports).
 
-    After each finished epoch it reports (step = the epoch) the validation loss of the epoch's history row or,
-    with ``report=objective``, the value of the measure that ``objective()`` makes (:func:`validation_objective`;
-    made only here, so an ordinary run never generates a thing), and returns the message that ends training when
-    the pruner prunes the trial. Pruning never fails the run: a measure that cannot be made or the first error
-    with the storage is a warning, and the rest of the training goes unreported."""
+    With ``report=objective`` it reports the value of the measure that ``objective()`` makes
+    (:func:`validation_objective`; made only here, so an ordinary run never generates a thing), else the validation
+    loss of the epoch's history row. Pruning never fails the run: a measure that cannot be made or a study that
+    cannot be opened is a warning, and the training goes unreported."""
     link = link if link is not None else from_environment()
     if link is None or link.pruner.get("name") == "none":
         return None
@@ -99,43 +99,52 @@ def hook(link: TrialLink | None = None, objective: Callable[[], Callable[[], flo
         except Exception as err:  # noqa: BLE001 - a ConfigError the sweeper refuses first; the run goes on
             warn_unreported(link, "make the objective to report", err)
             return None
-    label = REPORTED if report == REPORTED else getattr(measure, "label", report)  # what messages call it
     try:
         study, trial = open_trial(link)
     except Exception as err:  # noqa: BLE001 - the storage's errors come in many types; the run goes on
         warn_unreported(link, "open the study", err)
         return None
-    state = {"working": True, "missing": False}
+    return Pruning(link, study, trial, report, measure)
 
-    def value_of(row: dict) -> float | None:
-        if report == REPORTED or measure is None:
-            return row.get(REPORTED) if report == REPORTED else None
-        try:
-            return measure()
-        except ValueError as err:  # generated events the metric refuses (non-finite): the run's scoring would too
-            log.warning("search: trial %d reports %s inf after epoch %s: %s", link.number, label, row.get("epoch"),
-                        err)
-            return math.inf
 
-    def prune(row: dict) -> str | None:
-        if not state["working"]:
+class Pruning(Callback):
+    """A search trial's pruner as a training callback (:func:`pruning` makes it): after each epoch that has another
+    after it, it reports (step = the epoch) the validation loss of the epoch's row or the objective's value to the
+    trial, and returns the message that ends training when the pruner prunes the trial. The first error with the
+    storage is a warning, and the rest of the training goes unreported."""
+
+    def __init__(self, link: TrialLink, study, trial, report: str, measure: Callable[[], float] | None) -> None:
+        self.link, self.study, self.trial, self.report, self.measure = link, study, trial, report, measure
+        self.label = REPORTED if report == REPORTED else getattr(measure, "label", report)  # what messages call it
+        self.working, self.missing = True, False
+
+    def should_prune(self, row: dict) -> str | None:
+        if not self.working:
             return None
-        value = value_of(row)
+        value = self._value(row)
         if value is None:
-            if not state["missing"]:
-                state["missing"] = True
+            if not self.missing:
+                self.missing = True
                 log.warning("search: trial %d has no %s to report (train.val_fraction is 0): it is not pruned",
-                            link.number, label)
+                            self.link.number, self.label)
             return None
         try:
             epoch = int(row["epoch"])
-            trial.report(float(value), epoch)
-            if not trial.should_prune():
+            self.trial.report(float(value), epoch)
+            if not self.trial.should_prune():
                 return None
-            return prune_message(study, link, epoch, label)
+            return prune_message(self.study, self.link, epoch, self.label)
         except Exception as err:  # noqa: BLE001 - as above: a warning, never the run's outcome
-            state["working"] = False
-            warn_unreported(link, "report to the trial", err)
+            self.working = False
+            warn_unreported(self.link, "report to the trial", err)
             return None
 
-    return prune
+    def _value(self, row: dict) -> float | None:
+        if self.report == REPORTED or self.measure is None:
+            return row.get(REPORTED) if self.report == REPORTED else None
+        try:
+            return self.measure()
+        except ValueError as err:  # generated events the metric refuses (non-finite): the run's scoring would too
+            log.warning("search: trial %d reports %s inf after epoch %s: %s", self.link.number, self.label,
+                        row.get("epoch"), err)
+            return math.inf

@@ -24,7 +24,8 @@ from flowvae.models.priors import Prior, build_flow_prior
 from flowvae.progress import phase
 from flowvae.training.prior_fit import PriorFit, fit_prior
 
-__all__ = ["posterior_codes", "fit_two_stage", "save_prior", "load_prior", "latent_columns", "PRIOR_SEED_OFFSET"]
+__all__ = ["posterior_codes", "fit_two_stage", "run_prior", "save_prior", "load_prior", "latent_columns",
+           "PRIOR_SEED_OFFSET"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,20 @@ def fit_two_stage(model: FlowVAE, train_x: torch.Tensor, cfg_prior: DictConfig, 
     log.info("two-stage prior: best epoch %d of %d, validation nll %.4f", fit.best_epoch, len(fit.history),
              fit.best_val_nll)
     return prior, fit
+
+
+def run_prior(model: FlowVAE, train_x: torch.Tensor, cfg: DictConfig, path: Path) -> Prior:
+    """The run's two-stage prior (``prior=two_stage``): the one in ``path`` when it holds this config's fit (a rerun
+    after a kill, or a finished run scored again), else fitted now and written there."""
+    settings = OmegaConf.to_container(cfg.prior, resolve=True)
+    if path.exists():
+        prior, record = load_prior(path, train_x.device)
+        if record["config"] == settings:
+            log.info("two-stage prior from %s (best epoch %d)", path, record["best_epoch"])
+            return prior
+    prior, fit = fit_two_stage(model, train_x, cfg.prior, cfg.seed)
+    save_prior(path, prior, cfg.prior, fit)
+    return prior
 
 
 def save_prior(path: Path, prior: Prior, cfg_prior: DictConfig, fit: PriorFit) -> None:

@@ -2,14 +2,14 @@
 :mod:`flowvae.sweeps.stacked_launcher`).
 
 A group is the jobs of a sweep whose configs differ in ``seed`` alone (:func:`group_key`). :func:`train_group`
-checks each member as its job will (configuration, an ok row to take instead, the directory it works in, a
-checkpoint of another config), trains the members that need training together with
-:func:`flowvae.training.stacked.fit_stacked`, and leaves in each run directory what a run of its own would have left
-there
-after training: the checkpoint (recording the finished training), ``best.pt``, the curves. Each member's job then
-runs as on the basic launcher and finds its training done: it generates, scores and writes its row, so a stacked
-seed's row, status file, tracking and exit code are a single run's. A member that cannot join (refused, skipped,
-its directory in use) or a group whose training raises is left to its job, which trains it alone or says why.
+checks each member with its job's own checks (:func:`flowvae.run.preflight.preflight`: configuration, an ok row to
+take instead, the data, the device, a checkpoint of another config, the objective), trains the members that need
+training together with :func:`flowvae.training.stacked.fit_stacked`, and leaves in each run directory what a run
+of its own would have left there after training: the checkpoint (recording the finished training), ``best.pt``,
+the curves. Each member's job then runs as on the basic launcher and finds its training done: it generates,
+scores and writes its row, so a stacked seed's row, status file, tracking and exit code are a single run's. A
+member that cannot join (refused, skipped, its directory in use) or a group whose training raises is left to its
+job, which trains it alone or says why.
 
 A seed's row counts its share of the group's wall time in ``wall_seconds`` (its job adds it, from the run
 directory's :attr:`~flowvae.files.RunFiles.group_training`): the time from the group's start (its data, its
@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,9 +34,11 @@ from flowvae import stopping
 from flowvae.config import validate
 from flowvae.data.events import Events, load_events
 from flowvae.errors import ConfigError
-from flowvae.files import Lock, LockTimeout, RunFiles, replaced, resolve_path
-from flowvae.identity import run_hash
-from flowvae.results.store import ResultsError, RunIndex, check_writable
+from flowvae.files import Lock, LockTimeout, RunFiles, replaced
+from flowvae.results.store import RunIndex
+
+if TYPE_CHECKING:
+    from flowvae.data.transforms import FeatureMap
 
 __all__ = ["Member", "group_key", "train_group"]
 
@@ -86,17 +89,21 @@ def train_group(members: list[Member], launch_dir: Path, sweep_dir: Path | None,
         return 0
     started = _clock()
     cfg = members[0].cfg
+    if (cfg.get("prior") or {}).get("name") == "flow":  # a learned prior trains inside each model: not stacked
+        log.info("stacked training skipped (prior=flow trains its prior with each model): each job runs alone")
+        return 0
     try:
         validate(cfg)
         events = load_events(cfg.data, launch_dir)
-        from flowvae.run import experiment
+        from flowvae.run.preflight import fit_feature_map
 
-        feature_map = experiment.fit_feature_map(cfg, events)
+        feature_map = fit_feature_map(cfg, events)
     except (ConfigError, ValueError, OSError) as err:
         log.info("stacked training skipped (%s): each job runs alone and reports it", err)
         return 0
     with ExitStack() as held:
-        joined = [j for m in members if (j := _join(m, launch_dir, sweep_dir, held)) is not None]
+        joined = [j for m in members
+                  if (j := _join(m, launch_dir, sweep_dir, held, events=events, feature_map=feature_map)) is not None]
         if len(joined) < 2:
             return 0  # one seed trains in its own job, exactly as on the basic launcher
         try:
@@ -113,34 +120,29 @@ def train_group(members: list[Member], launch_dir: Path, sweep_dir: Path | None,
     return len(joined)
 
 
-def _join(member: Member, launch_dir: Path, sweep_dir: Path | None, held: ExitStack) -> _Joined | None:
-    """The member's place in the group, its locks held in ``held``; None when its job must run alone: refused,
-    an ok row to take, its directory or config in use by another process."""
-    from flowvae.run.job import interrupted_run, reusable_row
-    from flowvae.run.preflight import preflight
+def _join(member: Member, launch_dir: Path, sweep_dir: Path | None, held: ExitStack, *, events: Events | None = None,
+          feature_map: FeatureMap | None = None) -> _Joined | None:
+    """The member's place in the group, its locks held in ``held``; None when its job must run alone: refused, an
+    ok row to take, stopped, its directory or config in use by another process. Its checks are its job's
+    (:func:`flowvae.run.preflight.preflight`), on the group's ``events`` and ``feature_map`` when given (else on
+    its own): a member the group takes is one its job would train."""
+    from flowvae.run.job import interrupted_run
+    from flowvae.run.preflight import Checked, preflight
 
-    cfg = member.cfg
-    try:
-        validate(cfg)
-        results_csv = resolve_path(cfg.results_csv, launch_dir)
-        check_writable(results_csv)
-    except (ConfigError, ResultsError):
-        return None
-    identity = run_hash(cfg)
-    if reusable_row(cfg, results_csv, identity, sweep_dir) is not None:
-        return None
-    index = RunIndex(results_csv)
-    member.run_dir.mkdir(parents=True, exist_ok=True)
     files = RunFiles(member.run_dir)
     try:
-        preflight(cfg, files)
-    except ConfigError:
+        checked = preflight(member.cfg, files, launch_dir, sweep_dir, events=events, feature_map=feature_map)
+    except Exception:  # noqa: BLE001 - refused, stopped, data it cannot load: its job's own preflight says why
         return None
+    if not isinstance(checked, Checked):
+        return None  # an ok row to take: its job skips
+    member.run_dir.mkdir(parents=True, exist_ok=True)
+    index, identity = checked.index, checked.identity
     try:
         held.enter_context(index.claim(identity, check=_give_up))
     except _Busy:
         return None  # another process trains this config: the job waits for it and takes its row
-    files = interrupted_run(cfg, index, identity, files) or files  # where its job will go on
+    files = interrupted_run(member.cfg, index, identity, files) or files  # where its job will go on
     lock = Lock(files.lock)
     try:
         lock.acquire(timeout=0)
@@ -188,7 +190,7 @@ def _train(joined: list[_Joined], events: Events, feature_map, parallel_jobs: in
     outcomes = fit_stacked(models, train_x, test_x, cfg.train, seeds=seeds, rng_states=rng_states,
                            checkpoints=[j.files.checkpoint for j in joined],
                            extra_states=[checkpoint_key(j.member.cfg) for j in joined],
-                           on_epoch=[_curves_writer(j.files) for j in joined], should_stop=stopping.requested,
+                           callbacks=[_seed_callbacks(j.files) for j in joined],
                            val_x=val_x, bests=[j.files.best for j in joined])
     return [(j, outcome) for j, outcome, before in zip(joined, outcomes, ended_before, strict=True) if not before]
 
@@ -209,10 +211,13 @@ def _record_shares(trained: list[tuple[_Joined, object]], seconds: float) -> Non
                                        "seeds": len(trained)}))
 
 
-def _curves_writer(files: RunFiles):
-    from flowvae.run.experiment import write_curves
+def _seed_callbacks(files: RunFiles) -> list:
+    """A seed's training callbacks in the group: its curves file and the process's stop requests (its job tracks
+    the history it finds)."""
+    from flowvae.run.experiment import Curves
+    from flowvae.training.callbacks import StopRequests
 
-    return lambda history: write_curves(files.curves, history)
+    return [Curves(files.curves), StopRequests()]
 
 
 @contextmanager

@@ -88,7 +88,11 @@ class SearchCheck(Callback):
 def check_search(root: DictConfig) -> None:
     """Every check the sweeper makes before its first trial, on the composed config ``root`` (Hydra's node
     included): the study's name (whose resolver refuses a space that contradicts the fixed settings), the
-    sweeper's settings, the space and what the pruner needs. Raises :class:`ConfigError`."""
+    sweeper's settings, the space and what the pruner needs. Raises :class:`ConfigError`.
+
+    A run's own checks (:func:`flowvae.run.preflight.preflight`: its settings, data, device, objective column) are
+    each trial's, made by its job before it trains: a trial they refuse scores the worst value and the search goes
+    on (a sampled value may be what it refuses), as the first trial of a bad fixed config does."""
     sweeper = OptunaSweeper.from_config(root)
     space, _, written = sweeper._space(list(OmegaConf.select(root, "hydra.overrides.task") or []))
     sweeper._check(space, written)
@@ -287,7 +291,8 @@ class OptunaSweeper(Sweeper):
 
     def _tell(self, study, trial, ret) -> None:
         """Tell the study how the trial's job ended, read from the job's status file (as the sweep summary
-        reads it, on every launcher)."""
+        reads it, on every launcher), and its value: the job's return value, which flowvae's task function makes
+        the objective of the run's row for this class and its subclasses (:func:`flowvae.cli.train`)."""
         from hydra.core.utils import JobStatus
         from optuna.trial import TrialState
 

@@ -1,15 +1,19 @@
 """The training kit that :func:`flowvae.training.loop.fit` and :func:`flowvae.training.stacked.fit_stacked` share:
 the outcome record, checkpoints (atomic writes, the format, restoring, refusing another config's), the loss passes
-on held-out events, the validation split and its best-epoch tracker, the KL warm-up and learning-rate schedules,
-the optimizer and its step, and the per-epoch report."""
+on held-out events, the validation split and its best-epoch tracker, the KL warm-up and learning-rate schedules
+(:class:`Plan`), the optimizer and its step, the per-epoch report (:class:`Progress`), and one model's training as
+both loops hold it (:class:`Trainee`: its resume, its checkpoints, and an epoch's end, the same in both)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import sys
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,10 +21,13 @@ from torch import Tensor
 
 from flowvae.files import replaced
 from flowvae.models import FlowVAE
+from flowvae.training.callbacks import Callback, Callbacks
 
 __all__ = ["EVAL_SEED_OFFSET", "VAL_SEED_OFFSET", "VAL_SPLIT_STREAM", "TRAINED_KEY", "TrainOutcome", "save_atomic",
            "evaluate_loss", "split_validation", "learning_rate", "CheckpointMismatch", "check_checkpoint",
-           "trained_record"]
+           "trained_record", "trained_outcome", "save_checkpoint", "restore_checkpoint", "Validation",
+           "check_patience", "kl_beta", "Plan", "progress_bar", "report_epoch", "Progress", "make_optimizer",
+           "make_step", "EpochEnd", "Trainee"]
 
 
 log = logging.getLogger(__name__)
@@ -45,8 +52,8 @@ TRAINED_KEY = "trained"
 
 @dataclass
 class TrainOutcome:
-    """How training ended: ``ok``, ``diverged`` (a non-finite loss), ``pruned`` (a search's pruner stopped it) or
-    ``interrupted`` (asked to stop)."""
+    """How training ended: ``ok``, ``diverged`` (a non-finite loss), ``pruned`` (a callback pruned it: a search's
+    pruner) or ``interrupted`` (asked to stop)."""
 
     status: str
     history: list[dict] = field(default_factory=list)
@@ -149,6 +156,11 @@ class Validation:
         self.stopped = self.patience is not None and self.since_best >= self.patience
         return self.stopped
 
+    def why_stopped(self, epoch: int) -> str:
+        """What the log says of an early stop after epoch ``epoch``."""
+        return (f"stopped early after epoch {epoch}: no better validation loss for {self.since_best} epochs; best "
+                f"epoch {self.best_epoch} (validation loss {self.best_loss:.4f})")
+
     def best_weights(self) -> dict:
         """The best epoch's weights: this process's copy, or ``best.pt`` (written before a resume)."""
         if self.weights is not None:
@@ -161,8 +173,37 @@ class Validation:
         return state["model"]
 
 
+def check_patience(cfg_train, val_x: Tensor | None) -> None:
+    if cfg_train.get("patience") is not None and val_x is None:
+        raise ValueError("train.patience needs validation events (train.val_fraction > 0)")
+
+
 def kl_beta(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+
+
+class Plan:
+    """A training's steps on its training events ``train_x``: the settings (``cfg_train``), the events' count and
+    device, the steps an epoch, the KL weight and learning rate of each step (counted from 0 over the whole
+    training), and which epochs end with a checkpoint."""
+
+    def __init__(self, cfg_train, train_x: Tensor) -> None:
+        self.cfg = cfg_train
+        self.n, self.device = len(train_x), train_x.device
+        self.steps_per_epoch = math.ceil(self.n / cfg_train.batch_size)
+        self.warmup_steps = cfg_train.warmup_epochs * self.steps_per_epoch
+        self.total_steps = cfg_train.epochs * self.steps_per_epoch
+        self.scheduled = cfg_train.get("lr_schedule", "constant") != "constant"
+
+    def beta(self, step: int) -> float:
+        return kl_beta(step, self.warmup_steps)
+
+    def lr(self, step: int) -> float | None:
+        """The scheduled learning rate of ``step``; None for a constant one (the optimizer keeps train.lr)."""
+        return learning_rate(self.cfg, step, self.total_steps) if self.scheduled else None
+
+    def checkpoint_due(self, epochs_done: int) -> bool:
+        return epochs_done % self.cfg.checkpoint_every == 0
 
 
 def progress_bar(total: int, initial: int, mode: str):
@@ -172,6 +213,22 @@ def progress_bar(total: int, initial: int, mode: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="epochs", unit="epoch", dynamic_ncols=True)
+
+
+class Progress(Callback):
+    """fit's progress: a line for every epoch (:func:`report_epoch`), on a tqdm bar on a terminal
+    (:func:`progress_bar`), which :meth:`close` ends."""
+
+    def __init__(self, cfg_train, first_epoch: int, scheduled: bool) -> None:
+        self.epochs, self.scheduled = cfg_train.epochs, scheduled
+        self.bar = progress_bar(cfg_train.epochs, first_epoch, cfg_train.progress)
+
+    def on_epoch_end(self, row: dict, history: list[dict]) -> None:
+        report_epoch(row, self.epochs, self.bar, self.scheduled)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def make_optimizer(model: FlowVAE, cfg_train) -> torch.optim.Optimizer:
@@ -291,3 +348,152 @@ def restore_checkpoint(path: Path, model, optimizer, shuffle: torch.Generator, o
     if validation is not None and state.get("validation") is not None:
         validation.restore(state["validation"])
     return int(state["epoch"]), state.get("partial"), state.get(TRAINED_KEY)
+
+
+class EpochEnd(NamedTuple):
+    """An epoch's end (:meth:`Trainee.end_epoch`): its history row; whether training ends with it (the last epoch,
+    or the patience run out); and whether that was an early stop, before ``train.epochs``."""
+
+    row: dict
+    last: bool
+    early: bool
+
+
+class Trainee:
+    """One model in training, as both loops hold it: its optimizer, batch-order stream, checkpoint, validation,
+    callbacks and outcome; where it starts (``start``: epoch and step) and the current epoch's batch order and
+    summed (loss, recon, kl). Its resume (:meth:`restore`), its checkpoints (:meth:`save`), and an epoch's end
+    (:meth:`end_epoch`: the row, divergence, validation and early stop, the test loss's cadence, the callbacks) are
+    the same in :func:`~flowvae.training.loop.fit` and in each seed of
+    :func:`~flowvae.training.stacked.fit_stacked`; the loops differ in how they step and when they write."""
+
+    def __init__(self, model: FlowVAE, seed: int, plan: Plan, test_x: Tensor | None = None, *,
+                 val_x: Tensor | None = None, checkpoint: Path | None = None, extra_state: dict | None = None,
+                 best: Path | None = None, callbacks: Callback | Iterable[Callback | None] | None = ()) -> None:
+        check_patience(plan.cfg, val_x)
+        self.model, self.seed, self.plan, self.test_x, self.val_x = model, seed, plan, test_x, val_x
+        self.optimizer = make_optimizer(model, plan.cfg)
+        self.shuffle = torch.Generator(device="cpu").manual_seed(seed)  # the batch order
+        self.checkpoint, self.extra_state = checkpoint, extra_state or {}
+        self.validation = None if val_x is None else Validation(plan.cfg.get("patience"), best, self.extra_state)
+        self.callbacks = Callbacks(callbacks)
+        self.outcome = TrainOutcome(status="ok")
+        self.start = (0, 0)  # (epoch, step) it trains from
+        self.order: Tensor | None = None  # the current epoch's batch order (device)
+        self.sums: Tensor | None = None  # the current epoch's summed (loss, recon, kl), float64 (device)
+        self.trained: dict | None = None  # the checkpoint's record of a training that ended (TRAINED_KEY)
+        self.done = False
+
+    def restore(self) -> bool:
+        """Resume from the checkpoint, when there is one (False: none): weights, optimizer, torch's streams, the
+        batch order's, the history, the validation's state, where to start (and inside an epoch, its order and
+        sums so far); :attr:`trained`, a record of a training that ended there."""
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return False
+        epoch, partial, self.trained = restore_checkpoint(self.checkpoint, self.model, self.optimizer, self.shuffle,
+                                                          self.outcome, self.extra_state, self.validation)
+        self.outcome.resumed_from = epoch
+        self.start = (epoch, 0)
+        if partial is not None:
+            self.start = (epoch, int(partial["step"]))
+            self.order, self.sums = partial["order"].to(self.plan.device), partial["sums"].to(self.plan.device)
+        return True
+
+    def where(self) -> str:
+        """Where a resumed training goes on, in words."""
+        epoch, step = self.start
+        return f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+
+    def recorded(self) -> TrainOutcome:
+        """The outcome the checkpoint's record (:attr:`trained`) says, the model holding the weights it is scored
+        with; nothing is trained."""
+        trained_outcome(self.model, self.outcome, self.trained, self.validation)
+        self.done = True
+        return self.outcome
+
+    def epochs_left(self) -> range:
+        """The epochs to train from :attr:`start`: none once validation stopped the training early."""
+        first = self.start[0]
+        stopped = self.validation is not None and self.validation.stopped
+        return range(first, first if stopped else self.plan.cfg.epochs)
+
+    def draw_order(self) -> None:
+        """A new epoch: its batch order from the seed's shuffle generator, its sums zero."""
+        self.order = torch.randperm(self.plan.n, generator=self.shuffle).to(self.plan.device)
+        self.sums = torch.zeros(3, device=self.plan.device, dtype=torch.float64)
+
+    def save(self, epoch: int, partial: dict | None = None, trained: dict | None = None) -> None:
+        """The checkpoint (none without a path): ``epoch`` whole epochs done, and :func:`save_checkpoint`'s rest."""
+        if self.checkpoint is not None:
+            save_checkpoint(self.checkpoint, self.model, self.optimizer, self.shuffle, self.outcome, epoch,
+                            self.extra_state, partial, self.validation, trained)
+
+    def interrupt(self, epoch: int, step: int) -> None:
+        """A stop request inside epoch ``epoch`` after ``step`` steps: the checkpoint keeps the epoch's batch order
+        and sums so far, so a resumed training goes on exactly."""
+        self.save(epoch, {"step": step, "order": self.order.cpu(), "sums": self.sums.cpu()})
+        self.interrupted(f"in epoch {epoch + 1} after step {step}")
+
+    def interrupted(self, message: str) -> None:
+        self.outcome.status, self.outcome.message = "interrupted", message  # the job says how to resume
+        self.end()
+
+    def end_epoch(self, epoch: int, started: float) -> EpochEnd | None:
+        """Epoch ``epoch``'s end, its steps done (``started``: when it began): the row of its training losses;
+        None when the loss is not finite (``diverged``: the row ends the history). Else, with validation, its loss
+        (and whether the patience ran out); the test loss every ``eval_every`` epochs and at the last (NaN
+        between); the row in the history; the callbacks' :meth:`~Callback.on_epoch_end`."""
+        cfg, outcome = self.plan.cfg, self.outcome
+        row = self._training_row(epoch)
+        if not math.isfinite(row["train_loss"]):
+            outcome.status = "diverged"
+            outcome.message = (f"non-finite training loss ({row['train_loss']}) in epoch {epoch + 1}; try a smaller "
+                               f"train.lr (now {cfg.lr}) or train.grad_clip")
+            outcome.history.append(row)
+            return None
+        early = False
+        if self.validation is not None:
+            val = evaluate_loss(self.model, self.val_x, seed=self.seed + VAL_SEED_OFFSET)
+            row.update({f"val_{k}": v for k, v in val.items()})
+            early = self.validation.update(self.model, val["loss"], epoch + 1)
+        last = epoch + 1 == cfg.epochs or early
+        if last or (epoch + 1) % cfg.eval_every == 0:
+            test = evaluate_loss(self.model, self.test_x, seed=self.seed + EVAL_SEED_OFFSET)
+        else:
+            test = dict.fromkeys(("loss", "recon", "kl"), math.nan)
+        row.update({f"test_{k}": v for k, v in test.items()}, seconds=time.perf_counter() - started)
+        outcome.history.append(row)
+        outcome.epochs_run += 1
+        self.callbacks.on_epoch_end(row, outcome.history)
+        return EpochEnd(row, last, early and epoch + 1 < cfg.epochs)
+
+    def _training_row(self, epoch: int) -> dict:
+        plan = self.plan
+        train_loss, train_recon, train_kl = (self.sums / plan.n).tolist()
+        row = {"epoch": epoch + 1, "beta": plan.beta((epoch + 1) * plan.steps_per_epoch)}
+        if plan.scheduled:  # the epoch's last step's; a constant one is train.lr, and the curves stay as they were
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
+        row.update(train_loss=train_loss, train_recon=train_recon, train_kl=train_kl)
+        return row
+
+    def pruned(self, end: EpochEnd) -> bool:
+        """After an epoch that has another after it, whether a callback prunes the training (status ``pruned``,
+        its message)."""
+        message = None if end.last else self.callbacks.should_prune(end.row)
+        if message:
+            self.outcome.status, self.outcome.message = "pruned", message
+        return bool(message)
+
+    def end(self) -> None:
+        """Training is over: the epochs it did in all, and (``ok``, with validation) the best one."""
+        outcome, validation = self.outcome, self.validation
+        outcome.epochs_trained = outcome.resumed_from + outcome.epochs_run
+        if validation is not None and outcome.status == "ok" and validation.best_epoch > 0:
+            outcome.best_epoch = validation.best_epoch
+        self.done = True
+
+    def load_best(self) -> None:
+        """The best epoch's weights into the model, when :meth:`end` named one (after the last checkpoint, which
+        keeps the last epoch's)."""
+        if self.outcome.best_epoch is not None:
+            self.model.load_state_dict(self.validation.best_weights())

@@ -4,18 +4,19 @@ gets a leading seed axis, and one step under ``torch.func.vmap`` trains all the 
 Why: on a few CPU cores a step at batch 100 spends much of its time outside its matrix products, in per-operation
 overhead that does not shrink with the work; S stacked seeds run one step's operations, each S times larger.
 
-What stays each seed's own, so that a seed ends with :func:`flowvae.training.loop.fit`'s numbers up to rounding (batched
-against single matrix products): its batch order (a generator seeded with the seed), its posterior noise (drawn
-outside vmap from the stream its model was built from, and passed in), its validation and test losses
+What stays each seed's own, so that a seed ends with :func:`flowvae.training.loop.fit`'s numbers up to rounding
+(batched against single matrix products): its batch order (a generator seeded with the seed), its posterior noise
+(drawn outside vmap from the stream its model was built from, and passed in), its validation and test losses
 (:func:`~flowvae.training.kit.evaluate_loss` on its own model), gradient clipping (a global norm per seed), Adam
-(stacked
-elementwise, the same arithmetic), divergence, early stopping, ``best.pt`` and its checkpoint. The checkpoint is
-fit's, written by fit's own code with the seed's streams, so fit resumes a stacked seed and the other way round; a
-seed whose training ended (finished, stopped early, diverged) records its outcome there (:data:`TRAINED_KEY`),
-and its own job scores it without training.
+(stacked elementwise, the same arithmetic), divergence, early stopping, its callbacks (pruning included),
+``best.pt`` and its checkpoint. Each seed is a :class:`~flowvae.training.kit.Trainee` as fit's model is, and its
+epoch ends as fit's does (:meth:`~flowvae.training.kit.Trainee.end_epoch`). The checkpoint is fit's, written by
+fit's own code with the seed's streams, so fit resumes a stacked seed and the other way round; a seed whose
+training ended (finished, stopped early, diverged, pruned) records its outcome there
+(:data:`~flowvae.training.kit.TRAINED_KEY`), and its own job scores it without training.
 
-Seeds that leave (stopped early, diverged) leave the stack, which is rebuilt from the rest; seeds resumed from
-different points wait until the group reaches theirs and join it there.
+Seeds that leave (stopped early, diverged, pruned) leave the stack, which is rebuilt from the rest; seeds resumed
+from different points wait until the group reaches theirs and join it there.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -33,52 +33,41 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from flowvae.models import FlowVAE
-from flowvae.training.kit import (
-    EVAL_SEED_OFFSET,
-    VAL_SEED_OFFSET,
-    TrainOutcome,
-    Validation,
-    evaluate_loss,
-    kl_beta,
-    learning_rate,
-    make_optimizer,
-    progress_bar,
-    restore_checkpoint,
-    save_checkpoint,
-    trained_outcome,
-    trained_record,
-)
+from flowvae.training.callbacks import Callback
+from flowvae.training.kit import Plan, Trainee, TrainOutcome, check_patience, progress_bar, trained_record
 
 __all__ = ["fit_stacked"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
-class _Seed:
-    """One seed of the group: its model, its own Adam (the state between stacks, and the checkpoint's format), its
-    streams, where it starts, and how its training goes."""
+class _Seed(Trainee):
+    """One seed of the group: fit's :class:`~flowvae.training.kit.Trainee`, with the stream its posterior noise
+    comes from (drawn outside vmap) and, on another device than the CPU, torch's CPU stream as fit leaves it; the
+    batch order and sums are owned by a stack while the seed is in one."""
 
-    model: FlowVAE
-    seed: int
-    optimizer: torch.optim.Optimizer
-    shuffle: torch.Generator  # the batch order (CPU, as fit's)
-    noise: torch.Generator  # the posterior noise, on the model's device: the stream fit draws from
-    cpu_rng: Tensor  # on another device, torch's CPU stream as fit leaves it (on the CPU, the noise is that stream)
-    checkpoint: Path | None
-    extra_state: dict
-    on_epoch: Callable[[list[dict]], None] | None
-    validation: Validation | None
-    outcome: TrainOutcome = field(default_factory=lambda: TrainOutcome(status="ok"))
-    start: tuple[int, int] = (0, 0)  # (epoch, step) it trains from
-    order: Tensor | None = None  # the current epoch's batch order (device); with sums, owned by a stack while in one
-    sums: Tensor | None = None  # the current epoch's summed (loss, recon, kl), float64 (device)
-    done: bool = False
+    def __init__(self, model: FlowVAE, seed: int, plan: Plan, rng_state: Tensor, test_x: Tensor | None = None,
+                 **options) -> None:
+        super().__init__(model, seed, plan, test_x, **options)
+        self.noise = torch.Generator(device=plan.device)  # the posterior noise: the stream fit draws from
+        if plan.device.type == "cpu":
+            self.noise.set_state(rng_state)
+        else:  # fit draws the noise from the device's stream, which torch.manual_seed(seed) seeded and building left
+            self.noise.manual_seed(seed)
+        self.cpu_rng = rng_state  # on another device, torch's CPU stream (on the CPU, the noise is that stream)
 
-    def draw_order(self, n: int, device: torch.device) -> None:
-        """A new epoch: its batch order from the seed's shuffle generator, its sums zero (as fit)."""
-        self.order = torch.randperm(n, generator=self.shuffle).to(device)
-        self.sums = torch.zeros(3, device=device, dtype=torch.float64)
+    def restore(self) -> bool:
+        """fit's resume, with the seed's streams from the checkpoint and torch's own left as they were."""
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return False
+        with torch.random.fork_rng(devices=_cuda_devices()):
+            super().restore()
+            self.cpu_rng = torch.random.get_rng_state()
+            if self.plan.device.type == "cpu":
+                self.noise.set_state(self.cpu_rng)
+            elif torch.cuda.is_available():
+                self.noise.set_state(torch.cuda.get_rng_state(self.plan.device))
+        return True
 
     def save(self, epoch: int, partial: dict | None = None, trained: dict | None = None) -> None:
         """fit's checkpoint, by fit's code, with torch's streams set to this seed's while it writes them."""
@@ -90,98 +79,65 @@ class _Seed:
             else:
                 torch.random.set_rng_state(self.cpu_rng)
                 torch.cuda.set_rng_state(self.noise.get_state(), self.noise.device)
-            save_checkpoint(self.checkpoint, self.model, self.optimizer, self.shuffle, self.outcome, epoch,
-                            self.extra_state, partial, self.validation, trained)
+            super().save(epoch, partial, trained)
+
+    def leave(self, epoch: int) -> None:
+        """Its training ended with epoch ``epoch`` (finished, stopped early, diverged, pruned): the outcome, the
+        checkpoint recording it (its job scores it without training), then the best epoch's weights as fit."""
+        self.end()
+        self.save(epoch + 1, trained=trained_record(self.outcome))
+        self.load_best()
 
 
 def fit_stacked(models: list[FlowVAE], train_x: Tensor, test_x: Tensor, cfg_train, *, seeds: list[int],
                 rng_states: list[Tensor], checkpoints: list[Path | None], extra_states: list[dict],
-                on_epoch: list[Callable[[list[dict]], None] | None] | None = None,
-                should_stop: Callable[[], bool] = lambda: False, val_x: Tensor | None = None,
-                bests: list[Path | None] | None = None) -> list[TrainOutcome]:
+                callbacks: list[Callback | Iterable[Callback | None] | None] | None = None,
+                val_x: Tensor | None = None, bests: list[Path | None] | None = None) -> list[TrainOutcome]:
     """Train ``models`` (one per seed, of one architecture) as :func:`flowvae.training.loop.fit` trains each, together.
 
     ``models[i]`` was built by :func:`flowvae.run.experiment.seeded_model` with ``seeds[i]``, and ``rng_states[i]`` is
     ``torch.get_rng_state()`` right after: seed i's training noise stream. ``checkpoints[i]``, ``extra_states[i]``,
-    ``on_epoch[i]`` and ``bests[i]`` are fit's ``checkpoint``, ``extra_state``, ``on_epoch`` and ``best`` for seed
-    i; ``should_stop`` is checked after every step, and once true every seed in training writes its checkpoint and
-    returns ``interrupted``. A checkpoint that records a finished training is returned as recorded. Returns the
-    seeds' outcomes, in order; each model ends with the weights fit leaves (the best epoch's with validation).
+    ``callbacks[i]`` and ``bests[i]`` are fit's ``checkpoint``, ``extra_state``, ``callbacks`` and ``best`` for seed
+    i. A prune message from a seed's callbacks ends that seed's training alone, as fit's (``pruned``, the model
+    keeping that epoch's weights), and it leaves the stack; a stop request from the callbacks of any seed in
+    training (asked as fit asks) stops the group: every seed in training writes its checkpoint and returns
+    ``interrupted``. A checkpoint that records a finished training is returned as recorded. Returns the seeds'
+    outcomes, in order; each model ends with the weights fit leaves (the best epoch's with validation).
     """
     n = len(models)
-    on_epoch = on_epoch if on_epoch is not None else [None] * n
+    callbacks = callbacks if callbacks is not None else [None] * n
     bests = bests if bests is not None else [None] * n
-    extra_states = [extra or {} for extra in extra_states]
     given = {"seeds": seeds, "rng_states": rng_states, "checkpoints": checkpoints, "extra_states": extra_states,
-             "on_epoch": on_epoch, "bests": bests}
+             "callbacks": callbacks, "bests": bests}
     wrong = {name: len(values) for name, values in given.items() if len(values) != n}
     if wrong:
         raise ValueError(f"fit_stacked needs one entry per model ({n}); got {wrong}")
-    patience = cfg_train.get("patience")
-    if patience is not None and val_x is None:
-        raise ValueError("train.patience needs validation events (train.val_fraction > 0)")
+    check_patience(cfg_train, val_x)
     _check_same_architecture(models)
-    group = [_seed(models[i], seeds[i], rng_states[i], checkpoints[i], extra_states[i], on_epoch[i],
-                   None if val_x is None else Validation(patience, bests[i], extra_states[i]), cfg_train,
-                   train_x.device) for i in range(n)]
+    plan = Plan(cfg_train, train_x)
+    group = [_Seed(models[i], seeds[i], plan, rng_states[i], test_x, val_x=val_x, checkpoint=checkpoints[i],
+                   extra_state=extra_states[i], best=bests[i], callbacks=callbacks[i]) for i in range(n)]
+    for member in group:
+        _resume(member)
     waiting = [member for member in group if not member.done]
     if waiting:
-        _Group(waiting, train_x, test_x, val_x, cfg_train, should_stop).run()
+        _Group(waiting, train_x, plan).run()
     return [member.outcome for member in group]
 
 
-def _seed(model: FlowVAE, seed: int, rng_state: Tensor, checkpoint: Path | None, extra_state: dict, on_epoch,
-          validation: Validation | None, cfg_train, device: torch.device) -> _Seed:
-    """Seed ``seed``'s member, resumed from its checkpoint when there is one (by fit's code; torch's own streams
-    are left as they were): a training it records as ended is its outcome, and it does not train."""
-    noise = torch.Generator(device=device)
-    if device.type == "cpu":
-        noise.set_state(rng_state)
-    else:  # fit draws the noise from the device's stream, which torch.manual_seed(seed) seeded and building left
-        noise.manual_seed(seed)
-    member = _Seed(model, seed, make_optimizer(model, cfg_train), torch.Generator(device="cpu").manual_seed(seed),
-                   noise, rng_state, checkpoint, extra_state, on_epoch, validation)
-    if checkpoint is None or not checkpoint.exists():
-        return member
-    with torch.random.fork_rng(devices=_cuda_devices()):
-        epoch, partial, trained = restore_checkpoint(checkpoint, model, member.optimizer, member.shuffle,
-                                                     member.outcome, member.extra_state, validation)
-        member.cpu_rng = torch.random.get_rng_state()
-        if device.type == "cpu":
-            noise.set_state(member.cpu_rng)
-        elif torch.cuda.is_available():
-            noise.set_state(torch.cuda.get_rng_state(device))
-    member.outcome.resumed_from = epoch
-    if trained is not None:
-        trained_outcome(model, member.outcome, trained, validation)
-        member.done = True
-    elif epoch >= cfg_train.epochs or (validation is not None and validation.stopped):
-        _finish(member)  # fit's checkpoint of a training it ended: nothing left to train
-        _load_best(member)
-    elif partial is not None:
-        member.start = (epoch, int(partial["step"]))
-        member.order, member.sums = partial["order"].to(device), partial["sums"].to(device)
+def _resume(member: _Seed) -> None:
+    """The member resumed from its checkpoint when there is one (by fit's code): a training it records as ended
+    is its outcome, and it does not train; nor does one that fit's checkpoint says has ended."""
+    if not member.restore():
+        return
+    if member.trained is not None:
+        member.recorded()
+    elif not member.epochs_left():
+        member.end()  # fit's checkpoint of a training it ended: nothing left to train
+        member.load_best()
     else:
-        member.start = (epoch, 0)
-    if not member.done:
-        where = f"epoch {epoch + 1}, step {member.start[1]}" if partial else f"the end of epoch {epoch}"
-        log.info("seed %d resumed from %s at %s of %d epochs", seed, checkpoint, where, cfg_train.epochs)
-    return member
-
-
-def _finish(member: _Seed) -> None:
-    """The outcome of a training that ended, as fit counts it: the epochs, and with validation the best one."""
-    outcome, validation = member.outcome, member.validation
-    outcome.epochs_trained = outcome.resumed_from + outcome.epochs_run
-    if validation is not None and outcome.status == "ok" and validation.best_epoch > 0:
-        outcome.best_epoch = validation.best_epoch
-    member.done = True
-
-
-def _load_best(member: _Seed) -> None:
-    """The best epoch's weights into the model, as fit leaves it (after its last checkpoint, which has the last)."""
-    if member.outcome.best_epoch is not None:
-        member.model.load_state_dict(member.validation.best_weights())
+        log.info("seed %d resumed from %s at %s of %d epochs", member.seed, member.checkpoint, member.where(),
+                 member.plan.cfg.epochs)
 
 
 def _cuda_devices() -> list[int]:
@@ -259,10 +215,10 @@ class _Stack:
                                                             x.squeeze(0), noise.squeeze(0), beta).unsqueeze(0)
         self.latent_dim = members[0].model.latent_dim
 
-    def new_epoch(self, n: int) -> None:
+    def new_epoch(self) -> None:
         """Every member's next batch order (from its own generator) and zero sums."""
         for member in self.members:
-            member.draw_order(n, self.orders.device)
+            member.draw_order()
         self.orders = torch.stack([member.order for member in self.members])
         self.sums.zero_()
 
@@ -332,42 +288,34 @@ def _clip_per_seed(grads: list[Tensor], max_norm: float) -> None:
 class _Group:
     """The epoch loop over the members still training: steps in one stack, each member's epoch end as fit's."""
 
-    def __init__(self, members: list[_Seed], train_x: Tensor, test_x: Tensor, val_x: Tensor | None, cfg_train,
-                 should_stop: Callable[[], bool]) -> None:
+    def __init__(self, members: list[_Seed], train_x: Tensor, plan: Plan) -> None:
         self.waiting = sorted(members, key=lambda member: member.start)
         self.members = members
         self.active: list[_Seed] = []
         self.stack: _Stack | None = None
-        self.train_x, self.test_x, self.val_x, self.cfg = train_x, test_x, val_x, cfg_train
-        self.should_stop = should_stop
+        self.train_x, self.plan = train_x, plan
         template = copy.deepcopy(members[0].model)
         template.train()
         self.template = _Loss(template)
-        self.steps_per_epoch = math.ceil(len(train_x) / cfg_train.batch_size)
-        self.warmup_steps = cfg_train.warmup_epochs * self.steps_per_epoch
-        self.total_steps = cfg_train.epochs * self.steps_per_epoch
-        self.scheduled = cfg_train.get("lr_schedule", "constant") != "constant"
 
     def run(self) -> None:
-        cfg, n = self.cfg, len(self.train_x)
+        plan, size = self.plan, self.plan.cfg.batch_size
         first_epoch = self.waiting[0].start[0]
-        bar = progress_bar(cfg.epochs, first_epoch, cfg.progress)
+        bar = progress_bar(plan.cfg.epochs, first_epoch, plan.cfg.progress)
         try:
-            for epoch in range(first_epoch, cfg.epochs):
+            for epoch in range(first_epoch, plan.cfg.epochs):
                 if not self.active and not self.waiting:
                     break
                 started = time.perf_counter()
                 if self.stack is not None:
-                    self.stack.new_epoch(n)
-                for i in range(self.steps_per_epoch):
+                    self.stack.new_epoch()
+                for i in range(plan.steps_per_epoch):
                     self._join(epoch, i)
                     if self.stack is None:
                         continue  # no member trains before a later one's starting point
-                    step = epoch * self.steps_per_epoch + i
-                    lr = learning_rate(cfg, step, self.total_steps) if self.scheduled else None
-                    size = cfg.batch_size
-                    self.stack.step(self.train_x, i * size, (i + 1) * size, kl_beta(step, self.warmup_steps), lr)
-                    if i + 1 < self.steps_per_epoch and self.should_stop():
+                    step = epoch * plan.steps_per_epoch + i
+                    self.stack.step(self.train_x, i * size, (i + 1) * size, plan.beta(step), plan.lr(step))
+                    if i + 1 < plan.steps_per_epoch and self._stop_requested(self.active):
                         self._interrupt(epoch, i + 1)
                         return
                 if self.stack is not None and self._end_epoch(epoch, started, bar):
@@ -376,6 +324,10 @@ class _Group:
             if bar is not None:
                 bar.close()
 
+    def _stop_requested(self, members: list[_Seed]) -> bool:
+        """Whether the callbacks of any of ``members`` ask to stop: a stop request stops the whole group."""
+        return any(member.callbacks.should_stop() for member in members)
+
     def _join(self, epoch: int, step: int) -> None:
         """Members whose starting point this is join the stack (rebuilt with them)."""
         joining = [member for member in self.waiting if member.start == (epoch, step)]
@@ -383,7 +335,7 @@ class _Group:
             return
         for member in joining:
             if member.order is None:  # a fresh epoch: its own order (a partial one kept the checkpoint's)
-                member.draw_order(len(self.train_x), self.train_x.device)
+                member.draw_order()
             member.model.train()
         self.waiting = [member for member in self.waiting if member not in joining]
         self._restack(self.active + joining)
@@ -392,96 +344,64 @@ class _Group:
         if self.stack is not None:
             self.stack.write_back()
         self.active = members
-        self.stack = _Stack(members, self.template, self.cfg) if members else None
+        self.stack = _Stack(members, self.template, self.plan.cfg) if members else None
 
     def _interrupt(self, epoch: int, step: int) -> None:
         """A stop request inside an epoch: every training member saves where it is (fit's partial checkpoint),
         and it and every waiting one are interrupted."""
         self.stack.write_back()
         for member in self.active:
-            member.save(epoch, {"step": step, "order": member.order.cpu(), "sums": member.sums.cpu()})
-            _interrupted(member, f"in epoch {epoch + 1} after step {step}")
+            member.interrupt(epoch, step)
+        self._interrupt_waiting()
+
+    def _interrupt_waiting(self) -> None:
+        """Members stopped before the group reached their starting point: their checkpoints are as they were."""
         for member in self.waiting:
-            _interrupted_waiting(member)
+            epoch, step = member.start
+            member.interrupted(f"in epoch {epoch + 1} after step {step}" if step else f"after epoch {epoch}")
 
     def _end_epoch(self, epoch: int, started: float, bar) -> bool:
-        """Each training member's epoch end, as fit's: its row, divergence, validation, test loss, checkpoint,
-        early stop; members that end leave the stack. True when a stop request ended the training."""
-        cfg = self.cfg
+        """Each training member's epoch end, as fit's (:meth:`~flowvae.training.kit.Trainee.end_epoch`, then its
+        callbacks' prune message, a stop request, the checkpoint when due); members whose training ends leave the
+        stack. True when a stop request ended the training."""
         self.stack.write_back()
-        leaving, last_for, rows = [], {}, []
+        ends = {}
         for member in self.active:
-            row = self._row(member, epoch)
-            if row is None:
-                leaving.append(member)
-                continue
-            early = False
-            if member.validation is not None:
-                val = evaluate_loss(member.model, self.val_x, seed=member.seed + VAL_SEED_OFFSET)
-                row.update({f"val_{k}": v for k, v in val.items()})
-                early = member.validation.update(member.model, val["loss"], epoch + 1)
-            last = epoch + 1 == cfg.epochs or early
-            if last or (epoch + 1) % cfg.eval_every == 0:
-                test = evaluate_loss(member.model, self.test_x, seed=member.seed + EVAL_SEED_OFFSET)
+            end = member.end_epoch(epoch, started)
+            if end is None:
+                member.leave(epoch)
+                log.info("seed %d diverged in epoch %d: %s", member.seed, epoch + 1, member.outcome.message)
             else:
-                test = dict.fromkeys(("loss", "recon", "kl"), math.nan)
-            row.update({f"test_{k}": v for k, v in test.items()}, seconds=time.perf_counter() - started)
-            member.outcome.history.append(row)
-            rows.append(row)
-            member.outcome.epochs_run += 1
-            if member.on_epoch is not None:
-                member.on_epoch(member.outcome.history)
-            last_for[member] = (last, early)
-        self._report(epoch, rows, started, bar)
-        going_on = [member for member in self.active if member in last_for and not last_for[member][0]]
-        stop = bool(going_on) and self.should_stop()
-        for member, (last, early) in last_for.items():
-            if last:
-                _finish(member)
-                member.save(epoch + 1, trained=trained_record(member.outcome))
-                _load_best(member)
-                if early and epoch + 1 < cfg.epochs:
-                    log.info("seed %d stopped early after epoch %d: no better validation loss for %d epochs; best "
-                             "epoch %d (validation loss %.4f)", member.seed, epoch + 1,
-                             member.validation.since_best, member.validation.best_epoch, member.validation.best_loss)
-                leaving.append(member)
-            elif stop or (epoch + 1) % cfg.checkpoint_every == 0:
+                ends[member] = end
+        self._report(epoch, [end.row for end in ends.values()], started, bar)
+        going_on = []
+        for member, end in ends.items():
+            if member.pruned(end):
+                member.leave(epoch)
+                log.info("seed %d %s", member.seed, member.outcome.message)
+            elif not end.last:
+                going_on.append(member)
+        stop = bool(going_on) and self._stop_requested(going_on)
+        for member, end in ends.items():
+            if end.last:
+                member.leave(epoch)
+                if end.early:
+                    log.info("seed %d %s", member.seed, member.validation.why_stopped(epoch + 1))
+            elif member in going_on and (stop or self.plan.checkpoint_due(epoch + 1)):
                 member.save(epoch + 1)
         if stop:
             for member in going_on:
-                _interrupted(member, f"after epoch {epoch + 1}")
-            for member in self.waiting:
-                _interrupted_waiting(member)
+                member.interrupted(f"after epoch {epoch + 1}")
+            self._interrupt_waiting()
             return True
-        if leaving:
+        if len(going_on) < len(self.active):
             self.stack = None  # already written back: the rest restack without the leavers
-            self._restack([member for member in self.active if member not in leaving])
+            self._restack(going_on)
         return False
-
-    def _row(self, member: _Seed, epoch: int) -> dict | None:
-        """The epoch's training losses as fit's history row; None (the member diverged, its outcome and
-        checkpoint say so) when the loss is not finite."""
-        cfg, steps = self.cfg, self.steps_per_epoch
-        train_loss, train_recon, train_kl = (member.sums / len(self.train_x)).tolist()
-        row = {"epoch": epoch + 1, "beta": kl_beta((epoch + 1) * steps, self.warmup_steps)}
-        if self.scheduled:
-            row["lr"] = member.optimizer.param_groups[0]["lr"]
-        row.update(train_loss=train_loss, train_recon=train_recon, train_kl=train_kl)
-        if math.isfinite(train_loss):
-            return row
-        outcome = member.outcome
-        outcome.status = "diverged"
-        outcome.message = (f"non-finite training loss ({train_loss}) in epoch {epoch + 1}; try a smaller "
-                           f"train.lr (now {cfg.lr}) or train.grad_clip")
-        outcome.history.append(row)
-        _finish(member)
-        member.save(epoch + 1, trained=trained_record(outcome))
-        log.info("seed %d diverged in epoch %d: %s", member.seed, epoch + 1, outcome.message)
-        return None
 
     def _report(self, epoch: int, rows: list[dict], started: float, bar) -> None:
         """One line per epoch for the group: how many seeds trained it, and the range of their losses."""
-        text = f"epoch {epoch + 1}/{self.cfg.epochs}  {len(rows)} of {len(self.members)} seeds training"
+        text = f"epoch {epoch + 1}/{self.plan.cfg.epochs}  {len(rows)} of {len(self.members)} seeds training"
         for key in ("train_loss", "val_loss", "test_loss"):
             values = [row[key] for row in rows if key in row and math.isfinite(row[key])]
             if values:
@@ -493,16 +413,3 @@ class _Group:
             log.debug(text)
             bar.set_postfix({"seeds": len(rows)})
             bar.update(1)
-
-
-def _interrupted(member: _Seed, message: str) -> None:
-    outcome = member.outcome
-    outcome.status, outcome.message = "interrupted", message
-    outcome.epochs_trained = outcome.resumed_from + outcome.epochs_run
-    member.done = True
-
-
-def _interrupted_waiting(member: _Seed) -> None:
-    """A member stopped before the group reached its starting point: its checkpoint is as it was."""
-    epoch, step = member.start
-    _interrupted(member, f"in epoch {epoch + 1} after step {step}" if step else f"after epoch {epoch}")

@@ -45,6 +45,7 @@ def test_the_runs_own_eval_settings_give_the_training_rows_metrics_exactly(train
     assert code == 0, err
     training = pd.read_csv(trained / "results.csv").iloc[0]
     again = pd.read_csv(trained / "again.csv").iloc[0]
+    assert list(again.index) == list(training.index)  # one row, assembled in one place: the same columns, in order
     assert (_metrics(again) == _metrics(training)).all()
     assert again["config_hash"] == training["config_hash"] and again["train_hash"] == training["train_hash"]
     assert again["epochs_run"] == 0 and again["resumed_from"] == 2

@@ -22,8 +22,9 @@ from omegaconf import OmegaConf
 from flowvae.app import register_configs
 from flowvae.errors import ConfigError
 from flowvae.results.store import read_rows
-from flowvae.run.trial import from_environment, hook
+from flowvae.run.trial import Pruning, from_environment, pruning
 from flowvae.search.pruning import ENV, TrialLink, check_report, objective_metric
+from flowvae.training.callbacks import Callback
 from tests.conftest import TINY, compose_config, require_extra, run_flowvae
 
 optuna = require_extra("optuna", "search")
@@ -48,7 +49,7 @@ def test_a_trial_link_goes_through_hydras_grammar_and_is_no_part_of_the_runs_ide
         with_link = compose(config_name="config", overrides=[*TINY, override], return_hydra_config=True)
     assert TrialLink.parse(with_link.hydra.job.env_set[ENV]) == nasty
     assert run_hash(compose_config(*TINY, override)) == run_hash(compose_config(*TINY))
-    assert from_environment({ENV: parsed}) == nasty and from_environment({}) is None and hook(None) is None
+    assert from_environment({ENV: parsed}) == nasty and from_environment({}) is None and pruning(None) is None
 
 
 def _study(tmp_path, name="s"):
@@ -68,7 +69,7 @@ def test_a_trial_reports_each_epochs_validation_loss_and_is_pruned_against_the_m
     # at epoch 2 the finished trials' median is 4, at epoch 3 it is 2
     _finished(study, [{2: 3.0, 3: 1.0}, {2: 4.0, 3: 2.0}, {2: 5.0, 3: 3.0}])
     running = study.ask()
-    prune = hook(TrialLink(storage=spec, study="s", number=running.number, pruner=MEDIAN))
+    prune = pruning(TrialLink(storage=spec, study="s", number=running.number, pruner=MEDIAN)).should_prune
     assert prune({"epoch": 1, "val_loss": 9.0}) is None  # warm-up: epoch 1 < n_warmup_steps = 2
     assert prune({"epoch": 2, "val_loss": 2.5}) is None  # 2.5 < 4
     message = prune({"epoch": 3, "val_loss": 2.4})  # its best so far, 2.4, is worse than the median, 2
@@ -85,7 +86,7 @@ def test_successive_halving_prunes_a_trial_outside_the_best_share_of_its_rung(tm
     prunes = []
     for loss in (1.0, 2.0, 3.0):  # one after the other, each reaching rung 0 (epoch 1)
         trial = study.ask()
-        prunes.append(hook(TrialLink(storage=spec, study="s", number=trial.number, pruner=halving))(
+        prunes.append(pruning(TrialLink(storage=spec, study="s", number=trial.number, pruner=halving)).should_prune(
             {"epoch": 1, "val_loss": loss}))
     assert prunes[0] is None  # alone at its rung
     # the third: 3.0 is not in the best half of [1, 2, 3]
@@ -154,9 +155,9 @@ def test_a_reduction_factor_of_one_is_refused_up_front_naming_the_key(name):
 def test_pruning_never_fails_a_run(tmp_path, caplog):
     spec, study = _study(tmp_path)
     with caplog.at_level(logging.WARNING, logger="flowvae.search.pruning"):
-        assert hook(TrialLink(storage=spec, study="no such study", number=0, pruner=MEDIAN)) is None
+        assert pruning(TrialLink(storage=spec, study="no such study", number=0, pruner=MEDIAN)) is None
         trial = study.ask()
-        prune = hook(TrialLink(storage=spec, study="s", number=trial.number, pruner=MEDIAN))
+        prune = pruning(TrialLink(storage=spec, study="s", number=trial.number, pruner=MEDIAN)).should_prune
         assert prune({"epoch": 1, "train_loss": 1.0}) is None  # no validation: nothing to report
         study.tell(trial, 1.0)  # told already: reporting to it fails, and the run trains on
         assert prune({"epoch": 2, "val_loss": 1.0}) is None and prune({"epoch": 3, "val_loss": 1.0}) is None
@@ -210,14 +211,19 @@ def test_a_trial_reports_its_objective_on_the_validation_events_and_training_is_
     never = {**MEDIAN, "n_startup_trials": 100, "report": "objective"}  # reports, never prunes
     weights, modes, real_fit = [], [], experiment.fit
 
-    def fit(model, *args, prune=None, **options):  # each reported epoch's weights, and the model's mode after
-        def watched(row):
-            weights.append(copy.deepcopy(model.state_dict()))
-            said = prune(row)
-            modes.append(model.training)
-            return said
+    def fit(model, *args, callbacks=(), **options):  # each reported epoch's weights, and the model's mode after
+        class Watched(Callback):
+            def __init__(self, pruner: Pruning) -> None:
+                self.pruner = pruner
 
-        return real_fit(model, *args, prune=None if prune is None else watched, **options)
+            def should_prune(self, row):
+                weights.append(copy.deepcopy(model.state_dict()))
+                said = self.pruner.should_prune(row)
+                modes.append(model.training)
+                return said
+
+        callbacks = [Watched(c) if isinstance(c, Pruning) else c for c in callbacks]
+        return real_fit(model, *args, callbacks=callbacks, **options)
 
     monkeypatch.setattr(experiment, "fit", fit)
     for run in ("reported", "plain"):

@@ -142,25 +142,37 @@ def test_a_failed_trial_scores_inf_and_the_study_goes_on(tmp_path):
     assert [t.value for t in trials[:2]] == list(rows["w1_sum"])
     assert trials[2].value == math.inf and trials[2].state == TrialState.COMPLETE  # the worst when minimizing
     assert trials[2].user_attrs["status"] == "invalid"
+    # refused by the run's own preflight, with the message `flowvae train` gives
+    import json
+    from pathlib import Path
+
+    from flowvae.files import RunFiles
+    from flowvae.run.preflight import Refused, preflight
+    from tests.conftest import compose_config
+
+    with pytest.raises(Refused) as refused:
+        preflight(compose_config(*TINY, "results_csv=results.csv", "data.sigma=0"), RunFiles(tmp_path / "no"),
+                  tmp_path)
+    status = json.loads(RunFiles(Path(trials[2].user_attrs["run_dir"])).status.read_text())
+    assert status["message"] == refused.value.message and "data.sigma=0" in status["message"]
 
 
 @pytest.mark.parametrize("status, value, expected", [("ok", "0.25", 0.25), ("diverged", "", math.inf),
-                                                      ("failed", "", math.inf), ("ok", "nan", math.inf)])
-def test_the_objective_is_the_rows_metric_or_inf(monkeypatch, status, value, expected):
-    from flowvae.run import job
+                                                      ("failed", "", math.inf), ("ok", "nan", math.inf),
+                                                      ("failed", "0.25", math.inf)])  # scored, row not written
+def test_the_objective_is_the_rows_metric_or_inf(status, value, expected):
+    from flowvae.run.job import Outcome
 
-    monkeypatch.setattr(job, "_last_row", {"status": status, "kl_sum": value})
-    assert job.objective("kl_sum") == expected
-    monkeypatch.setattr(job, "_last_row", None)  # refused or interrupted: no row
-    assert job.objective("kl_sum") == math.inf
+    assert Outcome(0, {"status": status, "kl_sum": value}).objective("kl_sum") == expected
+    assert Outcome(2).objective("kl_sum") == math.inf  # refused or interrupted: no row
 
 
 @pytest.mark.parametrize("direction, worst", [("minimize", math.inf), ("maximize", -math.inf)])
 @pytest.mark.parametrize("status, row", [("ok", {"status": "ok"}),  # the metric missing from the row
                                          ("ok", {"status": "ok", "kl_sum": "nan"}),
                                          ("failed", None), ("invalid", None)])
-def test_a_failed_trial_scores_the_worst_value_of_the_direction_and_is_never_the_best(tmp_path, monkeypatch,
-                                                                                      direction, worst, status, row):
+def test_a_failed_trial_scores_the_worst_value_of_the_direction_and_is_never_the_best(tmp_path, direction, worst,
+                                                                                      status, row):
     """What the sweeper tells the study of a job: the job's own objective (+inf without a finite metric) is the
     worst value when minimizing, and -inf, not +inf, when maximizing."""
     import json
@@ -169,7 +181,7 @@ def test_a_failed_trial_scores_the_worst_value_of_the_direction_and_is_never_the
     from hydra.core.utils import JobStatus
 
     from flowvae.files import RunFiles
-    from flowvae.run import job
+    from flowvae.run.job import Outcome
     from flowvae.sweeps.optuna_sweeper import OptunaSweeper
 
     sweeper = OptunaSweeper(direction=direction)
@@ -177,18 +189,92 @@ def test_a_failed_trial_scores_the_worst_value_of_the_direction_and_is_never_the
     study = optuna.create_study(direction=direction)
 
     def tell(run_status: str, last_row: dict | None):
-        monkeypatch.setattr(job, "_last_row", last_row)
         run_dir = tmp_path / str(len(study.trials))
         run_dir.mkdir()
         RunFiles(run_dir).status.write_text(json.dumps({"status": run_status, "message": "why"}))
         ret = SimpleNamespace(hydra_cfg=OmegaConf.create({"hydra": {"runtime": {"output_dir": str(run_dir)}}}),
-                              status=JobStatus.COMPLETED, return_value=job.objective("kl_sum"))
+                              status=JobStatus.COMPLETED, return_value=Outcome(0, last_row).objective("kl_sum"))
         sweeper._tell(study, study.ask(), ret)
 
     tell("ok", {"status": "ok", "kl_sum": "0.25"})
     tell(status, row)
     assert [t.value for t in study.trials] == [0.25, worst]
     assert study.best_trial.number == 0 and sweeper.worst() == worst
+
+
+def _task(tmp_path, sweeper: str, *overrides):
+    """Hydra's task function of `flowvae train` run in this process as a job of a sweep whose sweeper is the
+    class ``sweeper``, and what Hydra hands that sweeper: (return value, the job's directory)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from flowvae import cli, stopping
+
+    register_configs()
+    with initialize_config_module(config_module="flowvae.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*TINY, f"results_csv={tmp_path / 'results.csv'}",
+                                                       *overrides], return_hydra_config=True)
+    run_dir = tmp_path / "sweep" / str(len(list(tmp_path.glob("sweep/*"))))
+    cfg.hydra.mode, cfg.hydra.sweep.dir = RunMode.MULTIRUN, str(tmp_path / "sweep")
+    cfg.hydra.runtime.cwd, cfg.hydra.runtime.output_dir = str(tmp_path), str(run_dir)
+    cfg.hydra.sweeper = {"_target_": sweeper}
+    hydra_config = HydraConfig.instance()
+    saved, _ = hydra_config.cfg, hydra_config.set_config(cfg)
+    task = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    try:
+        return cli.train.__wrapped__(task), run_dir
+    finally:
+        hydra_config.cfg = saved
+        stopping.reset()
+
+
+def _renamed_sweeper():
+    from flowvae.sweeps.optuna_sweeper import OptunaSweeper
+
+    class Renamed(OptunaSweeper):
+        """flowvae's sweeper under a name without "optuna" in it."""
+
+    return Renamed
+
+
+def test_the_sweeper_gets_the_objective_from_the_jobs_return_value_and_knows_its_subclasses(tmp_path, monkeypatch):
+    """A search's job hands its objective back through Hydra (the task function's return value, which Hydra gives
+    the sweeper as JobReturn.return_value), recognised by the sweeper's class: a subclass under any name gets it;
+    any other sweeper the exit code."""
+    import json
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    import pandas as pd
+    from hydra.core.utils import JobStatus
+
+    from flowvae.sweeps.optuna_sweeper import OptunaSweeper
+
+    module = ModuleType("renamed_sweepers")
+    module.Renamed = _renamed_sweeper()
+    module.Other = type("OptunaLookalike", (), {})  # "optuna" in its name, and not flowvae's sweeper
+    monkeypatch.setitem(sys.modules, "renamed_sweepers", module)
+    value, run_dir = _task(tmp_path, "renamed_sweepers.Renamed")
+    row = pd.read_csv(tmp_path / "results.csv").iloc[-1]
+    assert value == row["kl_sum"] and row["run_dir"] == str(run_dir)
+    sweeper = OptunaSweeper()
+    sweeper.config = OmegaConf.create({"optimize": {"metric": "kl_sum"}})
+    study = optuna.create_study()
+    ret = SimpleNamespace(hydra_cfg=OmegaConf.create({"hydra": {"runtime": {"output_dir": str(run_dir)}}}),
+                          status=JobStatus.COMPLETED, return_value=value)
+    sweeper._tell(study, study.ask(), ret)
+    assert study.trials[0].value == row["kl_sum"]
+    # refused before any work: +inf, and the status says why
+    value, run_dir = _task(tmp_path, "renamed_sweepers.Renamed", "n_flows=-1")
+    assert value == math.inf and json.loads((run_dir / "status.json").read_text())["status"] == "invalid"
+    # flowvae's sweeper as the config names it, for a trial that takes the row: the row's value
+    value, _ = _task(tmp_path, "hydra_plugins.flowvae_plugins.optuna_sweeper.OptunaSweeper", "skip_existing=true")
+    assert value == row["kl_sum"]
+    # any other sweeper gets the exit code, whatever its name says
+    for other in ("renamed_sweepers.Other", "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                  "no_such_module.OptunaSweeper"):
+        value, _ = _task(tmp_path, other, "skip_existing=true")
+        assert value == 0 and isinstance(value, int), other
 
 
 def test_an_objective_that_is_not_a_metric_column_is_refused(tmp_path):

@@ -18,7 +18,9 @@ from flowvae.files import RunFiles
 from flowvae.models import FlowVAE
 from flowvae.run import experiment, job
 from flowvae.run.rebuild import load_run
+from flowvae.training import kit
 from flowvae.training import loop as train_module
+from flowvae.training.callbacks import Callback
 from flowvae.training.kit import check_checkpoint, learning_rate, split_validation
 from flowvae.training.loop import fit
 from tests.conftest import TINY, compose_config, stop_after_step
@@ -67,19 +69,25 @@ def _record_steps(monkeypatch):
 
 def _validation_losses(monkeypatch, losses: list[float]):
     """Make the validation pass return ``losses`` epoch by epoch (the test loss is evaluated as usual)."""
-    evaluate = train_module.evaluate_loss
+    evaluate = kit.evaluate_loss
     calls = iter(losses)
 
     def patched(model, x, seed=0, batch_size=1000):
-        if seed % 10 == train_module.VAL_SEED_OFFSET:  # fit's seeds below are multiples of 10
+        if seed % 10 == kit.VAL_SEED_OFFSET:  # fit's seeds below are multiples of 10
             return {"loss": next(calls), "recon": 0.0, "kl": 0.0}
         return evaluate(model, x, seed, batch_size)
 
-    monkeypatch.setattr(train_module, "evaluate_loss", patched)
+    monkeypatch.setattr(kit, "evaluate_loss", patched)
 
 
-def _snapshots(model, store: list):
-    return lambda history: store.append({k: v.clone() for k, v in model.state_dict().items()})
+class _Snapshots(Callback):
+    """The model's weights after every epoch, in ``store``."""
+
+    def __init__(self, model, store: list) -> None:
+        self.model, self.store = model, store
+
+    def on_epoch_end(self, row, history):
+        self.store.append({k: v.clone() for k, v in self.model.state_dict().items()})
 
 
 def test_the_validation_events_are_never_trained_on_and_are_the_same_for_every_model_seed(monkeypatch):
@@ -125,7 +133,7 @@ def test_early_stopping_stops_patience_epochs_after_the_best_and_keeps_its_weigh
     with caplog.at_level(logging.INFO, logger="flowvae.training.loop"):
         outcome = fit(model, train_x, _data()[1], _cfg(epochs=8, patience=3), seed=10, val_x=val_x,
                       checkpoint=tmp_path / "checkpoint.pt", best=tmp_path / "best.pt",
-                      on_epoch=_snapshots(model, snapshots))
+                      callbacks=_Snapshots(model, snapshots))
     assert outcome.status == "ok" and outcome.best_epoch == 3 and outcome.epochs_trained == 6 == len(snapshots)
     assert [row["val_loss"] for row in outcome.history] == [5.0, 4.0, 3.0, 3.5, 3.0, 3.2]
     assert "no better validation loss for 3 epochs; best epoch 3" in caplog.text
@@ -148,10 +156,10 @@ def test_without_patience_training_runs_every_epoch_and_ends_with_the_best():
     train_x, val_x = split_validation(train_x, 0.2, 0)
     model, snapshots = _model(), []
     outcome = fit(model, train_x, test_x, _cfg(epochs=4, lr=0.1), seed=0, val_x=val_x,
-                  on_epoch=_snapshots(model, snapshots))
+                  callbacks=_Snapshots(model, snapshots))
     losses = [row["val_loss"] for row in outcome.history]
     assert len(losses) == 4 and outcome.best_epoch == 1 + int(np.argmin(losses)) == 2  # lr 0.1: noisy
-    reference = train_module.evaluate_loss(model, val_x, seed=train_module.VAL_SEED_OFFSET)["loss"]
+    reference = kit.evaluate_loss(model, val_x, seed=kit.VAL_SEED_OFFSET)["loss"]
     assert reference == min(losses)  # the model's own validation loss is the best epoch's
 
 
@@ -207,9 +215,9 @@ def test_resume_with_validation_cosine_and_patience_gives_the_uninterrupted_numb
     train_x, test_x, val_x = _shifted_split()
     checkpoint, best = tmp_path / "checkpoint.pt", tmp_path / "best.pt"
     with monkeypatch.context() as patch:
-        should_stop = stop_after_step(patch, stop_at)
+        stop = stop_after_step(patch, stop_at)
         outcome = fit(_model(), train_x, test_x, _cfg(**ALL_ON), seed=0, val_x=val_x, checkpoint=checkpoint,
-                      best=best, should_stop=should_stop)
+                      best=best, callbacks=stop)
     assert outcome.status == "interrupted"
     resumed = _model()
     torch.manual_seed(123)
@@ -233,13 +241,14 @@ def test_a_kill_after_a_better_epoch_and_before_the_next_checkpoint_resumes_exac
     train_x, test_x, val_x = _shifted_split()
     checkpoint, best = tmp_path / "checkpoint.pt", tmp_path / "best.pt"
 
-    def kill(history):
-        if len(history) == 3:  # after best.pt took epoch 3, before its checkpoint
-            raise KeyboardInterrupt
+    class Kill(Callback):
+        def on_epoch_end(self, row, history):
+            if len(history) == 3:  # after best.pt took epoch 3, before its checkpoint
+                raise KeyboardInterrupt
 
     cfg = _cfg(**{**ALL_ON, "checkpoint_every": 2})
     with pytest.raises(KeyboardInterrupt):
-        fit(_model(), train_x, test_x, cfg, seed=0, val_x=val_x, checkpoint=checkpoint, best=best, on_epoch=kill)
+        fit(_model(), train_x, test_x, cfg, seed=0, val_x=val_x, checkpoint=checkpoint, best=best, callbacks=Kill())
     assert torch.load(best, weights_only=True)["epoch"] == 3 and check_checkpoint(checkpoint, {}) == 2
     resumed = _model()
     outcome = fit(resumed, train_x, test_x, cfg, seed=0, val_x=val_x, checkpoint=checkpoint, best=best)
@@ -335,13 +344,13 @@ def test_a_run_stopped_by_sigterm_and_rerun_scores_what_an_uninterrupted_run_sco
     import os
     import signal
 
-    evaluate = train_module.evaluate_loss
+    evaluate = kit.evaluate_loss
 
     def rising(model, x, seed=0, batch_size=1000):
         losses = evaluate(model, x, seed, batch_size)
-        return {**losses, "loss": -losses["loss"]} if seed % 10 == train_module.VAL_SEED_OFFSET else losses
+        return {**losses, "loss": -losses["loss"]} if seed % 10 == kit.VAL_SEED_OFFSET else losses
 
-    monkeypatch.setattr(train_module, "evaluate_loss", rising)
+    monkeypatch.setattr(kit, "evaluate_loss", rising)
     settings = [*TINY, "seed=10", "train.epochs=4", "train.val_fraction=0.25", "train.patience=1",
                 "train.lr_schedule=cosine"]
     original = experiment.write_curves

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from flowvae.models import FlowVAE
 from flowvae.training import loop as train_module
 from flowvae.training import stacked as stacked_module
+from flowvae.training.callbacks import Callback
 from flowvae.training.kit import TRAINED_KEY, split_validation
 from flowvae.training.loop import fit
 from flowvae.training.stacked import fit_stacked
@@ -63,12 +64,14 @@ def _data(masked: bool = False, n_train: int = 100):
     return with_mask(train_x), with_mask(test_x)
 
 
-def _fit_each(name, train_x, test_x, cfg, seeds=SEEDS, checkpoints=None, **kwargs):
+def _fit_each(name, train_x, test_x, cfg, seeds=SEEDS, checkpoints=None, callbacks_for=None, **kwargs):
     models, outcomes = [], []
     for i, seed in enumerate(seeds):
         model, _ = _build(seed, name)
         checkpoint = None if checkpoints is None else checkpoints[i]
-        outcomes.append(fit(model, train_x, test_x, cfg, seed=seed, checkpoint=checkpoint, **kwargs))
+        callbacks = (callbacks_for or {}).get(seed)
+        outcomes.append(fit(model, train_x, test_x, cfg, seed=seed, checkpoint=checkpoint, callbacks=callbacks,
+                            **kwargs))
         models.append(model)
     return models, outcomes
 
@@ -206,8 +209,71 @@ def test_a_diverging_seed_leaves_and_the_others_train_on(tmp_path, monkeypatch):
     assert again.status == "diverged" and again.epochs_run == 1 and again.message == actual[1][1].message
 
 
-def _stop_after(monkeypatch, at_step: int):
-    """A should_stop that turns true once the stack has stepped ``at_step`` times."""
+class _PruneAt(Callback):
+    """Prunes the training after epoch ``epoch``; ``asked``: the epochs it was asked about."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.asked = epoch, []
+
+    def should_prune(self, row):
+        self.asked.append(row["epoch"])
+        return f"pruned by the test after epoch {row['epoch']}" if row["epoch"] == self.epoch else None
+
+
+def test_a_seed_its_callback_prunes_leaves_the_stack_as_fit_prunes_it(tmp_path, caplog):
+    """Seed 1's callback prunes it after epoch 2 of 4: it ends with fit's outcome, history and weights (epoch 2's,
+    not the best epoch's, 1) and fit's checkpoint, which records it (its job scores nothing and trains no further);
+    seeds 0 and 2 train on as fit trains them without callbacks, two seeds in the stack from epoch 3. Seed 2's
+    callback, which never prunes, is asked after every epoch but the last, as fit asks."""
+    events, test_x = _data(n_train=125)
+    train_x, val_x = split_validation(events, 0.2, 0)
+    val_x = val_x * 2.0 + 1.0  # unlike the training events: seed 1's validation loss rises in epoch 2
+    cfg = _cfg(epochs=4, lr=3e-2, lr_schedule="cosine")
+    fit_pruner, stack_pruner, never = _PruneAt(2), _PruneAt(2), _PruneAt(0)
+    fits, checkpoints = [tmp_path / f"fit{seed}.pt" for seed in SEEDS], [tmp_path / f"c{seed}.pt" for seed in SEEDS]
+    expected = _fit_each("planar", train_x, test_x, cfg, checkpoints=fits, val_x=val_x,
+                         callbacks_for={1: fit_pruner})
+    assert [o.status for o in expected[1]] == ["ok", "pruned", "ok"]
+    assert expected[1][1].message == "pruned by the test after epoch 2" and expected[1][1].epochs_trained == 2
+    with caplog.at_level(logging.INFO, logger="flowvae.training.stacked"):
+        actual = _stacked("planar", train_x, test_x, cfg, val_x=val_x, checkpoints=checkpoints,
+                          callbacks=[None, stack_pruner, never])
+    _assert_same(expected, actual)
+    assert stack_pruner.asked == fit_pruner.asked == [1, 2] and never.asked == [1, 2, 3]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split("  ")[1] for line in lines] == ["3 of 3 seeds training"] * 2 + ["2 of 3 seeds training"] * 2
+    expected_state, state = (torch.load(p, weights_only=False) for p in (fits[1], checkpoints[1]))
+    assert set(state) == set(expected_state) | {TRAINED_KEY}
+    assert state[TRAINED_KEY]["status"] == "pruned" and state["epoch"] == expected_state["epoch"] == 2
+    for key in ("partial", "extra", "cuda_rng"):
+        assert state[key] == expected_state[key], key
+    for key in ("torch_rng", "shuffle_rng"):
+        assert torch.equal(state[key], expected_state[key]), key
+    assert state["validation"].pop("best_loss") == pytest.approx(expected_state["validation"].pop("best_loss"))
+    assert state["validation"] == expected_state["validation"] and state["validation"]["best_epoch"] == 1
+    assert [row["epoch"] for row in state["history"]] == [row["epoch"] for row in expected_state["history"]] == [1, 2]
+    for key, tensor in expected_state["model"].items():
+        torch.testing.assert_close(state["model"][key], tensor, **TOLERANCE)
+        assert torch.equal(state["model"][key], actual[0][1].state_dict()[key]), key  # the model keeps epoch 2's
+    again = _build(1)[0]  # the seed's own job: the recorded outcome, nothing trained
+    outcome = fit(again, train_x, test_x, cfg, seed=1, checkpoint=checkpoints[1], val_x=val_x)
+    assert (outcome.status, outcome.message, outcome.epochs_trained) == ("pruned", actual[1][1].message, 2)
+    for key, tensor in actual[0][1].state_dict().items():
+        assert torch.equal(again.state_dict()[key], tensor), key
+
+
+class _StopAt(Callback):
+    """Asks to stop once ``calls["n"]`` (steps counted by a patched step) reaches ``at_step``."""
+
+    def __init__(self, calls: dict, at_step: int) -> None:
+        self.calls, self.at_step = calls, at_step
+
+    def should_stop(self) -> bool:
+        return self.calls["n"] >= self.at_step
+
+
+def _stop_after(monkeypatch, at_step: int) -> _StopAt:
+    """A callback asking to stop once the stack has stepped ``at_step`` times."""
     step, calls = stacked_module._Stack.step, {"n": 0}
 
     def counting(self, *args):
@@ -215,7 +281,7 @@ def _stop_after(monkeypatch, at_step: int):
         return step(self, *args)
 
     monkeypatch.setattr(stacked_module._Stack, "step", counting)
-    return lambda: calls["n"] >= at_step
+    return _StopAt(calls, at_step)
 
 
 @pytest.mark.parametrize("stop_at", [7, 10])  # inside epoch 2 (5 steps an epoch), and at its end
@@ -228,7 +294,7 @@ def test_interrupted_stack_resumes_stacked_or_alone(tmp_path, monkeypatch, stop_
     checkpoints = [tmp_path / f"c{seed}.pt" for seed in SEEDS]
     with monkeypatch.context() as patch:
         _, outcomes = _stacked("planar", train_x, test_x, cfg, checkpoints=checkpoints,
-                               should_stop=_stop_after(patch, stop_at))
+                               callbacks=[_stop_after(patch, stop_at)] * len(SEEDS))
     where = "in epoch 2 after step 2" if stop_at == 7 else "after epoch 2"
     assert all(o.status == "interrupted" and o.message == where for o in outcomes)
     states = [torch.load(c, weights_only=False) for c in checkpoints]
@@ -284,20 +350,30 @@ def test_fit_checkpoints_at_different_points_resume_as_one_stack(tmp_path, monke
 
             patch.setattr(train_module, "make_step", counting)
             fit(_build(seed)[0], train_x, test_x, cfg, seed=seed, checkpoint=checkpoints[seed], val_x=val_x,
-                best=bests[seed], should_stop=lambda calls=calls, stop_at=stop_at: calls["n"] >= stop_at)
+                best=bests[seed], callbacks=_StopAt(calls, stop_at))
     _stacked("planar", train_x, test_x, cfg, seeds=[3], checkpoints=[checkpoints[3]], val_x=val_x, bests=[bests[3]])
     recorded = torch.load(checkpoints[3], weights_only=False)[TRAINED_KEY]
     assert recorded["status"] == "ok" and recorded["epochs_run"] == 4
 
     epochs_seen = {seed: [] for seed in seeds}
-    on_epoch = [lambda history, seed=seed: epochs_seen[seed].append(history[-1]["epoch"]) for seed in seeds]
     actual = _stacked("planar", train_x, test_x, cfg, seeds=seeds, checkpoints=checkpoints, val_x=val_x, bests=bests,
-                      on_epoch=on_epoch)
+                      callbacks=[_Epochs(epochs_seen[seed]) for seed in seeds])
     assert [o.resumed_from for o in actual[1]] == [0, 1, 3, 0]
     assert [o.epochs_run for o in actual[1]] == [4, 3, 1, 4]  # seed 3's as its stack recorded it
     assert epochs_seen == {0: [1, 2, 3, 4], 1: [2, 3, 4], 2: [4], 3: []}
     _with_resume(expected, actual[1])
     _assert_same(expected, actual)
+
+
+class _Epochs(Callback):
+    """The epochs a training reports, in ``seen``."""
+
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
+
+    def on_epoch_end(self, row, history):
+        assert row is history[-1]
+        self.seen.append(row["epoch"])
 
 
 def test_checkpoints_have_fits_format(tmp_path):

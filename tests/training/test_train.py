@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from flowvae.models import FlowVAE
+from flowvae.training.callbacks import Callback
 from flowvae.training.kit import CheckpointMismatch, check_checkpoint, evaluate_loss
 from flowvae.training.loop import fit
 from tests.conftest import stop_after_step
@@ -38,8 +39,8 @@ def test_resume_after_a_stop_gives_the_uninterrupted_numbers(tmp_path, monkeypat
 
     model, checkpoint = _model(), tmp_path / "checkpoint.pt"
     with monkeypatch.context() as patch:
-        should_stop = stop_after_step(patch, stop_at)
-        outcome = fit(model, train_x, test_x, _cfg(), seed=0, checkpoint=checkpoint, should_stop=should_stop)
+        stop = stop_after_step(patch, stop_at)
+        outcome = fit(model, train_x, test_x, _cfg(), seed=0, checkpoint=checkpoint, callbacks=stop)
     assert outcome.status == "interrupted" and f"epoch {stop_at // 5 + (stop_at % 5 > 0)}" in outcome.message
     assert check_checkpoint(checkpoint, {}) == stop_at // 5
 
@@ -65,14 +66,19 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
     assert check_checkpoint(tmp_path / "none.pt", {"config_hash": "a"}) is None
 
 
+class _StopAlways(Callback):
+    def should_stop(self) -> bool:
+        return True
+
+
 def test_a_stop_in_the_last_epoch_finishes_training(tmp_path):
     """The last epoch's end is the finished model: training reports ok and the caller decides what stops."""
     train_x, test_x = _data()
     outcome = fit(_model(), train_x, test_x, _cfg(epochs=1), seed=0, checkpoint=tmp_path / "c.pt",
-                  should_stop=lambda: True)
+                  callbacks=[_StopAlways()])
     assert outcome.status == "interrupted"  # stopped after its first step: 5 steps an epoch
     outcome = fit(_model(), train_x, test_x, _cfg(epochs=1, batch_size=100), seed=0, checkpoint=tmp_path / "d.pt",
-                  should_stop=lambda: True)
+                  callbacks=[_StopAlways()])
     assert outcome.status == "ok" and check_checkpoint(tmp_path / "d.pt", {}) == 1
 
 

@@ -210,7 +210,10 @@ class Lock:
             try:
                 return os.open(self.path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             except FileNotFoundError:  # the folder went with its last lock (remove_folder): make it again
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                except FileExistsError:  # made, then removed by a holder's release between mkdir's two looks
+                    pass
         return os.open(self.path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)  # or say why not
 
     def _names(self, fd: int) -> bool:

@@ -5,7 +5,9 @@ their floors. :data:`PROTOCOLS` is the one list of protocols; every column name 
   batches drawn without replacement and scaled down to the sets' sizes; floors between two halves of the
   reference, and FPD's floor before its extrapolation (:func:`fd_of_halves`).
 - ``jetnet``: jetnet.evaluation's published defaults (Kansal et al., PRD 107 (2023) 076017), see
-  :data:`JETNET`; floors between the reference and a disjoint real set of the same kind (the truth row).
+  :data:`JETNET`, computed as the published numbers were: FPD with jetnet's own ``curve_fit`` (``fpd``) and the
+  exact fit beside it (``fpd_exact``), the W1s drawn from one random stream; floors between the reference and a
+  disjoint real set of the same kind (the truth row).
 """
 
 from __future__ import annotations
@@ -19,7 +21,17 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from flowvae.metrics.distances import fpd, frechet_distance, kpd, mean_cov, w1_batched, w1p
+from flowvae.metrics.distances import (
+    FPD_FITS,
+    fpd_line,
+    fpd_points,
+    frechet_distance,
+    kpd,
+    mean_cov,
+    w1_batched,
+    w1_columns,
+    w1p,
+)
 from flowvae.metrics.efp import features_of
 from flowvae.metrics.jets import checked_jets, compact_particles, kinematics_indices, kinematics_of, scaled_by_real
 from flowvae.metrics.marginal import split_halves
@@ -44,11 +56,15 @@ class Protocol:
     ``metrics`` from w1m (jet mass), w1_mult (multiplicity), w1p (per particle feature, then their mean), w1efp
     (the EFPs of ``w1efp_efps``, mean over them), fpd, kpd; a metric whose input the events lack (kinematics, a
     mask) is left out, unless ``needs_kinematics``, when events without kinematics are refused. The W1s draw
-    ``num_batches`` batches of ``num_eval_samples`` jets with replacement from the row's seed; ``fpd_options``
-    and ``kpd_options`` go to :func:`fpd` and :func:`kpd` (their defaults where empty), seeded by ``seed``, or by
-    the row's seed when it is None. ``include_mass_pt``: FPD/KPD's features are jet mass and pT before the 36
-    EFPs (:func:`event_features`). ``floor``: ``halves`` of the reference, or ``truth``, a disjoint real set
-    (halves when there is none); ``floor_fd``: the row has ``fpd_floor_fd`` (:func:`fd_of_halves`).
+    ``num_batches`` batches of ``num_eval_samples`` jets with replacement from the row's seed: each W1 metric
+    from a fresh ``Generator(seed)`` (the same jets for each), or, with ``w1_stream``, all from one
+    ``Generator(seed)`` continued from metric to metric in column order (jetnet's one module-level generator).
+    ``fpd_options`` and ``kpd_options`` go to :func:`fpd` and :func:`kpd` (their defaults where empty), seeded by
+    ``seed``, or by the row's seed when it is None. ``fpd_fits``: the fits of FPD's line (:func:`fpd_line`) on
+    one set of points, the first in ``fpd``/``fpd_err``, each other in ``fpd_<fit>``/``fpd_<fit>_err``.
+    ``include_mass_pt``: FPD/KPD's features are jet mass and pT before the 36 EFPs (:func:`event_features`).
+    ``floor``: ``halves`` of the reference, or ``truth``, a disjoint real set (halves when there is none);
+    ``floor_fd``: the row has ``fpd_floor_fd`` (:func:`fd_of_halves`).
     """
 
     name: str
@@ -63,6 +79,13 @@ class Protocol:
     needs_kinematics: bool = False
     floor: str = "halves"
     floor_fd: bool = True
+    fpd_fits: tuple[str, ...] = ("exact",)
+    w1_stream: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.fpd_fits or len(set(self.fpd_fits)) < len(self.fpd_fits) or set(self.fpd_fits) - set(FPD_FITS):
+            raise ValueError(f"protocol {self.name}: fpd_fits must name distinct fits from {', '.join(FPD_FITS)}, "
+                             f"got {self.fpd_fits}")
 
     def check(self, kinematics: bool) -> None:
         """Refuse events without kinematics when the protocol needs them (ValueError saying what to give)."""
@@ -72,14 +95,18 @@ class Protocol:
 
     def columns(self, n_features: int, kinematics: bool, mask: bool) -> list[str]:
         """The metric columns, each followed by its error: ``w1p`` (the mean over features) comes before its
-        per-feature ``w1p_<i>``."""
+        per-feature ``w1p_<i>``, ``fpd`` (the first of ``fpd_fits``) before the other fits' ``fpd_<fit>``."""
         self.check(kinematics)
         has = {"kinematics": kinematics, "mask": mask}
         columns: list[str] = []
         for metric in self.metrics:
             if metric in _NEEDS and not has[_NEEDS[metric]]:
                 continue
-            names = [metric, *(f"{metric}_{i}" for i in range(n_features))] if metric == "w1p" else [metric]
+            names = [metric]
+            if metric == "w1p":
+                names += [f"{metric}_{i}" for i in range(n_features)]
+            elif metric == "fpd":
+                names += [f"{metric}_{fit}" for fit in self.fpd_fits[1:]]
             columns += [f"{name}{suffix}" for name in names for suffix in ("", "_err")]
         return columns
 
@@ -107,28 +134,43 @@ JETNET = Protocol(
     needs_kinematics=True,
     floor="truth",
     floor_fd=False,
+    fpd_fits=("jetnet", "exact"),
+    w1_stream=True,
 )
 """jetnet.evaluation's published defaults (jetnet 0.2.5; Kansal et al., "Evaluating generative models in high energy
 physics", PRD 107 (2023) 076017): W1M of jet mass; W1P per particle feature (all of the events' features, over real
 particles) and their mean, with jetnet's error of that mean, the root sum of squares of the per-feature errors (its
 former ``average_over_features``); W1EFP over the five EFPs with n = 4 vertices, d = 4 edges, connected (jetnet's
 ``EFPSet(("n==", 4), ("d==", 4), ("p==", 1))``, entries 12, 14, 15, 16, 17 of the 36), their mean and the root sum
-of squares of their errors; each W1 over 5 batches of 50,000 jets drawn with replacement (mean, std over batches).
-FPD and KPD on the 36 EFPs with d ≤ 4 alone (``get_fpd_kpd_jet_features``), divided by the reference's largest
-|value| per feature; FPD: 10 batch sizes evenly in 1/N from 20,000 to 50,000, 20 batches each, drawn with
-replacement from ``default_rng(42)``, the 1/N line fitted with intercept and slope ≥ 0; KPD: 10 batches of 5,000
-drawn with replacement, batch i from ``default_rng(42 + 1000 i)``, kernel (x·y/d + 1)^4, median and half the
-16.275–83.725 percentile spread.
+of squares of their errors; each W1 over 5 batches of 50,000 jets drawn with replacement (mean, std over batches),
+all from one random stream as jetnet draws them: its w1m, w1p and w1efp each call ``rng.choice`` on one
+module-level ``numpy.random.default_rng()``, so each continues where the one before left off; here that stream is
+``default_rng(row's seed)``, drawn through W1M, W1P and W1EFP in that order (the row's column order: jetnet fixes
+none, its caller does), each batch the reference's jets, then the generated, W1EFP one draw per batch for its
+five EFPs. FPD and KPD on the 36 EFPs with d ≤ 4 alone (``get_fpd_kpd_jet_features``), divided by the
+reference's largest |value| per feature; FPD: 10 batch sizes evenly in 1/N from 20,000 to 50,000, 20 batches each,
+drawn with replacement from ``default_rng(42)``, the 1/N line fitted with intercept and slope ≥ 0 twice on those
+points: by jetnet's own call, ``curve_fit(linear, 1/N, FD, bounds=([0, 0], [inf, inf]))``, in ``fpd``/``fpd_err``
+(the fit the published FPDs come from, which stops early when FPD is small: :func:`fpd_line`), and exactly, the
+least-squares optimum, in ``fpd_exact``/``fpd_exact_err`` (what ``fpd`` held before; the truth row has both,
+``fpd_floor`` and ``fpd_exact_floor``); KPD: 10 batches of 5,000 drawn with replacement, batch i from
+``default_rng(42 + 1000 i)``, kernel (x·y/d + 1)^4, median and half the 16.275–83.725 percentile spread.
 
 Where this differs from jetnet's code (jetnet 0.2.5 run beside it on 10,000 JetNet gluon jets against 10,000 others
 with their angles smeared by 0.01 and pT scaled by 1.05):
 - FPD and KPD draw what jetnet draws (the same generator, seed and calls). KPD agrees to 4e-12 relative (its error
-  to 2e-9). FPD's line is fitted exactly, where jetnet's ``curve_fit`` stops at its tolerance, and the FD's matrix
-  square root comes from a symmetric eigendecomposition, not ``sqrtm``: FPD 8.05250e-3 vs jetnet's 8.05244e-3
-  (7e-6 relative), its error 4e-6 relative;
-- jetnet's W1 batches come from an unseeded generator, so its W1M, W1P and W1EFP change from call to call (W1M
-  5.70e-3 to 6.32e-3 in three calls on these sets); here they are drawn from the row's seed. With jetnet's
-  generator seeded so, the draws are the same and W1M, W1P and W1EFP agree to 1e-14 relative;
+  to 2e-9). The FD's matrix square root comes from a symmetric eigendecomposition, not ``sqrtm``. Measured
+  beside jetnet when FPD was the exact fit: 8.05250e-3 vs jetnet's 8.05244e-3 (7e-6 relative), its error 4e-6.
+  ``fpd`` now makes jetnet's fit itself, and agrees with a transcription of jetnet's fpd (``sqrtm`` and its
+  ``curve_fit`` call, in the tests) to 1e-7. Between the fits, on the first 10,000 jets of flowvae's
+  ``gluon_30p.npz`` as the reference: against its other 10,000 smeared as above (FPD 1.16e-2) they differ by 5e-6
+  relative; against those 10,000 unsmeared (a truth row, a small FPD) jetnet's fit gives 3.86e-4 ± 0.68e-4 and
+  the exact one 2.24e-4 ± 0.35e-4 (1.7×);
+- jetnet's W1 generator is unseeded, so its W1M, W1P and W1EFP change from call to call (W1M 5.70e-3 to 6.32e-3
+  in three calls on these sets); here the stream starts from the row's seed. Each batch's W1s agreed with
+  jetnet's to 1e-14 relative on the same draws (measured with jetnet's generator re-seeded before each call, as
+  the W1s were drawn before they shared one stream); the stream's draws are checked against a transcription of
+  jetnet's calls (the tests), not beside jetnet;
 - W1P: only the mask decides which particles are real; jetnet also drops real particles whose features are all
   exactly 0 (none in JetNet's data);
 - the 36 EFPs and jet masses are computed in numpy (jetnet: energyflow, awkward/coffea): EFPs equal to 8e-15
@@ -171,8 +213,11 @@ def score_protocol(
 
     The reference is the real set (jetnet's jets1): it is drawn first in every batch and normalises FPD's and
     KPD's features. A missing mask means every slot is a particle. The W1s' batches come from ``seed``; FPD and
-    KPD from the protocol's seed where it has one (jetnet: 42), else from ``seed``. ``sides`` names the two sets
-    in the progress lines (:mod:`flowvae.progress`).
+    KPD from the protocol's seed where it has one (jetnet: 42), else from ``seed``. With ``w1_stream`` (jetnet) the
+    W1s continue one ``Generator(seed)`` in column order: W1M's batches (reference, then generated, per batch),
+    then W1P's, then W1EFP's, one draw per batch for all five EFPs; else each starts from ``Generator(seed)``.
+    FPD's points are drawn once and fitted by each of ``fpd_fits``. ``sides`` names the two sets in the progress
+    lines (:mod:`flowvae.progress`).
     """
     p = get_protocol(protocol)
     gen, gen_real = compact_particles(*checked_jets(generated, gen_mask, "generated"))
@@ -186,7 +231,8 @@ def score_protocol(
     indices = None if kinematics is None else kinematics_indices(kinematics, gen.shape[1])
     has_mask = gen_mask is not None or ref_mask is not None
     columns = p.columns(gen.shape[1], indices is not None, has_mask)
-    w1_options = {"num_eval_samples": p.num_eval_samples, "num_batches": p.num_batches, "seed": seed}
+    w1_seed = np.random.default_rng(seed) if p.w1_stream else seed  # a Generator: each W1 continues its stream
+    w1_options = {"num_eval_samples": p.num_eval_samples, "num_batches": p.num_batches, "seed": w1_seed}
     batches = f"{p.num_batches} batches of {p.num_eval_samples} jets"
     row: dict[str, float] = {}
     gen_jet = ref_jet = None
@@ -205,16 +251,15 @@ def score_protocol(
         row.update(_mean_of("w1p", means, stds))
     gen_features = features_of(gen, gen_real, indices, p.include_mass_pt, False, gen_jet, label=sides[0])
     ref_features = features_of(ref, ref_real, indices, p.include_mass_pt, False, ref_jet, label=sides[1])
-    if "w1efp" in columns:  # the EFPs are the features' last 36 columns; each W1 draws the same jets
-        efps = ", ".join(map(str, p.w1efp_efps))
-        with phase(f"W1 of EFPs {efps}: {batches}", len(p.w1efp_efps), "EFPs", logger=log) as step:
-            efp = []
-            for k in p.w1efp_efps:
-                efp.append(w1_batched(ref_features[:, k - 36], gen_features[:, k - 36], **w1_options))
-                step.advance()
-        row.update(_mean_of("w1efp", *np.array(efp).T))
+    if "w1efp" in columns:  # the EFPs are the features' last 36 columns; one draw of jets per batch for them all
+        efps = [k - 36 for k in p.w1efp_efps]
+        with phase(f"W1 of EFPs {', '.join(map(str, p.w1efp_efps))}: {batches}", logger=log):
+            row.update(_mean_of("w1efp", *w1_columns(ref_features[:, efps], gen_features[:, efps], **w1_options)))
     fixed = {"seed": seed if p.seed is None else p.seed}
-    row["fpd"], row["fpd_err"] = fpd(ref_features, gen_features, **{**fixed, **p.fpd_options})
+    points = fpd_points(ref_features, gen_features, **{**fixed, **p.fpd_options})  # fpd(): the first fit of these
+    for i, fit in enumerate(p.fpd_fits):
+        name = "fpd" if i == 0 else f"fpd_{fit}"
+        row[name], row[f"{name}_err"] = fpd_line(*points, fit=fit)
     row["kpd"], row["kpd_err"] = kpd(ref_features, gen_features, **{**fixed, **p.kpd_options})
     return {column: row[column] for column in columns}
 

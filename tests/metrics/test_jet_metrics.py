@@ -12,10 +12,22 @@ import pytest
 from scipy.linalg import sqrtm
 from scipy.stats import wasserstein_distance
 
-from flowvae.metrics.distances import fpd, frechet_distance, kpd, mmd2_unbiased, w1_batched, w1_mult, w1m, w1p
+from flowvae.metrics.distances import (
+    fpd,
+    fpd_line,
+    fpd_points,
+    frechet_distance,
+    kpd,
+    mmd2_unbiased,
+    w1_batched,
+    w1_columns,
+    w1_mult,
+    w1m,
+    w1p,
+)
 from flowvae.metrics.efp import EFP_GRAPHS, efps, event_features
 from flowvae.metrics.jets import jet_kinematics, multiplicity
-from flowvae.metrics.protocol import jet_noise_floor, jet_score_columns, score_jets
+from flowvae.metrics.protocol import Protocol, jet_noise_floor, jet_score_columns, score_jets
 
 KIN = (0, 1, 2)  # (eta, phi, pt) as JetNet's etarel, phirel, ptrel
 
@@ -449,3 +461,72 @@ def test_torch_tensors_are_accepted():
     events, mask = toy_jets(6, 5, seed=26)
     expected = efps(events, mask, KIN)
     np.testing.assert_array_equal(efps(torch.tensor(events, dtype=torch.float64), torch.tensor(mask), KIN), expected)
+
+
+# ---------------------------------------------------------------- W1 streams and FPD's fits
+
+
+def test_w1_columns_draws_one_batch_for_every_column_as_w1_batched_does():
+    rng = np.random.default_rng(27)
+    p, q = rng.normal(size=(500, 3)), rng.normal(0.3, 1.2, (400, 3))
+    means, stds = w1_columns(p, q, num_eval_samples=300, num_batches=4, seed=6)
+    for k in range(3):  # the same draws as w1_batched's, so column by column the same numbers
+        assert (means[k], stds[k]) == w1_batched(p[:, k], q[:, k], num_eval_samples=300, num_batches=4, seed=6)
+    draws = np.random.default_rng(6)
+    expected = []
+    for _ in range(4):
+        rows_p, rows_q = draws.integers(500, size=300), draws.integers(400, size=300)
+        expected.append([wasserstein_distance(p[rows_p, k], q[rows_q, k]) for k in range(3)])
+    np.testing.assert_allclose(means, np.mean(expected, axis=0), rtol=1e-12)
+    with pytest.raises(ValueError, match="p \\(N, K\\) and q \\(M, K\\) with one K"):
+        w1_columns(p, q[:, :2])
+    q[7, 1] = np.nan
+    with pytest.raises(ValueError, match="q has 1 non-finite value"):
+        w1_columns(p, q)
+    with pytest.raises(ValueError, match="p is empty"):
+        w1_columns(p[:0], q)
+
+
+def test_w1_metrics_given_a_generator_continue_its_stream():
+    rng = np.random.default_rng(28)
+    p, q = rng.normal(size=600), rng.normal(0.5, 1.0, 700)
+    events, mask = toy_jets(120, 6, seed=29)
+    other, other_mask = toy_jets(90, 6, seed=30, width=0.5)
+    stream = np.random.default_rng(4)
+    first = w1_batched(p, q, num_eval_samples=200, num_batches=3, seed=stream)
+    second = w1p(other, other_mask, events, mask, num_eval_samples=50, num_batches=2, seed=stream)
+    third = w1_batched(p, q, num_eval_samples=200, num_batches=3, seed=stream)
+    assert first == w1_batched(p, q, num_eval_samples=200, num_batches=3, seed=4)  # a fresh stream begins alike
+    draws = np.random.default_rng(4)
+    draws.integers(600, size=(3, 2, 200))  # advanced past the first call's 3 × 2 draws of 200
+    expected = []
+    for _ in range(2):
+        ref_jets, gen_jets = draws.integers(120, size=50), draws.integers(90, size=50)
+        ref_real, gen_real = mask[ref_jets] == 1, other_mask[gen_jets] == 1
+        expected.append([wasserstein_distance(events[ref_jets, f][ref_real], other[gen_jets, f][gen_real])
+                         for f in range(3)])
+    np.testing.assert_allclose(second[0], np.mean(expected, axis=0), rtol=1e-12)
+    w1s = [wasserstein_distance(p[draws.integers(600, size=200)], q[draws.integers(700, size=200)]) for _ in range(3)]
+    assert third == pytest.approx((np.mean(w1s), np.std(w1s)), rel=1e-12)
+    assert third != first
+
+
+def test_fpd_fit_choices_fit_one_set_of_points():
+    rng = np.random.default_rng(31)
+    real, gen = rng.normal(size=(3000, 2)), rng.normal(0.05, 1.0, (3000, 2))
+    options = {"min_samples": 500, "max_samples": 1500, "num_batches": 3, "replace": True, "seed": 2}
+    points = fpd_points(real, gen, **options)
+    assert fpd(real, gen, **options) == fpd_line(*points) == fpd_line(*points, fit="exact")
+    assert fpd(real, gen, fit="jetnet", **options) == fpd_line(*points, fit="jetnet")
+    with pytest.raises(ValueError, match="unknown FPD fit 'curve_fit': one of exact, jetnet"):
+        fpd(real, gen, fit="curve_fit", **options)
+
+
+def test_a_protocol_names_known_distinct_fpd_fits_and_columns_follow_them():
+    assert Protocol("p", ("fpd",), fpd_fits=("exact", "jetnet")).columns(0, False, False) == [
+        "fpd", "fpd_err", "fpd_jetnet", "fpd_jetnet_err"]
+    assert Protocol("p", ("fpd", "kpd"), fpd_fits=("jetnet",)).floor_columns(0, False, False) == [
+        "fpd_floor", "fpd_floor_err", "kpd_floor", "kpd_floor_err", "fpd_floor_fd"]
+    for fits in ((), ("exact", "exact"), ("nnls",)):
+        with pytest.raises(ValueError, match="fpd_fits must name distinct fits from exact, jetnet"):
+            Protocol("p", ("fpd",), fpd_fits=fits)

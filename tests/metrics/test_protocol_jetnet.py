@@ -2,9 +2,11 @@
 numpy and scipy (none of flowvae's metric helpers but the 36 EFPs, whose values test_jet_metrics checks), its
 truth row against a disjoint real set, and ``scaled`` left as it was.
 
-The recomputations make the draws the protocol documents: the W1s' batches from one Generator(seed), the
-reference's jets first, the same jets for every EFP and feature; FPD from Generator(42), reference then
-generated per batch; KPD's batch i from Generator(42 + 1000 i); all with replacement.
+The recomputations make the draws the protocol documents: the W1s' batches from one Generator(seed) continued
+through W1M, W1P and W1EFP in that order (jetnet's one module-level generator), each batch the reference's jets
+first, one draw per batch for every EFP and feature; FPD from Generator(42), reference then generated per batch,
+its line fitted by jetnet's own curve_fit call (``fpd``) and exactly (``fpd_exact``); KPD's batch i from
+Generator(42 + 1000 i); all with replacement.
 """
 
 from __future__ import annotations
@@ -17,15 +19,17 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.linalg import sqrtm
-from scipy.optimize import nnls
+from scipy.optimize import curve_fit, nnls
 from scipy.stats import wasserstein_distance
 
 from flowvae.commands.score import main
 from flowvae.config import validate
 from flowvae.errors import ConfigError
+from flowvae.metrics import distances
 from flowvae.metrics import protocol as jet_protocol
+from flowvae.metrics.distances import fpd, fpd_line, fpd_points
 from flowvae.metrics.efp import EFP_GRAPHS, efps
-from flowvae.metrics.protocol import JETNET, PROTOCOLS, score_protocol
+from flowvae.metrics.protocol import JETNET, PROTOCOLS, SCALED, score_protocol
 from flowvae.metrics.row import jet_columns, jet_row, score_row
 from tests.conftest import compose_config
 
@@ -64,9 +68,13 @@ def jet_mass(events: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(energy**2 - px**2 - py**2 - pz**2, 0))
 
 
-def w1_draws(n_ref: int, n_gen: int, size: int, batches: int, seed: int):
-    draws = np.random.default_rng(seed)
-    return [(draws.integers(n_ref, size=size), draws.integers(n_gen, size=size)) for _ in range(batches)]
+def w1_draws(n_ref: int, n_gen: int, size: int, batches: int, seed: int, metrics: int = 3):
+    """jetnet's W1 draws, as its code makes them: one generator (its module-level ``rng``, here Generator(seed))
+    from which w1m, then w1p, then w1efp each draw, per batch, ``rng.choice(len(jets1), size)`` (the reference)
+    then ``rng.choice(len(jets2), size)``: a list per metric of (reference, generated) index pairs."""
+    rng = np.random.default_rng(seed)
+    return [[(rng.choice(n_ref, size=size), rng.choice(n_gen, size=size)) for _ in range(batches)]
+            for _ in range(metrics)]
 
 
 def reference_w1(ref_values, gen_values, draws) -> tuple[np.ndarray, np.ndarray]:
@@ -91,10 +99,28 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
     return float(diff @ diff + np.trace(ca) + np.trace(cb) - 2 * np.trace(sqrtm(ca @ cb).real))
 
 
-def reference_fpd(real, gen, *, min_samples, max_samples, num_points, num_batches, seed):
-    """jetnet's fpd: batches with replacement from one Generator(seed), the line c + k/N with c, k ≥ 0 (solved
-    exactly by scipy's nnls), c's standard error from the residuals."""
-    sizes = (1 / np.linspace(1 / min_samples, 1 / max_samples, num_points)).astype(int)
+def jetnet_linear(x, intercept, slope):
+    return intercept + slope * x
+
+
+def jetnet_fit(inverse_sizes, fds):
+    """jetnet.evaluation.fpd's fit, as jetnet 0.2.5 writes it."""
+    params, covs = curve_fit(jetnet_linear, inverse_sizes, fds, bounds=([0, 0], [np.inf, np.inf]))
+    return params[0], np.sqrt(np.diag(covs)[0])  # y-intercept, err on y-intercept
+
+
+def exact_fit(inverse_sizes, fds):
+    """The line c + k/N with c, k ≥ 0 at the least-squares optimum (scipy's nnls), c's standard error from the
+    residuals, as curve_fit's covariance takes it."""
+    design = np.column_stack([np.ones(len(fds)), inverse_sizes])
+    params, _ = nnls(design, np.asarray(fds))
+    residual = np.sum((fds - design @ params) ** 2)
+    return params[0], np.sqrt(np.linalg.inv(design.T @ design)[0, 0] * residual / (len(fds) - 2))
+
+
+def reference_fpd_points(real, gen, *, min_samples, max_samples, num_points, num_batches, seed):
+    """jetnet's fpd up to its fit: batches with replacement from one Generator(seed); (1/N, mean FD at N)."""
+    sizes = (1 / np.linspace(1 / min_samples, 1 / max_samples, num_points)).astype("int32")
     rng = np.random.default_rng(seed)
     means = []
     for size in sizes:
@@ -104,10 +130,7 @@ def reference_fpd(real, gen, *, min_samples, max_samples, num_points, num_batche
             b = gen[rng.choice(len(gen), size=size)]
             values.append(frechet(a, b))
         means.append(np.mean(values))
-    design = np.column_stack([np.ones(num_points), 1 / sizes])
-    params, _ = nnls(design, np.array(means))
-    residual = np.sum((means - design @ params) ** 2)
-    return params[0], np.sqrt(np.linalg.inv(design.T @ design)[0, 0] * residual / (num_points - 2))
+    return 1 / sizes, means
 
 
 def reference_kpd(real, gen, *, batch_size, num_batches, seed):
@@ -127,23 +150,25 @@ def reference_kpd(real, gen, *, batch_size, num_batches, seed):
 def reference_row(protocol, gen, gen_mask, ref, ref_mask, seed):
     """Every jetnet metric of ``protocol``'s sizes, recomputed."""
     n, b = protocol.num_eval_samples, protocol.num_batches
-    draws = w1_draws(len(ref), len(gen), n, b, seed)
+    mass_draws, particle_draws, efp_draws = w1_draws(len(ref), len(gen), n, b, seed)
     row = {}
-    mass = reference_w1(jet_mass(ref, ref_mask)[:, None], jet_mass(gen, gen_mask)[:, None], draws)
+    mass = reference_w1(jet_mass(ref, ref_mask)[:, None], jet_mass(gen, gen_mask)[:, None], mass_draws)
     row["w1m"], row["w1m_err"] = mass[0][0], mass[1][0]
-    means, stds = reference_w1p(ref, ref_mask, gen, gen_mask, draws)
+    means, stds = reference_w1p(ref, ref_mask, gen, gen_mask, particle_draws)
     row["w1p"], row["w1p_err"] = means.mean(), np.sqrt((stds**2).sum())
     for f in range(len(means)):
         row[f"w1p_{f}"], row[f"w1p_{f}_err"] = means[f], stds[f]
     ref_efps, gen_efps = efps(ref, ref_mask), efps(gen, gen_mask)  # (N, 36): no jet mass or pT
-    means, stds = reference_w1(ref_efps[:, [12, 14, 15, 16, 17]], gen_efps[:, [12, 14, 15, 16, 17]], draws)
+    means, stds = reference_w1(ref_efps[:, [12, 14, 15, 16, 17]], gen_efps[:, [12, 14, 15, 16, 17]], efp_draws)
     row["w1efp"], row["w1efp_err"] = means.mean(), np.sqrt((stds**2).sum())
     for k in range(5):
         row[f"w1efp_{k}"], row[f"w1efp_{k}_err"] = means[k], stds[k]
     peak = np.abs(ref_efps).max(axis=0)
     real, fake = ref_efps / peak, gen_efps / peak
     options = {k: v for k, v in protocol.fpd_options.items() if k != "replace"}
-    row["fpd"], row["fpd_err"] = reference_fpd(real, fake, seed=42, **options)
+    points = reference_fpd_points(real, fake, seed=42, **options)
+    row["fpd"], row["fpd_err"] = jetnet_fit(*points)
+    row["fpd_exact"], row["fpd_exact_err"] = exact_fit(*points)
     options = {k: v for k, v in protocol.kpd_options.items() if k not in ("replace", "degree")}
     row["kpd"], row["kpd_err"] = reference_kpd(real, fake, seed=42, **options)
     return row
@@ -215,6 +240,137 @@ def test_jetnet_needs_jet_kinematics():
         score_protocol(SMALL, events[:50], mask[:50], events[50:100], mask[50:100])
     with pytest.raises(ValueError, match="unknown metric protocol 'bogus': one of scaled, jetnet"):
         score_protocol("bogus", events[:50], mask[:50], events[50:100], mask[50:100], KIN)
+
+
+# ---------------------------------------------------------------- FPD's two fits and jetnet's W1 stream
+
+
+# FPD's batch sizes at the published defaults, as jetnet.evaluation.fpd makes them, and the mean FDs at them
+# measured for the first 10,000 gluon jets of gluon_30p.npz (the file tests/data's slice opens) against its other
+# 10,000, one Pythia run (a truth row at 10k: the 36 EFPs normalised by the reference, 20 batches drawn with
+# replacement from Generator(42) per size).
+PUBLISHED_INVERSE_SIZES = 1 / (1 / np.linspace(1 / 20_000, 1 / 50_000, 10)).astype("int32")
+TRUTH_10K_FDS = [
+    0.00042572237001196336, 0.0004958844328201012, 0.00041550525784311566, 0.00039803020705762306,
+    0.00038422991268573237, 0.0003556308693654697, 0.00038256329288901826, 0.00034729978768977264,
+    0.00030302180476756145, 0.000341607251429063,
+]
+# The same against those 10,000 jets with their angles smeared by 0.01 and pT scaled by 1.05.
+SMEARED_10K_FDS = [
+    0.01116716721157687, 0.010870064931742418, 0.011701440068297753, 0.01155543127842874, 0.011453661933186,
+    0.012183626070791587, 0.01171049003522546, 0.011983791246945577, 0.011521716830389894, 0.011591460614669952,
+]
+
+
+def squared_residual(fds, intercept, slope):
+    return float(np.sum((np.asarray(fds) - (intercept + slope * PUBLISHED_INVERSE_SIZES)) ** 2))
+
+
+def test_jetnet_fit_is_jetnets_curve_fit_call_and_the_exact_fit_its_optimum():
+    for fds in (TRUTH_10K_FDS, SMEARED_10K_FDS):
+        # jetnet's fit: the very call jetnet makes, so the very numbers
+        assert fpd_line(PUBLISHED_INVERSE_SIZES, fds, "jetnet") == jetnet_fit(PUBLISHED_INVERSE_SIZES, fds)
+        # the exact fit: the one flowvae has always made (scaled's, and fpd()'s default), the nnls optimum
+        exact = fpd_line(PUBLISHED_INVERSE_SIZES, fds, "exact")
+        assert exact == distances._nonnegative_line_intercept(PUBLISHED_INVERSE_SIZES, np.asarray(fds))
+        assert exact == pytest.approx(exact_fit(PUBLISHED_INVERSE_SIZES, fds), rel=1e-9)
+    # A large FPD: the two fits agree to 1e-5 (what the published models' rows and the study's models see)
+    assert fpd_line(PUBLISHED_INVERSE_SIZES, SMEARED_10K_FDS, "jetnet")[0] == pytest.approx(
+        fpd_line(PUBLISHED_INVERSE_SIZES, SMEARED_10K_FDS, "exact")[0], rel=1e-5)
+    # A small FPD (a truth row): curve_fit stops far from the optimum, its slope near 0 and its intercept near
+    # the mean FD: 3.86e-4 ± 0.68e-4 where the least-squares optimum is 2.24e-4 ± 0.35e-4 (1.7×)
+    jetnet, exact = (fpd_line(PUBLISHED_INVERSE_SIZES, TRUTH_10K_FDS, fit) for fit in ("jetnet", "exact"))
+    assert jetnet[0] > 1.5 * exact[0] and jetnet[0] > exact[0] + 4 * exact[1]
+    assert jetnet[0] == pytest.approx(np.mean(TRUTH_10K_FDS), rel=0.05)
+    assert exact[0] == pytest.approx(2.2438766e-4, rel=1e-6) and exact[1] == pytest.approx(3.4570020e-5, rel=1e-6)
+    design = np.column_stack([np.ones(10), PUBLISHED_INVERSE_SIZES])
+    exact_slope = nnls(design, np.asarray(TRUTH_10K_FDS))[0][1]
+    _, (_, jetnet_slope) = None, curve_fit(jetnet_linear, PUBLISHED_INVERSE_SIZES, TRUTH_10K_FDS,
+                                           bounds=([0, 0], [np.inf, np.inf]))[0]
+    assert squared_residual(TRUTH_10K_FDS, jetnet[0], jetnet_slope) > 1.5 * squared_residual(
+        TRUTH_10K_FDS, exact[0], exact_slope)
+    with pytest.raises(ValueError, match="unknown FPD fit 'nnls': one of exact, jetnet"):
+        fpd_line(PUBLISHED_INVERSE_SIZES, TRUTH_10K_FDS, "nnls")
+
+
+def test_jetnet_rows_fpd_is_jetnets_fit_and_fpd_exact_the_exact_fit_of_the_same_points(monkeypatch):
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(fpd_points(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(jet_protocol, "fpd_points", spy)
+    monkeypatch.setitem(PROTOCOLS, "jetnet", SMALL)
+    events, mask = slice_jets()
+    truth, ref = (events[:200], mask[:200]), (events[200:], mask[200:])
+    gen = generated_like(events[:200], mask[:200], seed=3)
+    row = jet_row(*gen, *ref, KIN, seed=5, protocol="jetnet", truth=truth)
+    assert list(row) == [
+        "w1m", "w1m_err", "w1p", "w1p_err", *(f"w1p_{i}{e}" for i in range(3) for e in ("", "_err")), "w1efp",
+        "w1efp_err", "fpd", "fpd_err", "fpd_exact", "fpd_exact_err", "kpd", "kpd_err",
+        *(f"{c}_floor{e}" for c in ["w1m", "w1p", "w1p_0", "w1p_1", "w1p_2", "w1efp", "fpd", "fpd_exact", "kpd"]
+          for e in ("", "_err")),
+    ]  # fmt: skip
+    assert list(row) == jet_columns(True, True, "jetnet", 3)
+    (gen_x, gen_fds), (truth_x, truth_fds) = seen  # the generated jets', then the truth row's
+    for prefix, (x, fds) in (("fpd", (gen_x, gen_fds)), ("fpd_floor", (truth_x, truth_fds))):
+        exact = prefix.replace("fpd", "fpd_exact")
+        assert (row[prefix], row[f"{prefix}_err"]) == jetnet_fit(x, fds)
+        assert (row[exact], row[f"{exact}_err"]) == distances._nonnegative_line_intercept(x, fds)
+    # fpd_exact is what FPD was before (fpd() with its default fit on the same draws): the study's numbers
+    features = jet_protocol.features_of(*jet_protocol.compact_particles(gen[0], gen[1].astype(bool)), KIN, False,
+                                        False, label="generated")
+    ref_features = jet_protocol.features_of(*jet_protocol.compact_particles(ref[0], ref[1].astype(bool)), KIN,
+                                            False, False, label="reference")
+    assert (row["fpd_exact"], row["fpd_exact_err"]) == fpd(ref_features, features, seed=42, **SMALL.fpd_options)
+    assert row["fpd"] != row["fpd_exact"]
+
+
+def test_jetnet_w1_batches_are_drawn_as_jetnets_stream(monkeypatch):
+    """Every batch W1M, W1P and W1EFP compare is the batch jetnet's code draws with its generator seeded by the
+    row's seed: one stream through w1m, w1p, w1efp, the reference's jets first in each batch."""
+    batches = []
+    real_w1 = distances.wasserstein_1
+
+    def spy(p, q):
+        batches.append((np.sort(p), np.sort(q)))
+        return real_w1(p, q)
+
+    monkeypatch.setattr(distances, "wasserstein_1", spy)
+    events, mask = slice_jets()
+    ref, ref_mask = events[200:], mask[200:]
+    gen, gen_mask = generated_like(events[:200], mask[:200], seed=1)
+    score_protocol(SMALL, gen, gen_mask, ref, ref_mask, KIN, seed=7)
+    n, b = SMALL.num_eval_samples, SMALL.num_batches
+    mass_draws, particle_draws, efp_draws = w1_draws(len(ref), len(gen), n, b, seed=7)
+    expected = []  # jetnet's order of W1 calls: w1m's batches, w1p's (each feature), w1efp's (each EFP)
+    ref_mass, gen_mass = jet_mass(ref, ref_mask), jet_mass(gen, gen_mask)
+    expected += [(ref_mass[r], gen_mass[g]) for r, g in mass_draws]
+    for r, g in particle_draws:
+        ref_parts, gen_parts = ref[r].transpose(0, 2, 1)[ref_mask[r] == 1], gen[g].transpose(0, 2, 1)[gen_mask[g] == 1]
+        expected += [(ref_parts[:, f], gen_parts[:, f]) for f in range(3)]
+    ref_efps, gen_efps = efps(ref, ref_mask), efps(gen, gen_mask)
+    expected += [(ref_efps[r, k], gen_efps[g, k]) for r, g in efp_draws for k in JETNET.w1efp_efps]
+    assert len(batches) == len(expected) == b * (1 + 3 + 5)
+    for (p, q), (want_p, want_q) in zip(batches, expected, strict=True):
+        np.testing.assert_allclose(p, np.sort(want_p), rtol=1e-12)
+        np.testing.assert_allclose(q, np.sort(want_q), rtol=1e-12)
+    # scaled keeps its draws: W1M and W1 of the multiplicity each start from Generator(seed) afresh (on jets cut
+    # to 1-30 particles: the slice's gluon jets nearly all fill their 30 slots)
+    cut = np.random.default_rng(8)
+    ref_mask, gen_mask = (m * (np.arange(30) < cut.integers(1, 31, (len(m), 1))) for m in (ref_mask, gen_mask))
+    batches.clear()
+    score_protocol(dataclasses.replace(SCALED, num_eval_samples=n, num_batches=b), gen, gen_mask, ref, ref_mask,
+                   KIN, seed=7)
+    fresh = w1_draws(len(ref), len(gen), n, b, seed=7, metrics=1)[0]
+    ref_mass, gen_mass = jet_mass(ref, ref_mask), jet_mass(gen, gen_mask)
+    mult = ref_mask.sum(axis=1), gen_mask.sum(axis=1)
+    want = [(ref_mass[r], gen_mass[g]) for r, g in fresh] + [(mult[0][r], mult[1][g]) for r, g in fresh]
+    assert len(batches) == len(want)
+    for (p, q), (want_p, want_q) in zip(batches, want, strict=True):
+        np.testing.assert_allclose(p, np.sort(want_p), rtol=1e-12)
+        np.testing.assert_allclose(q, np.sort(want_q), rtol=1e-12)
 
 
 # ---------------------------------------------------------------- the truth row

@@ -116,17 +116,12 @@ def test_a_two_stage_run_fits_its_prior_generates_from_it_and_says_so(two_stage_
     assert fitted.shape == standard.shape and not np.array_equal(fitted, standard)
 
 
-def test_a_standard_run_has_a_latent_gap_and_no_prior_columns(tmp_path):
+def test_fit_prior_gives_a_finished_standard_run_its_prior_and_evaluate_scores_it(tmp_path):
     out = run_flowvae(["train", *TINY, "hydra.run.dir=run", "results_csv=results.csv"], tmp_path)
     assert out.returncode == 0, out.stderr
-    row = pd.read_csv(tmp_path / "results.csv").iloc[0]
+    row = pd.read_csv(tmp_path / "results.csv").iloc[0]  # a standard run: its gap, no prior columns, no prior.pt
     assert row["latent_gap"] > 0 and not [c for c in row.index if c.startswith("prior")]
-    assert not (tmp_path / "run" / "prior.pt").exists()
-
-
-def test_fit_prior_gives_a_finished_run_its_prior_and_evaluate_scores_it(tmp_path):
-    out = run_flowvae(["train", *TINY, "hydra.run.dir=run", "results_csv=results.csv"], tmp_path)
-    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "run" / "prior.pt").exists() and (tmp_path / "run" / "latent.png").is_file()
     refused = run_flowvae(["fit-prior", "run", "prior.family=realnvp"], tmp_path)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
         "flowvae fit-prior: prior.family=realnvp is not allowed: one of planar, nsf, maf"]

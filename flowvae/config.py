@@ -9,6 +9,7 @@ Defaults live in ``conf/*.yaml``; the schema only fixes the types.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict  # noqa: UP035 - OmegaConf reads typing.Dict, not dict[...]
 
@@ -88,6 +89,8 @@ class TrainConfig:
     patience: int | None = None  # epochs without a better validation loss before training stops early
     lr_schedule: str = "constant"  # constant, cosine (per step, from lr to lr * lr_min_factor over the epochs)
     lr_min_factor: float = 0.0
+    ema: float = 0.0  # decay of the weights' moving average (0: none), updated every step; it is what is scored
+    select_by: str = "val_loss"  # what picks the best epoch: val_loss, or a per-feature distance (kl_sum, w1_0, ...)
 
 
 @dataclass
@@ -288,6 +291,23 @@ def _validate_train(cfg: DictConfig) -> None:
     _require(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", t.lr_schedule, f"one of {', '.join(LR_SCHEDULES)}")
     _require(math.isfinite(t.lr_min_factor) and 0 <= t.lr_min_factor <= 1, "train.lr_min_factor", t.lr_min_factor,
              "a number in [0, 1]: the cosine schedule's last learning rate as a share of train.lr")
+    _require(math.isfinite(t.ema) and 0 <= t.ema < 1, "train.ema", t.ema,
+             "a number in [0, 1): the decay of the weights' moving average, updated after every step, e.g. 0.999 "
+             "(0: none)")
+    # the per-feature distances a run computes after every epoch on the validation events (as a search's
+    # report=objective: flowvae.search.pruning.OBJECTIVES); the jet-level metrics need a finished run's scoring
+    selected = re.fullmatch(r"(kl|w1|js)_(sum|\d+)", str(t.select_by))
+    _require(t.select_by == "val_loss" or selected is not None, "train.select_by", t.select_by,
+             "val_loss, or a per-feature distance of events generated after each epoch against the validation "
+             "events: kl_sum, w1_sum, js_sum, kl_<i>, w1_<i>, js_<i> (lower is better)")
+    if selected is not None:
+        _require(t.val_fraction > 0, "train.select_by", t.select_by,
+                 "val_loss unless train.val_fraction > 0: the metric is computed on the validation events (set e.g. "
+                 "train.val_fraction=0.1, or train.select_by=val_loss)")
+        n_features = cfg.data.get("n_features") if cfg.data.get("name") in ("gaussian", "jets") else None
+        if isinstance(n_features, int) and n_features >= 1 and selected.group(2) != "sum":
+            _require(int(selected.group(2)) < n_features, "train.select_by", t.select_by,
+                     f"a feature of these events (0 to {n_features - 1}), or a sum")
 
 
 def _validate_eval(cfg: DictConfig) -> None:

@@ -106,3 +106,58 @@ def test_a_missing_data_path_names_the_shape_data_layout_reads(overrides, shape)
     with pytest.raises(ConfigError) as info:
         validate(compose_config(*overrides))
     assert info.value.key == "data.path" and str(info.value).endswith(f"the path of {shape}")
+
+
+def test_the_training_defaults_are_the_neutral_values_the_identity_leaves_out():
+    """train.ema and train.select_by default to exactly the values flowvae.identity leaves out of a run's identity,
+    so every run of before keeps its hash."""
+    from flowvae.identity import NEUTRAL, run_hash
+
+    train = compose_config().train
+    assert train.ema == NEUTRAL["train.ema"] == 0.0 and OmegaConf.get_type(train, "ema") is float
+    assert train.select_by == NEUTRAL["train.select_by"] == "val_loss"
+    cfg = compose_config()
+    before = OmegaConf.to_container(cfg)
+    del before["train"]["ema"], before["train"]["select_by"]
+    assert run_hash(before) == run_hash(cfg)
+    assert run_hash(compose_config("train.ema=0.999")) != run_hash(cfg)
+    assert run_hash(compose_config("train.val_fraction=0.1", "train.select_by=kl_sum")) != run_hash(
+        compose_config("train.val_fraction=0.1"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.ema=1.0"], r"train.ema=1.0 is not allowed: a number in \[0, 1\)"),
+    (["train.ema=-0.1"], r"train.ema=-0.1 is not allowed: a number in \[0, 1\)"),
+    (["train.ema=nan"], "train.ema=nan is not allowed"),
+    (["train.val_fraction=0.1", "train.select_by=loss"], "train.select_by=loss is not allowed: val_loss, or a "
+                                                         "per-feature distance"),
+    (["train.val_fraction=0.1", "train.select_by=fpd"], "train.select_by=fpd is not allowed"),
+    (["train.val_fraction=0.1", "train.select_by=kl_sum_0"], "train.select_by=kl_sum_0 is not allowed"),
+    (["train.select_by=kl_sum"], "train.select_by=kl_sum is not allowed: val_loss unless train.val_fraction > 0"),
+    (["train.val_fraction=0.1", "train.select_by=w1_3"], r"train.select_by=w1_3 is not allowed: a feature of these "
+                                                         r"events \(0 to 2\)"),
+])
+def test_bad_ema_and_select_by_are_refused_with_the_key_named(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        validate(compose_config(*overrides))
+    assert info.value.key == overrides[-1].split("=")[0]
+
+
+@pytest.mark.parametrize("select_by", ["val_loss", "kl_sum", "w1_sum", "js_sum", "kl_0", "w1_2", "js_1"])
+def test_every_per_feature_distance_selects(select_by):
+    """The names train.select_by takes are those a search's trial can report after each epoch."""
+    from flowvae.search.pruning import OBJECTIVES
+
+    validate(compose_config("train.val_fraction=0.1", f"train.select_by={select_by}", "train.ema=0.999"))
+    assert select_by == "val_loss" or OBJECTIVES.fullmatch(select_by)
+
+
+def test_a_bad_select_by_exits_2_in_one_line(tmp_path):
+    from tests.conftest import TINY, run_flowvae
+
+    out = run_flowvae(["train", *TINY, "train.select_by=kl_sum", f"results_csv={tmp_path / 'r.csv'}"], cwd=tmp_path)
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text
+    assert "train.select_by=kl_sum is not allowed" in text and "Traceback" not in text
+    assert len([line for line in text.splitlines() if line.strip()]) == 1, text
+    assert not (tmp_path / "r.csv").exists()

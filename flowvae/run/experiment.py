@@ -31,8 +31,8 @@ from flowvae.training.callbacks import Callback, StopRequests
 from flowvae.training.kit import split_validation
 from flowvae.training.loop import fit
 
-__all__ = ["train_and_score", "generate_for_scoring", "seeded_model", "model_tensors", "write_curves", "Curves",
-           "Tracker"]
+__all__ = ["train_and_score", "generate_for_scoring", "seeded_model", "model_tensors", "selection", "write_curves",
+           "Curves", "Tracker"]
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,15 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
     callbacks = [Curves(files.curves), Tracker(on_epoch) if on_epoch is not None else None, StopRequests(),
                  pruning(objective=partial(validation_objective, cfg, model, val_x, events, feature_map))]
     outcome = fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=files.checkpoint,
-                  extra_state=checkpoint_key(cfg), val_x=val_x, best=files.best, callbacks=callbacks)
+                  extra_state=checkpoint_key(cfg), val_x=val_x, best=files.best, callbacks=callbacks,
+                  select=selection(cfg, model, val_x, events, feature_map))
     if outcome.epochs_run == 0 and outcome.history and on_epoch is not None:
         on_epoch(outcome.history)  # trained before this process (a stacked group): the tracker logs it now
     if outcome.status == "interrupted":
         return outcome.status, outcome.message, {}
     values: dict = {"epochs_run": outcome.epochs_run, "resumed_from": outcome.resumed_from,
                     "epochs_trained": outcome.epochs_trained,
-                    # the epoch whose weights are scored: the best by validation loss, else the last
+                    # the epoch whose weights are scored: the best by train.select_by, else the last
                     "best_epoch": outcome.epochs_trained if outcome.best_epoch is None else outcome.best_epoch}
     if outcome.status in ("diverged", "pruned"):
         return outcome.status, outcome.message, values
@@ -101,6 +102,18 @@ def _write_outputs(cfg: DictConfig, events: Events, generated: np.ndarray, gen_m
                         cfg.data.get("mask_feature"), cfg.data.get("layout") or "features_first")
     with replaced(files.sample) as tmp:  # in the data's own units and layout, the mask where the file has it
         np.save(tmp, sample)
+
+
+def selection(cfg: DictConfig, model: FlowVAE, val_x: torch.Tensor | None, events: Events,
+              feature_map: FeatureMap) -> Callable[[], float] | None:
+    """What picks the best epoch besides the validation loss: with ``train.select_by`` a per-feature distance, its
+    value on the validation events of events generated from the model as it is
+    (:func:`~flowvae.run.trial.validation_objective`); None with ``val_loss`` (or without validation events, which
+    the config refuses)."""
+    select_by = cfg.train.get("select_by", "val_loss")
+    if select_by == "val_loss":
+        return None
+    return validation_objective(cfg, model, val_x, events, feature_map, metric=select_by)
 
 
 def model_tensors(cfg: DictConfig, events: Events, feature_map: FeatureMap, device: torch.device

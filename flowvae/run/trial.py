@@ -26,27 +26,38 @@ __all__ = ["Pruning", "from_environment", "pruning", "validation_objective"]
 log = logging.getLogger(__name__)
 
 
-def validation_objective(cfg, model, val_x, events, feature_map) -> Callable[[], float] | None:
-    """``optimize.metric`` of the model as it is now (:func:`objective_metric`), or None without validation events.
+def validation_objective(cfg, model, val_x, events, feature_map, metric: str | None = None
+                         ) -> Callable[[], float] | None:
+    """``metric`` (by default ``optimize.metric``; ``train.select_by`` when that picks the best epoch) of the model
+    as it is now (:func:`objective_metric`), or None without validation events.
 
     Each call generates min(``eval.n_samples``, validation events) events as a run's scoring does (``eval.source``
     and ``eval.decode``; the posterior encodes the validation events), from a generator of its own seeded afresh
     with ``seed`` (every epoch the same noise, and training's random streams untouched), takes them to data units
     and scores them against the validation events (the training events that
     :func:`flowvae.training.kit.split_validation`
-    holds out, in data units). The model is left in the mode it was in. Its ``label`` names it in messages.
-    Raises :class:`ConfigError` for a metric it cannot compute (:func:`check_report` refuses those before a
-    search starts)."""
+    holds out, in data units). The model is left in the mode it was in. Its ``label`` names it in messages, its
+    ``metric`` is the metric's name. Raises :class:`ConfigError` for a metric it cannot compute (:func:`check_report`
+    refuses those before a search starts; a ``metric`` given is checked against these events' features here, named
+    as ``train.select_by``, before any training)."""
     if val_x is None:
         return None
     import torch
     from omegaconf import OmegaConf
 
     from flowvae.data.units import data_units
+    from flowvae.errors import ConfigError
     from flowvae.models.sampling import generate_events
     from flowvae.training.kit import split_validation
 
-    measure = objective_metric(cfg.optimize.metric, cfg.eval.bins, cfg.eval.eps)
+    key, metric = ("optimize.metric", cfg.optimize.metric) if metric is None else ("train.select_by", metric)
+    try:
+        measure = objective_metric(metric, cfg.eval.bins, cfg.eval.eps)
+    except ConfigError as err:
+        raise ConfigError(key, metric, err.allowed) from None
+    which = str(metric).rpartition("_")[2]
+    if key == "train.select_by" and which.isdigit() and int(which) >= events.n_features:
+        raise ConfigError(key, metric, f"a feature of these events (0 to {events.n_features - 1}), or a sum")
     # the held-out rows of the training events: the same split applied to their indices
     held = split_validation(torch.arange(len(events.train)), cfg.train.val_fraction, cfg.data.seed)[1].numpy()
     reference = events.train[held]
@@ -62,7 +73,8 @@ def validation_objective(cfg, model, val_x, events, feature_map) -> Callable[[],
         generated = data_units(feature_map, generated, gen_mask, events.kinematics)
         return measure(generated, gen_mask, reference, ref_mask)
 
-    value.label = f"validation {cfg.optimize.metric}"  # the pruner's messages: "validation kl_sum 0.0123"
+    value.label = f"validation {metric}"  # the pruner's messages: "validation kl_sum 0.0123"
+    value.metric = metric
     return value
 
 
@@ -142,6 +154,9 @@ class Pruning(Callback):
     def _value(self, row: dict) -> float | None:
         if self.report == REPORTED or self.measure is None:
             return row.get(REPORTED) if self.report == REPORTED else None
+        selected = f"val_{getattr(self.measure, 'metric', None)}"
+        if selected in row:  # train.select_by measured it already after this epoch, on the same weights and noise
+            return row[selected]
         try:
             return self.measure()
         except ValueError as err:  # generated events the metric refuses (non-finite): the run's scoring would too

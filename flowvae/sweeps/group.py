@@ -92,6 +92,12 @@ def train_group(members: list[Member], launch_dir: Path, sweep_dir: Path | None,
     if (cfg.get("prior") or {}).get("name") == "flow":  # a learned prior trains inside each model: not stacked
         log.info("stacked training skipped (prior=flow trains its prior with each model): each job runs alone")
         return 0
+    select_by = cfg.train.get("select_by", "val_loss")
+    if select_by != "val_loss":  # the group does not build each seed's measure of generated events (fit_stacked's
+        # selects): each job picks its best epoch by it alone
+        log.info("stacked training skipped (train.select_by=%s generates events after every epoch for each model): "
+                 "each job runs alone", select_by)
+        return 0
     try:
         validate(cfg)
         events = load_events(cfg.data, launch_dir)

@@ -1,5 +1,5 @@
-"""The training loop: shuffled mini-batches by index, Adam, KL warm-up, a learning-rate schedule, validation with
-early stopping, checkpoints, progress, divergence.
+"""The training loop: shuffled mini-batches by index, Adam, KL warm-up, a learning-rate schedule, a moving average
+of the weights, validation with early stopping, checkpoints, progress, divergence.
 
 The whole data set lives on the device as one tensor and is batched by index, and nothing inside a step asks
 the host for a value: the loss is summed on the device and read once per epoch, which is also when a
@@ -10,7 +10,13 @@ numbers as one never stopped.
 With validation events (``train.val_fraction`` > 0, split off by :func:`split_validation`) the validation loss is
 evaluated after every epoch with its own fixed noise; the weights of the epoch with the lowest one are kept (in
 memory and in ``best.pt`` beside the checkpoint) and are the model that training returns, and ``train.patience``
-epochs without a lower one end training early.
+epochs without a lower one end training early. With ``train.select_by`` a metric (``kl_sum``, ...) the caller's
+``select`` measures the model after every epoch (events generated from it against the validation events), and the
+lowest value picks the best epoch instead.
+
+With ``train.ema`` > 0 a moving average of the weights is updated after every step
+(:class:`~flowvae.training.kit.Ema`); it is what validates, is measured, tested and returned, and what ``best.pt``
+and the checkpoint's ``model`` hold (the checkpoint keeps the training weights beside it).
 
 What goes on around the training (the curves file, the tracker, a search's pruner, stop requests) is told and asked
 through callbacks (:mod:`flowvae.training.callbacks`), the same as each seed of a stacked group's; the epoch's end is
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from torch import Tensor
@@ -37,12 +43,16 @@ log = logging.getLogger(__name__)
 
 def fit(model: FlowVAE, train_x: Tensor, test_x: Tensor, cfg_train, *, seed: int, checkpoint: Path | None = None,
         extra_state: dict | None = None, val_x: Tensor | None = None, best: Path | None = None,
-        callbacks: Callback | Iterable[Callback | None] | None = ()) -> TrainOutcome:
+        callbacks: Callback | Iterable[Callback | None] | None = (), select: Callable[[], float] | None = None
+        ) -> TrainOutcome:
     """Train ``model`` for ``cfg_train.epochs`` epochs, resuming from ``checkpoint`` when it exists.
 
     With ``val_x`` the validation loss is evaluated after every epoch, ``cfg_train.patience`` epochs without a
     lower one stop training (status ``ok``), and the model ends with the best epoch's weights (also written to
-    ``best``); ``outcome.best_epoch`` names it. The learning rate follows ``cfg_train.lr_schedule`` per step.
+    ``best``); ``outcome.best_epoch`` names it. With ``cfg_train.select_by`` other than ``val_loss``, ``select()``
+    (the metric of the model as it is) picks the best epoch and counts the patience instead of the validation loss.
+    The learning rate follows ``cfg_train.lr_schedule`` per step. With ``cfg_train.ema`` > 0 the moving average of
+    the weights is what validates, is selected and is returned.
 
     A checkpoint is written every ``checkpoint_every`` epochs, after the last, and where ``callbacks`` end the
     training: at the step where one asked to stop (``interrupted``; a training that completes its last epoch is
@@ -53,7 +63,7 @@ def fit(model: FlowVAE, train_x: Tensor, test_x: Tensor, cfg_train, *, seed: int
     outcome it records, with the weights it holds (the best epoch's with validation).
     """
     run = Trainee(model, seed, Plan(cfg_train, train_x), test_x, val_x=val_x, checkpoint=checkpoint,
-                  extra_state=extra_state, best=best, callbacks=callbacks)
+                  extra_state=extra_state, best=best, callbacks=callbacks, select=select)
     if run.restore():
         if run.trained is not None:
             return run.recorded()
@@ -101,6 +111,7 @@ def _train_epoch(run: Trainee, step_fn, train_x: Tensor, epoch: int) -> bool:
             for group in run.optimizer.param_groups:
                 group["lr"] = plan.lr(step)
         run.sums += step_fn(batch, plan.beta(step)) * len(batch)
+        run.after_step(step)
         if i + 1 < plan.steps_per_epoch and run.callbacks.should_stop():
             run.interrupt(epoch, i + 1)
             return False

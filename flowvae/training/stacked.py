@@ -8,7 +8,10 @@ What stays each seed's own, so that a seed ends with :func:`flowvae.training.loo
 (batched against single matrix products): its batch order (a generator seeded with the seed), its posterior noise
 (drawn outside vmap from the stream its model was built from, and passed in), its validation and test losses
 (:func:`~flowvae.training.kit.evaluate_loss` on its own model), gradient clipping (a global norm per seed), Adam
-(stacked elementwise, the same arithmetic), divergence, early stopping, its callbacks (pruning included),
+(stacked elementwise, the same arithmetic), the moving average of its weights (``train.ema``: stacked beside the
+weights, the same elementwise arithmetic, :func:`~flowvae.training.kit.ema_step`), divergence, early stopping and
+the best epoch (by its validation loss, or by its own ``select`` measure with ``train.select_by``), its callbacks
+(pruning included),
 ``best.pt`` and its checkpoint. Each seed is a :class:`~flowvae.training.kit.Trainee` as fit's model is, and its
 epoch ends as fit's does (:meth:`~flowvae.training.kit.Trainee.end_epoch`). The checkpoint is fit's, written by
 fit's own code with the seed's streams, so fit resumes a stacked seed and the other way round; a seed whose
@@ -25,7 +28,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -34,7 +37,16 @@ from torch.func import functional_call, vmap
 
 from flowvae.models import FlowVAE
 from flowvae.training.callbacks import Callback
-from flowvae.training.kit import Plan, Trainee, TrainOutcome, check_patience, progress_bar, trained_record
+from flowvae.training.kit import (
+    Plan,
+    Trainee,
+    TrainOutcome,
+    check_patience,
+    check_selection,
+    ema_step,
+    progress_bar,
+    trained_record,
+)
 
 __all__ = ["fit_stacked"]
 
@@ -92,13 +104,15 @@ class _Seed(Trainee):
 def fit_stacked(models: list[FlowVAE], train_x: Tensor, test_x: Tensor, cfg_train, *, seeds: list[int],
                 rng_states: list[Tensor], checkpoints: list[Path | None], extra_states: list[dict],
                 callbacks: list[Callback | Iterable[Callback | None] | None] | None = None,
-                val_x: Tensor | None = None, bests: list[Path | None] | None = None) -> list[TrainOutcome]:
+                val_x: Tensor | None = None, bests: list[Path | None] | None = None,
+                selects: list[Callable[[], float] | None] | None = None) -> list[TrainOutcome]:
     """Train ``models`` (one per seed, of one architecture) as :func:`flowvae.training.loop.fit` trains each, together.
 
     ``models[i]`` was built by :func:`flowvae.run.experiment.seeded_model` with ``seeds[i]``, and ``rng_states[i]`` is
     ``torch.get_rng_state()`` right after: seed i's training noise stream. ``checkpoints[i]``, ``extra_states[i]``,
     ``callbacks[i]`` and ``bests[i]`` are fit's ``checkpoint``, ``extra_state``, ``callbacks`` and ``best`` for seed
-    i. A prune message from a seed's callbacks ends that seed's training alone, as fit's (``pruned``, the model
+    i; ``selects[i]``, fit's ``select`` (with ``train.select_by`` a metric: seed i's measure of its own model). A
+    prune message from a seed's callbacks ends that seed's training alone, as fit's (``pruned``, the model
     keeping that epoch's weights), and it leaves the stack; a stop request from the callbacks of any seed in
     training (asked as fit asks) stops the group: every seed in training writes its checkpoint and returns
     ``interrupted``. A checkpoint that records a finished training is returned as recorded. Returns the seeds'
@@ -107,16 +121,20 @@ def fit_stacked(models: list[FlowVAE], train_x: Tensor, test_x: Tensor, cfg_trai
     n = len(models)
     callbacks = callbacks if callbacks is not None else [None] * n
     bests = bests if bests is not None else [None] * n
+    selects = selects if selects is not None else [None] * n
     given = {"seeds": seeds, "rng_states": rng_states, "checkpoints": checkpoints, "extra_states": extra_states,
-             "callbacks": callbacks, "bests": bests}
+             "callbacks": callbacks, "bests": bests, "selects": selects}
     wrong = {name: len(values) for name, values in given.items() if len(values) != n}
     if wrong:
         raise ValueError(f"fit_stacked needs one entry per model ({n}); got {wrong}")
     check_patience(cfg_train, val_x)
+    for select in selects:
+        check_selection(cfg_train, val_x, select)
     _check_same_architecture(models)
     plan = Plan(cfg_train, train_x)
     group = [_Seed(models[i], seeds[i], plan, rng_states[i], test_x, val_x=val_x, checkpoint=checkpoints[i],
-                   extra_state=extra_states[i], best=bests[i], callbacks=callbacks[i]) for i in range(n)]
+                   extra_state=extra_states[i], best=bests[i], callbacks=callbacks[i], select=selects[i])
+             for i in range(n)]
     for member in group:
         _resume(member)
     waiting = [member for member in group if not member.done]
@@ -175,9 +193,10 @@ class _Loss(nn.Module):
 
 
 class _Stack:
-    """The training members' parameters, Adam state, batch orders and loss sums stacked on a leading seed axis,
-    and the step that trains them all. :meth:`write_back` hands each member its slice (weights into its model,
-    moments into its own Adam) whenever a member's own copy is read: at an epoch's end and before a rebuild.
+    """The training members' parameters, Adam state, moving averages (``train.ema``), batch orders and loss sums
+    stacked on a leading seed axis, and the step that trains them all. :meth:`write_back` hands each member its
+    slice (weights into its model, moments into its own Adam, the average into its own) whenever a member's own copy
+    is read: at an epoch's end and before a rebuild.
 
     A Linear layer's (out, in) weight is stacked as its transpose, (S, in, out), and the model sees it transposed
     back (a view): the layout in which the batched products read it, and write its gradient, without a copy
@@ -200,6 +219,10 @@ class _Stack:
             states = [member.optimizer.state.get(params[name]) for member, params in zip(members, own, strict=True)]
             if any(states):
                 self.optimizer.state[stacked] = self._stack_state(states, name)
+        self.averages = None  # each parameter's moving average, stacked as the parameter is
+        if members[0].ema is not None:
+            self.averages = {name: self._stack([member.ema.average[name] for member in members], name)
+                             for name in self.names}
         self.orders = torch.stack([member.order for member in members])
         self.sums = torch.stack([member.sums for member in members])
         self.keys = {name: f"model.{name}" for name in self.names}
@@ -222,8 +245,10 @@ class _Stack:
         self.orders = torch.stack([member.order for member in self.members])
         self.sums.zero_()
 
-    def step(self, train_x: Tensor, start: int, stop: int, beta: float, lr: float | None) -> None:
-        """One optimisation step of every member on its own batch ``order[start:stop]``."""
+    def step(self, train_x: Tensor, start: int, stop: int, beta: float, lr: float | None,
+             ema: float | None = None) -> None:
+        """One optimisation step of every member on its own batch ``order[start:stop]``; then, with ``ema`` (the
+        step's :meth:`~flowvae.training.kit.Plan.ema_weight`), every member's moving average."""
         x = train_x[self.orders[:, start:stop]]  # (S, B, n_in)
         dtype = self.params[self.names[0]].dtype
         noise = torch.stack([torch.randn((x.shape[1], self.latent_dim), generator=member.noise,
@@ -237,6 +262,8 @@ class _Stack:
         if self.grad_clip is not None:
             _clip_per_seed([p.grad for p in self.params.values() if p.grad is not None], self.grad_clip)
         self.optimizer.step()
+        if ema is not None:
+            ema_step([self.averages[name] for name in self.names], [self.params[name] for name in self.names], ema)
         self.sums += terms.detach().double() * x.shape[1]
 
     def _stack(self, tensors: list[Tensor], name: str) -> Tensor:
@@ -271,6 +298,9 @@ class _Stack:
                     member.optimizer.state[own[name]] = {
                         key: value.clone() if key == "step" else self._seeds_view(name, value)[j].clone(
                             memory_format=torch.contiguous_format) for key, value in state.items()}
+            if self.averages is not None:
+                for name, stacked in self.averages.items():
+                    member.ema.average[name].copy_(self._seeds_view(name, stacked)[j])
             member.optimizer.param_groups[0]["lr"] = group["lr"]
             member.order, member.sums = self.orders[j].clone(), self.sums[j].clone()
 
@@ -314,7 +344,8 @@ class _Group:
                     if self.stack is None:
                         continue  # no member trains before a later one's starting point
                     step = epoch * plan.steps_per_epoch + i
-                    self.stack.step(self.train_x, i * size, (i + 1) * size, plan.beta(step), plan.lr(step))
+                    self.stack.step(self.train_x, i * size, (i + 1) * size, plan.beta(step), plan.lr(step),
+                                    plan.ema_weight(step))
                     if i + 1 < plan.steps_per_epoch and self._stop_requested(self.active):
                         self._interrupt(epoch, i + 1)
                         return

@@ -111,13 +111,14 @@ def test_a_stacked_sweep_refuses_a_bad_objective_before_training_any_seed(tmp_pa
 def test_a_runs_row_is_its_cell_metric_columns_status_settings_and_bookkeeping(tmp_path):
     from flowvae.data.events import load_events
     from flowvae.identity import run_settings
+    from flowvae.metrics.latent import LATENT_COLUMNS
     from flowvae.metrics.row import TRAINING_COLUMNS, metric_columns, row_columns
     from flowvae.run.row import metric_values, result_row
 
     cfg = compose_config(*TINY, "flow=planar", "n_flows=2", "seed=3")
     events = load_events(cfg.data, tmp_path)
     columns = metric_columns(3)
-    assert columns == [*row_columns(3), *TRAINING_COLUMNS]
+    assert columns == [*row_columns(3), *TRAINING_COLUMNS, *LATENT_COLUMNS]
     row = result_row(cfg, events, {"kl_sum": 0.5, "epochs_run": 2, "not_a_column": 1}, "ok", "", 0.0, tmp_path, "h")
     settings = [key for key in run_settings(cfg) if key not in ("flow", "n_flows", "seed")]
     assert list(row) == ["flow", "n_flows", "seed", *columns, "status", "error", *settings, "wall_seconds",

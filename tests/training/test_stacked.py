@@ -439,3 +439,109 @@ def test_loss_with_the_noise_passed_in_is_the_loss_drawing_it():
     for a, b in ((with_noise.loss, drawn.loss), (with_noise.recon, drawn.recon), (with_noise.kl, drawn.kl)):
         assert torch.equal(a, b)
     assert not torch.equal(model.loss(x, 0.5, noise=torch.zeros_like(noise)).loss, drawn.loss)
+
+
+def test_the_moving_average_is_each_seeds_own_as_fits(tmp_path):
+    """train.ema: each seed's average (stacked beside its weights) validates, picks its best epoch, stops it early
+    and is what it ends with, as fit's; its checkpoint holds the average as its model and the training weights
+    beside it, as fit's."""
+    events, test_x = _data(n_train=125)
+    train_x, val_x = split_validation(events, 0.2, 0)
+    val_x = val_x * 2.0 + 1.0  # unlike the training events: the validation loss rises, and seeds stop early
+    cfg = _cfg(epochs=6, lr=3e-2, warmup_epochs=0, patience=1, ema=0.9, lr_schedule="cosine")
+    fits = [tmp_path / f"fit{seed}.pt" for seed in SEEDS]
+    expected = _fit_each("planar", train_x, test_x, cfg, val_x=val_x, checkpoints=fits)
+    assert [o.epochs_trained for o in expected[1]] == [4, 6, 3]  # seeds leave the stack at different epochs
+    checkpoints = [tmp_path / f"c{seed}.pt" for seed in SEEDS]
+    actual = _stacked("planar", train_x, test_x, cfg, val_x=val_x, checkpoints=checkpoints,
+                      bests=[tmp_path / f"b{seed}.pt" for seed in SEEDS])
+    _assert_same(expected, actual)
+    for fit_path, path in zip(fits, checkpoints, strict=True):
+        expected_state, state = (torch.load(p, weights_only=False) for p in (fit_path, path))
+        assert state["ema"]["decay"] == expected_state["ema"]["decay"] == 0.9
+        for key, tensor in expected_state["ema"]["training"].items():
+            torch.testing.assert_close(state["ema"]["training"][key], tensor, **TOLERANCE)
+            assert state["ema"]["training"][key].is_contiguous()
+        for key, tensor in expected_state["model"].items():
+            torch.testing.assert_close(state["model"][key], tensor, **TOLERANCE)
+
+
+@pytest.mark.parametrize("stop_at", [7, 10])  # inside epoch 2 (5 steps an epoch), and at its end
+def test_an_interrupted_stack_with_the_average_resumes_exactly(tmp_path, monkeypatch, stop_at):
+    """With train.ema: resumed as a stack, bit-identical to the stack never stopped; each seed resumed by fit
+    alone ends where fit leaves it."""
+    train_x, test_x = _data()
+    cfg = _cfg(epochs=4, ema=0.9)
+    uninterrupted = _stacked("planar", train_x, test_x, cfg)
+    checkpoints = [tmp_path / f"c{seed}.pt" for seed in SEEDS]
+    with monkeypatch.context() as patch:
+        _stacked("planar", train_x, test_x, cfg, checkpoints=checkpoints,
+                 callbacks=[_stop_after(patch, stop_at)] * len(SEEDS))
+    copies = [tmp_path / f"copy{seed}.pt" for seed in SEEDS]
+    for checkpoint, copy in zip(checkpoints, copies, strict=True):
+        copy.write_bytes(checkpoint.read_bytes())
+    torch.manual_seed(123)
+    resumed = _stacked("planar", train_x, test_x, cfg, checkpoints=checkpoints)
+    _assert_same(_with_resume(uninterrupted, resumed[1]), resumed, exact=True)
+    alone = _fit_each("planar", train_x, test_x, cfg, checkpoints=copies)
+    _assert_same(_with_resume(_fit_each("planar", train_x, test_x, cfg), alone[1]), alone)
+
+
+def test_the_average_updates_a_seeds_slice_as_fit_updates_its_weights():
+    """The stack's update of the average (kit.ema_step on stacked, transposed tensors) is fit's, element for
+    element, bit for bit: given the same weights it gives the same average."""
+    from flowvae.training.kit import ema_step
+
+    g = torch.Generator().manual_seed(0)
+    averages, params = torch.randn(3, 17, 33, generator=g), torch.randn(3, 17, 33, generator=g)
+    stacked = averages.mT.contiguous().mT  # the stack's layout of a Linear weight: a transposed view
+    ema_step([stacked], [params], 0.37)
+    for j in range(3):
+        own = averages[j].clone()
+        ema_step([own], [params[j]], 0.37)
+        assert torch.equal(stacked[j], own)
+
+
+def test_select_by_picks_each_seeds_best_epoch_by_its_own_measure(tmp_path):
+    """fit_stacked's selects: each seed's measure of its own model picks its best epoch and counts its patience,
+    as fit's select does."""
+    from flowvae.training.kit import evaluate_loss
+
+    events, test_x = _data(n_train=125)
+    train_x, val_x = split_validation(events, 0.2, 0)
+    cfg = _cfg(epochs=6, lr=3e-2, warmup_epochs=0, patience=2, select_by="kl_sum")
+
+    def measure(model):  # a stand-in for a metric of generated events: a function of the weights alone
+        return lambda: -evaluate_loss(model, val_x, seed=99)["loss"]
+
+    models, outcomes = [], []
+    for seed in SEEDS:
+        model, _ = _build(seed)
+        outcomes.append(fit(model, train_x, test_x, cfg, seed=seed, val_x=val_x, select=measure(model)))
+        models.append(model)
+    assert all("val_kl_sum" in row for o in outcomes for row in o.history)
+    assert [(o.epochs_trained, o.best_epoch) for o in outcomes] == [(4, 2), (3, 1), (5, 3)]  # each its own stop
+    built = [_build(seed) for seed in SEEDS]
+    stacked_models = [model for model, _ in built]
+    actual = fit_stacked(stacked_models, train_x, test_x, cfg, seeds=SEEDS, rng_states=[s for _, s in built],
+                         checkpoints=[None] * 3, extra_states=[{}] * 3, val_x=val_x,
+                         selects=[measure(model) for model in stacked_models])
+    _assert_same((models, outcomes), (stacked_models, actual))
+    with pytest.raises(ValueError, match="train.select_by=kl_sum needs its measure"):
+        fit_stacked(stacked_models, train_x, test_x, cfg, seeds=SEEDS, rng_states=[s for _, s in built],
+                    checkpoints=[None] * 3, extra_states=[{}] * 3, val_x=val_x)
+
+
+def test_a_seeds_job_scores_the_average_its_stack_recorded(tmp_path):
+    """With train.ema and no validation: a seed's own job finds its training recorded and holds the average the
+    stack ended with (the checkpoint's model), not the training weights."""
+    train_x, test_x = _data()
+    cfg = _cfg(epochs=2, ema=0.9)
+    checkpoints = [tmp_path / f"c{seed}.pt" for seed in SEEDS]
+    models, _ = _stacked("planar", train_x, test_x, cfg, checkpoints=checkpoints)
+    for seed, model, checkpoint in zip(SEEDS, models, checkpoints, strict=True):
+        again = _build(seed)[0]
+        outcome = fit(again, train_x, test_x, cfg, seed=seed, checkpoint=checkpoint)
+        assert outcome.status == "ok" and outcome.epochs_trained == 2 and outcome.best_epoch is None
+        for key, tensor in model.state_dict().items():
+            assert torch.equal(again.state_dict()[key], tensor), key

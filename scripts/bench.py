@@ -2,13 +2,14 @@
 
 For each flow family and n_flows, the median wall time of one training step (forward, backward, Adam) at the
 default model and batch size, measured on the project's own model (``build_model``) and training step
-(``flowvae.training.kit._make_step``), batched by index exactly as ``fit`` does. Also: the test-loss pass that ``fit``
+(``flowvae.training.kit.make_step``), batched by index exactly as ``fit`` does. Also: the test-loss pass that ``fit``
 runs after every epoch, generating and scoring ``eval.n_samples`` events, the plain VAE step's achieved GFLOP/s
 against a large ``torch.mm`` at the same thread count (per batch size), and what the seed table costs.
 
     python scripts/bench.py                                  # every family, n_flows 0, 1, 10, 80
     python scripts/bench.py --flows planar,iaf --n-flows 10 --csv bench.csv --md bench.md
     python scripts/bench.py --threads 1 --jobs 2             # two jobs side by side, one thread each
+    python scripts/bench.py --flows orthogonal --n-flows 10 --no-eval --baseline HEAD   # flows/ against HEAD's
 
 Timing: every cell is warmed up, then the cells take turns (round-robin) timing a block of steps, ``--repeats``
 times; a cell's figure is the median over its blocks. Taking turns makes the ratios to the plain step robust to
@@ -21,15 +22,18 @@ n_flows = 0 is the same plain VAE for every family (bit-identical), so it is mea
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import multiprocessing
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from hydra import compose, initialize_config_module
@@ -64,6 +68,7 @@ class Cell:
     block_cpu_ms: list[float] = field(default_factory=list)  # the same blocks' process CPU time per step
     test_loss_ms: list[float] = field(default_factory=list)
     mflop: float = 0.0  # matmul work of the step's Linear layers (encoder, heads, decoder), not the flows' own
+    baseline: str = ""  # a folder holding another revision's flows package (--baseline): its flows, swapped in
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -97,9 +102,17 @@ def matmul_peak(size: int = 2048, repeats: int = 7) -> float:
 class Runner:
     """One model, its optimizer and the training step of ``fit``, on the run's real data."""
 
-    def __init__(self, cfg: DictConfig, train_x: torch.Tensor, test_x: torch.Tensor, batch_size: int) -> None:
+    def __init__(self, cfg: DictConfig, train_x: torch.Tensor, test_x: torch.Tensor, batch_size: int,
+                 flows_module: ModuleType | None = None) -> None:
         torch.manual_seed(cfg.seed)
         self.model = build_model(train_x.shape[1], cfg.model, cfg.flow, cfg.n_flows, n_features=cfg.data.n_features)
+        if flows_module is not None:  # the same model and step with another implementation of its flows
+            options = {k: v for k, v in cfg.flow.items() if k != "name" and v is not None}
+            stack = flows_module.build(cfg.flow.name, cfg.model.latent_dim, cfg.n_flows, **options)
+            if stack.num_params != self.model.flows.num_params:
+                raise SystemExit(f"the baseline's {cfg.flow.name} flows take {stack.num_params} params, these "
+                                 f"{self.model.flows.num_params}: not comparable in one model")
+            self.model.flows = stack
         optimizer = make_optimizer(self.model, cfg.train)
         self.step_fn = make_step(self.model, optimizer, cfg.train.grad_clip)
         self.train_x, self.test_x, self.batch_size = train_x, test_x, batch_size
@@ -135,7 +148,7 @@ def measure_steps(cfg_overrides: list[str], cells: list[Cell], repeats: int, war
     runners, block_steps = [], []
     for cell in cells:
         cfg = compose_config([*cfg_overrides, f"flow={cell.flow}", f"n_flows={cell.n_flows}"])
-        runner = Runner(cfg, train_x, test_x, cell.batch_size)
+        runner = Runner(cfg, train_x, test_x, cell.batch_size, _baseline_module(cell.baseline))
         runner.steps(warmup)
         estimate = runner.steps(max(2, warmup // 2))
         runners.append(runner)
@@ -252,6 +265,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gflops-batch-sizes", default="100,250,500,1000",
                         help="batch sizes for the plain step's GFLOP/s (empty: skip)")
     parser.add_argument("--no-eval", action="store_true", help="skip test-loss, generation and scoring timings")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also time each flow cell with flowvae/flows/ as it is at git revision REV (a tag, "
+                             "a commit), swapped into the same model and step, the cells taking turns; adds "
+                             "ratio_to_baseline (wall and CPU time)")
     parser.add_argument("--csv", type=Path, help="write the step table here")
     parser.add_argument("--md", type=Path, help="write every table here as Markdown")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.latent_dim=16")
@@ -269,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown flow(s) {', '.join(unknown)}; allowed: {', '.join(FAMILIES)}")
     n_flows_values = sorted({int(k) for k in args.n_flows.split(",") if k})
     cells = [Cell("none", 0, batch_size)] + [Cell(f, k, batch_size) for f in families for k in n_flows_values if k]
+    baseline_dir = tempfile.TemporaryDirectory() if args.baseline else None
+    if baseline_dir is not None:
+        _write_baseline(args.baseline, Path(baseline_dir.name))
+        cells = [cells[0]] + [c for cell in cells[1:]
+                              for c in (cell, Cell(cell.flow, cell.n_flows, batch_size, baseline=baseline_dir.name))]
     configure_torch(threads)  # as a run sets it
 
     started = time.time()
@@ -281,14 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     else:  # identical jobs side by side, each its own process
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             measured = pool.map(_worker, [job] * args.jobs)
-    rows = _step_rows(measured, base, threads, args.jobs)
+    rows = _step_rows(measured, base, threads, args.jobs, args.baseline)
+    if baseline_dir is not None:
+        baseline_dir.cleanup()
     plain_model = build_model(base.data.n_features * base.data.n_particles, base.model, base.flow, 0,
                               n_features=base.data.n_features)
     plain = rows[0]
     plain["gflops"] = matmul_flops(plain_model, batch_size) / plain["ms_per_step"] / 1e6
     plain["fraction_of_peak"] = plain["gflops"] / peak
     _print_table(rows, ["flow", "n_flows", "ms_per_step", "iqr_ms", "cpu_ms_per_step", "ratio_to_plain",
-                        "target_ratio", "meets_target", "flop_ratio", "ms_test_loss"],
+                        "target_ratio", "meets_target", "flop_ratio", "ms_test_loss"]
+                 + (["ratio_to_baseline", "cpu_ratio_to_baseline"] if args.baseline else []),
                  "Training step (forward, backward, Adam)")
     print(f"plain step: {matmul_flops(plain_model, batch_size) / 1e6:.0f} MFLOP in its Linear layers "
           f"(backward counted as 2x forward) -> {plain['gflops']:.0f} GFLOP/s = {plain['fraction_of_peak']:.0%} of "
@@ -317,8 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _step_rows(measured: list[list[Cell]], cfg: DictConfig, threads: int, jobs: int) -> list[dict]:
-    """One row per cell; with several jobs, each cell's blocks from all jobs are pooled."""
+def _step_rows(measured: list[list[Cell]], cfg: DictConfig, threads: int, jobs: int,
+               baseline: str | None = None) -> list[dict]:
+    """One row per cell; with several jobs, each cell's blocks from all jobs are pooled. A baseline cell's row is
+    its flow named ``flow@REV``, and the row before it (the same cell with this checkout's flows) gets its ratios
+    to it."""
     rows = []
     for cells in zip(*measured, strict=True):
         blocks = [ms for cell in cells for ms in cell.block_ms]
@@ -326,7 +354,8 @@ def _step_rows(measured: list[list[Cell]], cfg: DictConfig, threads: int, jobs: 
         test = [ms for cell in cells for ms in cell.test_loss_ms]
         q1, _, q3 = statistics.quantiles(blocks, n=4) if len(blocks) > 1 else (blocks[0],) * 3
         rows.append({
-            "flow": cells[0].flow, "n_flows": cells[0].n_flows, "ms_per_step": statistics.median(blocks),
+            "flow": f"{cells[0].flow}@{baseline}" if cells[0].baseline else cells[0].flow,
+            "n_flows": cells[0].n_flows, "ms_per_step": statistics.median(blocks),
             "iqr_ms": q3 - q1, "cpu_ms_per_step": statistics.median(cpu), "batch_size": cells[0].batch_size,
             "latent_dim": cfg.model.latent_dim,
             "hidden": "x".join(str(h) for h in cfg.model.hidden), "threads": threads, "jobs": jobs,
@@ -339,7 +368,50 @@ def _step_rows(measured: list[list[Cell]], cfg: DictConfig, threads: int, jobs: 
         target = TARGET_RATIO.get(row["n_flows"]) if row["flow"] != "none" else None
         row["target_ratio"] = target if target is not None else ""
         row["meets_target"] = "" if target is None else ("yes" if row["ratio_to_plain"] <= target else "no")
+    if baseline:
+        for row, other in zip(rows, rows[1:], strict=False):
+            if other["flow"] == f"{row['flow']}@{baseline}":
+                row["ratio_to_baseline"] = row["ms_per_step"] / other["ms_per_step"]
+                row["cpu_ratio_to_baseline"] = row["cpu_ms_per_step"] / other["cpu_ms_per_step"]
+                other["target_ratio"] = other["meets_target"] = ""
     return rows
+
+
+BASELINE_PACKAGE = "baseline_flows"  # the name another revision's flows package is imported under
+
+
+def _write_baseline(revision: str, folder: Path) -> None:
+    """flowvae/flows/ of git revision ``revision`` as the package ``BASELINE_PACKAGE`` in ``folder``, its imports of
+    flowvae.flows pointing at itself (a revision from before the package: flowvae/flows.py as its __init__)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*command: str) -> str:
+        done = subprocess.run(["git", "-C", str(root), *command], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"--baseline {revision}: {done.stderr.strip()}")
+        return done.stdout
+
+    names = [Path(path).name for path in git("ls-tree", "--name-only", revision, "flowvae/flows/").split()
+             if path.endswith(".py")]
+    files = {name: f"flowvae/flows/{name}" for name in names}
+    if not files and git("ls-tree", "--name-only", revision, "flowvae/flows.py").strip():
+        files = {"__init__.py": "flowvae/flows.py"}
+    if not files:
+        raise SystemExit(f"--baseline {revision}: no flowvae/flows/ there")
+    package = folder / BASELINE_PACKAGE
+    package.mkdir()
+    for name, path in files.items():
+        source = git("show", f"{revision}:{path}")
+        (package / name).write_text(source.replace("flowvae.flows", BASELINE_PACKAGE))
+
+
+def _baseline_module(folder: str) -> ModuleType | None:
+    """The baseline's flows package written by :func:`_write_baseline` into ``folder``, or None without one."""
+    if not folder:
+        return None
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(BASELINE_PACKAGE)
 
 
 def _batch_size_rows(args: argparse.Namespace, cfg: DictConfig, plain_model: FlowVAE, peak: float,

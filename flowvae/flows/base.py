@@ -199,6 +199,7 @@ class _TanhChain(torch.autograd.Function):
         _, a, c, _, q, for_backward = inputs
         _, h, *saved = output
         ctx.mark_non_differentiable(*saved)
+        ctx.set_materialize_grads(False)  # no zeros made for the saved outputs' (absent) gradients
         if for_backward:  # saved: each flow's input, and with rotations each flow's z and its updated u
             ctx.save_for_backward(a, c, saved[0], h, *([q, *saved[1:]] if q is not None else []))
 
@@ -250,10 +251,18 @@ class _TanhChain(torch.autograd.Function):
         grad_a = pre * inputs.unsqueeze(-2)
         grad_c = torch.stack(grad_out, 1) * h.unsqueeze(-2)
         grad_q = None
-        if q is not None:
-            grad_q = (torch.stack(grad_z_out, 1) * outputs.unsqueeze(-2)
-                      + flow_inputs.unsqueeze(-1) * torch.stack(grad_u, 1).mT)
+        if q is not None:  # dL/dz_k ⊗ u'_k + z_{k-1} ⊗ dL/du_k, formed (D, D, B, K): the layout a rotation's own
+            # backward works in (flowvae.flows.sylvester), returned as its (B, K, D, D) view
+            grad_q = (_batch_last(grad_z_out).unsqueeze(1) * _batch_last(outputs).unsqueeze(0)
+                      + _batch_last(flow_inputs).unsqueeze(1) * _batch_last(grad_u).unsqueeze(0)).permute(2, 3, 0, 1)
         return g.squeeze(-1), grad_a, grad_c, pre.squeeze(-1), grad_q, None
+
+
+def _batch_last(vectors: list[Tensor] | Tensor) -> Tensor:
+    """Per-flow vectors, K of (B, D, 1) or one (B, K, D), as one contiguous (D, B, K)."""
+    if isinstance(vectors, Tensor):
+        return vectors.permute(2, 0, 1).contiguous()
+    return torch.stack([vector.squeeze(-1).t() for vector in vectors], -1)
 
 
 def chunks(n_flows: int, batch_size: int) -> list[tuple[int, int]]:

@@ -190,6 +190,7 @@ class _MadeChain(torch.autograd.Function):
         z, _, w1, w2, _, w3, _, for_backward = inputs
         _, gate, *kept = output
         ctx.mark_non_differentiable(*kept)
+        ctx.set_materialize_grads(False)  # no zeros made for the kept outputs' (absent) gradients
         if for_backward:
             ctx.save_for_backward(w1, w2, w3, *kept, gate)
             ctx.floor = gate_floor(z.dtype)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.autograd.functional import jacobian
 
-from flowvae.flows import FLOWS, IAF, FlowStack, Planar, TriangularSylvester, base, build, iaf, options
+from flowvae.flows import FLOWS, IAF, FlowStack, Planar, TriangularSylvester, base, build, iaf, options, sylvester
 from flowvae.flows.base import tanh_chain
 from flowvae.flows.sylvester import Sylvester, householder_rotation
 
@@ -174,6 +174,84 @@ def test_householder_rotation_is_the_product_of_reflections() -> None:
         reflection = torch.eye(4, dtype=torch.float64) - 2 * w @ w.mT / norm
         expected = expected @ reflection
     torch.testing.assert_close(householder_rotation(v), expected)
+
+
+def matmul_loop_rotation(v: Tensor) -> Tensor:
+    """householder_rotation as it was written before its own backward: the loop of batched matmuls, under autograd."""
+    scale = v.detach().abs().amax(1, keepdim=True)
+    nonzero = scale > 0
+    v = v / torch.where(nonzero, scale, 1)
+    beta = torch.where(nonzero, 2 / torch.where(nonzero, (v * v).sum(1, keepdim=True), 1), 0)
+    q = torch.eye(v.shape[1], dtype=v.dtype).expand(v.shape[0], -1, -1)
+    for t in reversed(range(v.shape[2])):
+        v_t = v[:, :, t : t + 1]
+        q = q - (beta[:, :, t : t + 1] * v_t) @ (v_t.mT @ q)
+    return q
+
+
+def small_matmuls_sum_in_order(dim: int, dtype: torch.dtype) -> bool:
+    """Whether torch's batched matmul of a (1, D) by a (D, D) adds its products one after the other (its kernel
+    for matrices under 400 multiply-adds does, without fused multiply-adds, on x86)."""
+    x, y = torch.randn(64, 1, dim, dtype=dtype), torch.randn(64, dim, dim, dtype=dtype)
+    terms = x.mT * y
+    total = terms[:, 0]
+    for i in range(1, dim):
+        total = total + terms[:, i]
+    return torch.equal((x @ y)[:, 0], total)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("count, dim, reflections", [(300, 8, 8), (40, 5, 3), (40, 8, 1), (20, 1, 4), (30, 19, 9)])
+def test_householder_rotation_is_the_matmul_loop_bit_for_bit(count: int, dim: int, reflections: int,
+                                                             dtype: torch.dtype) -> None:
+    """The written-out product and backward round as the loop of batched matmuls did, so that runs keep their
+    numbers: Q̄ and the gradients equal, bit for bit (where torch's small matmuls sum in order, as on x86)."""
+    if not small_matmuls_sum_in_order(dim, dtype):
+        pytest.skip("this build's small batched matmul does not add its products in order")
+    torch.manual_seed(0)
+    v = torch.randn(count, dim, reflections, dtype=dtype) * torch.logspace(-20, 20, count, dtype=dtype).view(-1, 1, 1)
+    v[::4, :, 0] = 0  # H = I there
+    v[1::5, :, -1] *= 1e-30
+    grad = torch.randn(count, dim, dim, dtype=dtype)
+    results = []
+    for rotation in (householder_rotation, matmul_loop_rotation):
+        leaf = v.clone().requires_grad_()
+        q = rotation(leaf)
+        results.append((q.detach(), *torch.autograd.grad(q, leaf, grad)))
+    for new, former in zip(*results, strict=True):
+        assert torch.equal(new, former)
+
+
+@pytest.mark.parametrize("reflections", [1, 3])
+def test_householder_rotation_backward_matches_finite_differences(reflections: int) -> None:
+    torch.manual_seed(0)
+    v = torch.randn(4, 4, reflections, dtype=torch.float64)
+    v[0, :, 0] = 0  # H = I, whose gradient is 0
+    assert torch.autograd.gradcheck(householder_rotation, (v.requires_grad_(),))
+
+
+def test_householder_rotation_under_vmap_is_each_slice() -> None:
+    """A stack of models maps the rotation over its model axis (flowvae.training.stacked): values and gradients
+    are each slice's own, bit for bit."""
+    torch.manual_seed(0)
+    v = torch.randn(3, 10, 5, 4, requires_grad=True)
+    grad = torch.randn(3, 10, 5, 5)
+    mapped = torch.func.vmap(householder_rotation)(v)
+    (mapped_grad,) = torch.autograd.grad(mapped, v, grad)
+    for s in range(3):
+        leaf = v[s].detach().requires_grad_()
+        q = householder_rotation(leaf)
+        assert torch.equal(mapped[s], q)
+        assert torch.equal(mapped_grad[s], torch.autograd.grad(q, leaf, grad[s])[0])
+    with torch.no_grad():
+        assert torch.equal(torch.func.vmap(householder_rotation)(v), mapped)
+    # what the product keeps for its backward (extra outputs) is each slice's too
+    beta = torch.rand(3, 10, 1, 4)
+    outputs = torch.func.vmap(lambda x, y: sylvester._ReflectionProduct.apply(x, y, True))(v.detach(), beta)
+    for s in range(3):
+        for output, expected in zip(outputs, sylvester._ReflectionProduct.apply(v[s].detach(), beta[s], True),
+                                    strict=True):
+            assert torch.equal(output[s], expected)
 
 
 @pytest.mark.parametrize("name", SYLVESTER)

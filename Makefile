@@ -23,11 +23,12 @@ install: $(BIN)/flowvae
 run: install
 	$(BIN)/flowvae train
 
+# Two workers (pytest-xdist): the suite's CLI runs use one thread each, so two share a 2-core machine's cores.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 lint: install
 	$(BIN)/ruff check flowvae hydra_plugins tests scripts

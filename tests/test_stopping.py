@@ -14,7 +14,7 @@ import pytest
 
 from flowvae import metrics, stopping
 from flowvae.files import RunFiles
-from flowvae.run import experiment, job
+from flowvae.run import experiment, job, preflight
 from tests.conftest import TINY, compose_config
 
 
@@ -74,7 +74,7 @@ def _sigterm_during(monkeypatch, module, name):
 
 
 def test_sigterm_before_training_is_exit_3_with_a_status_and_no_row(tmp_path, monkeypatch):
-    _sigterm_during(monkeypatch, job, "load_events")
+    _sigterm_during(monkeypatch, preflight, "load_events")  # the checks before work load the data
     code, files = _run(tmp_path)
     assert code == job.EXIT_INTERRUPTED
     assert _status(files) == {"status": "interrupted", "exit_code": 3,

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from flowvae import progress
+from flowvae.commands.run_args import split_run_args
 from flowvae.errors import ConfigError
 from flowvae.results.tracking import Tracker, open_tracker
 
@@ -48,24 +49,13 @@ exit codes: 0 every run scored or skipped, 1 a run failed, 2 bad arguments, 3 in
 
 def _split(args: list[str]) -> tuple[list[str], list[str], str]:
     """(run directories, overrides KEY=VALUE, device); raises ConfigError for a setting that trains."""
-    runs, overrides, device = [], [], "auto"
-    items = iter(args)
-    for item in items:
-        if item == "--device":
-            device = next(items, "")
-        elif item.startswith("--device="):
-            device = item.partition("=")[2]
-        elif "=" in item and not Path(item).exists():
-            key = item.partition("=")[0].lstrip("+")
-            if not key.startswith(EVALUATION_KEYS):
-                raise ConfigError(key, item.partition("=")[2], f"only eval.*, results_csv, skip_existing and "
-                                                               f"logger can change after training; {key} changes "
-                                                               f"what is trained (train again)")
-            overrides.append(item.lstrip("+"))
-        else:
-            runs.append(item)
-    if not runs:
-        raise ConfigError("RUN_DIR", "", "at least one run directory of `flowvae train`")
+    runs, overrides, device = split_run_args(args)
+    for item in overrides:
+        key = item.partition("=")[0]
+        if not key.startswith(EVALUATION_KEYS):
+            raise ConfigError(key, item.partition("=")[2], f"only eval.*, results_csv, skip_existing and "
+                                                           f"logger can change after training; {key} changes "
+                                                           f"what is trained (train again)")
     return runs, overrides, device
 
 

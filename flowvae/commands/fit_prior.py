@@ -16,6 +16,7 @@ from importlib.resources import files
 
 from omegaconf import OmegaConf
 
+from flowvae.commands.run_args import split_run_args
 from flowvae.errors import ConfigError
 
 __all__ = ["main", "prior_settings"]
@@ -67,23 +68,6 @@ def prior_settings(run_prior, overrides: list[str]):
     return base
 
 
-def _parse(args: list[str]) -> tuple[list[str], list[str], str]:
-    runs, overrides, device = [], [], "auto"
-    items = iter(args)
-    for item in items:
-        if item == "--device":
-            device = next(items, "")
-        elif item.startswith("--device="):
-            device = item.partition("=")[2]
-        elif "=" in item:
-            overrides.append(item.lstrip("+"))
-        else:
-            runs.append(item)
-    if not runs:
-        raise ConfigError("RUN_DIR", "", "at least one run directory of `flowvae train`")
-    return runs, overrides, device
-
-
 def fit_run(run_dir: str, overrides: list[str], device: str) -> None:
     """Fit and store the two-stage prior of one run; print the latent gap before and after."""
     from flowvae import progress
@@ -118,7 +102,7 @@ def main(args: list[str]) -> int:
     from flowvae.run.rebuild import RebuildError
 
     try:
-        runs, overrides, device = _parse(args)
+        runs, overrides, device = split_run_args(args)
         prior_settings(None, overrides)  # bad settings refused before any run is loaded
     except ConfigError as err:
         print(f"flowvae fit-prior: {err}", file=sys.stderr)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from flowvae import stopping
 from flowvae.models.priors import Prior
 
 __all__ = ["PriorFit", "fit_prior"]
@@ -63,6 +64,7 @@ def fit_prior(prior: Prior, codes: Tensor, *, epochs: int, lr: float, batch_size
             optimizer.step()
             total += loss.item() * len(index)
         prior.eval()
+        stopping.check(f"while fitting the prior (epoch {epoch}); nothing of it is saved")
         row = {"epoch": epoch, "train_nll": total / len(train), "val_nll": _nll(prior, val, batch_size)}
         outcome.history.append(row)
         log.info("prior epoch %d/%d  train nll %.4f  val nll %.4f", epoch, epochs, row["train_nll"], row["val_nll"])

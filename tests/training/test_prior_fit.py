@@ -53,3 +53,15 @@ def test_the_fit_is_reproducible_bit_for_bit():
     two, _ = _fit("maf", epochs=3)
     for a, b in zip(one.state_dict().values(), two.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_stop_request_ends_the_fit_at_the_epochs_end(monkeypatch):
+    """Ctrl-C or SIGTERM during a two-stage fit: it stops after the epoch, nothing returned (the caller saves
+    nothing)."""
+    import pytest
+
+    from flowvae import stopping
+
+    monkeypatch.setattr(stopping, "_received", "SIGINT")
+    with pytest.raises(stopping.Interrupted, match="SIGINT while fitting the prior"):
+        _fit("planar", epochs=3)

@@ -176,6 +176,8 @@ def _unknown_option(args: list[str]) -> str | None:
             override = parser.parse_override(arg)
             if override.is_sweep_override():
                 values = list(override.sweep_string_iterator())
+            elif override.value() is None and not override.is_delete():
+                values = ["null"]  # a group needs one of its options (Hydra answers with a traceback)
             else:
                 values = [override.get_value_element_as_str()] if isinstance(override.value(), str) else []
         except Exception:  # noqa: BLE001 - what cannot be read here is Hydra's to report

@@ -292,12 +292,14 @@ def test_run_and_sweep_directories_name_a_model_other_than_the_default(overrides
     assert cfg.hydra.sweep.subdir == "3" + name
 
 
-@pytest.mark.parametrize("args", [["flow=nope"], ["-m", "flow=planar,nope", "n_flows=1"], ["data=jetnett"]])
+@pytest.mark.parametrize("args", [["flow=nope"], ["-m", "flow=planar,nope", "n_flows=1"], ["data=jetnett"],
+                                  ["flow=null"]])
 def test_an_option_a_config_group_does_not_have_is_one_line_naming_the_options(tmp_path, args):
     out = run_flowvae(["train", *args, f"results_csv={tmp_path / 'results.csv'}"], cwd=tmp_path)
     assert out.returncode == 2
     assert out.stdout == ""
-    group, value = ("data", "jetnett") if "data=jetnett" in args else ("flow", "nope")
+    value = "null" if "flow=null" in args else "nope"
+    group, value = ("data", "jetnett") if "data=jetnett" in args else ("flow", value)
     options = ("gaussian, jetnet, jets, npy" if group == "data"
                else "householder, iaf, none, orthogonal, planar, triangular")
     assert out.stderr.splitlines() == [f"flowvae train: {group}={value} is not allowed: one of {options}"]

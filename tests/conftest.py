@@ -94,3 +94,32 @@ def wait_until(condition, what: str, timeout: float = 300, process=None, poll: f
         if time.monotonic() > deadline:
             pytest.fail(f"no {what} within {timeout:.0f} s")
         time.sleep(poll)
+
+
+def stopped_and_whole_rows(monkeypatch, tmp_path: Path, settings: list[str]):
+    """The rows of ``flowvae train SETTINGS`` stopped by SIGTERM after its first epoch and then run again (in
+    ``tmp_path/stopped``), and of the same run never stopped (``tmp_path/whole``): (resumed, uninterrupted)."""
+    import signal
+
+    import pandas as pd
+
+    from flowvae import stopping
+    from flowvae.run import experiment, job
+
+    original = experiment.write_curves
+
+    def sigterm(path, history):
+        original(path, history)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(experiment, "write_curves", sigterm)
+        cfg = compose_config(*settings, f"results_csv={tmp_path / 'stopped.csv'}")
+        assert job.run(cfg, tmp_path / "stopped", tmp_path) == job.EXIT_INTERRUPTED
+    stopping.reset()
+    assert job.run(cfg, tmp_path / "stopped", tmp_path) == 0
+    stopping.reset()
+    whole = compose_config(*settings, f"results_csv={tmp_path / 'whole.csv'}")
+    assert job.run(whole, tmp_path / "whole", tmp_path) == 0
+    stopping.reset()
+    return pd.read_csv(tmp_path / "stopped.csv").iloc[0], pd.read_csv(tmp_path / "whole.csv").iloc[0]

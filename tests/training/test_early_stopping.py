@@ -23,7 +23,7 @@ from flowvae.training import loop as train_module
 from flowvae.training.callbacks import Callback
 from flowvae.training.kit import check_checkpoint, learning_rate, split_validation
 from flowvae.training.loop import fit
-from tests.conftest import TINY, compose_config, stop_after_step
+from tests.conftest import TINY, compose_config, stop_after_step, stopped_and_whole_rows
 
 
 def _cfg(**overrides):
@@ -341,8 +341,6 @@ def test_a_run_stopped_by_sigterm_and_rerun_scores_what_an_uninterrupted_run_sco
     command again, gives the row of a run never stopped. The validation loss is made to rise with training (its
     sign turned: still a function of the weights), so epoch 1 is the best, written before the stop, and the
     resumed run stops after epoch 2 and scores epoch 1's weights from best.pt."""
-    import os
-    import signal
 
     evaluate = kit.evaluate_loss
 
@@ -353,23 +351,7 @@ def test_a_run_stopped_by_sigterm_and_rerun_scores_what_an_uninterrupted_run_sco
     monkeypatch.setattr(kit, "evaluate_loss", rising)
     settings = [*TINY, "seed=10", "train.epochs=4", "train.val_fraction=0.25", "train.patience=1",
                 "train.lr_schedule=cosine"]
-    original = experiment.write_curves
-
-    def sigterm(path, history):
-        original(path, history)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(experiment, "write_curves", sigterm)
-        cfg = compose_config(*settings, f"results_csv={tmp_path / 'stopped.csv'}")
-        assert job.run(cfg, tmp_path / "stopped", tmp_path) == job.EXIT_INTERRUPTED
-    stopping.reset()
-    assert job.run(cfg, tmp_path / "stopped", tmp_path) == 0
-    stopping.reset()
-    whole = compose_config(*settings, f"results_csv={tmp_path / 'whole.csv'}")
-    assert job.run(whole, tmp_path / "whole", tmp_path) == 0
-    stopping.reset()
-    resumed, uninterrupted = pd.read_csv(tmp_path / "stopped.csv").iloc[0], pd.read_csv(tmp_path / "whole.csv").iloc[0]
+    resumed, uninterrupted = stopped_and_whole_rows(monkeypatch, tmp_path, settings)
     assert resumed["resumed_from"] == 1 and uninterrupted["resumed_from"] == 0
     scored = [c for c in resumed.index
               if c.startswith(("kl_", "w1_", "final_")) or c in ("epochs_trained", "best_epoch")]

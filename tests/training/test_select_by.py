@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
 
 import pandas as pd
 import pytest
@@ -23,7 +21,7 @@ from flowvae.training import kit
 from flowvae.training.callbacks import Callback
 from flowvae.training.kit import check_selection, split_validation
 from flowvae.training.loop import fit
-from tests.conftest import TINY, compose_config, stop_after_step
+from tests.conftest import TINY, compose_config, stop_after_step, stopped_and_whole_rows
 
 
 def _cfg(**overrides):
@@ -237,23 +235,7 @@ def test_a_run_stopped_by_sigterm_and_rerun_scores_what_an_uninterrupted_run_sco
     epoch, then the same command again, gives the row of a run never stopped."""
     settings = [*TINY, "seed=10", "train.epochs=4", "train.val_fraction=0.25", "train.patience=1",
                 "train.select_by=kl_sum", "train.ema=0.9", "train.lr=3e-2"]
-    original = experiment.write_curves
-
-    def sigterm(path, history):
-        original(path, history)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(experiment, "write_curves", sigterm)
-        cfg = compose_config(*settings, f"results_csv={tmp_path / 'stopped.csv'}")
-        assert job.run(cfg, tmp_path / "stopped", tmp_path) == job.EXIT_INTERRUPTED
-    stopping.reset()
-    assert job.run(cfg, tmp_path / "stopped", tmp_path) == 0
-    stopping.reset()
-    whole = compose_config(*settings, f"results_csv={tmp_path / 'whole.csv'}")
-    assert job.run(whole, tmp_path / "whole", tmp_path) == 0
-    stopping.reset()
-    resumed, uninterrupted = pd.read_csv(tmp_path / "stopped.csv").iloc[0], pd.read_csv(tmp_path / "whole.csv").iloc[0]
+    resumed, uninterrupted = stopped_and_whole_rows(monkeypatch, tmp_path, settings)
     assert resumed["resumed_from"] == 1 and uninterrupted["resumed_from"] == 0
     scored = [c for c in resumed.index
               if c.startswith(("kl_", "w1_", "final_")) or c in ("epochs_trained", "best_epoch")]

@@ -56,7 +56,7 @@ class DataConfig:
     # any kind; indices on the file's feature axis
     jet_kinematics: list[int] | None = None  # [i_eta, i_phi, i_pt]: jet mass, w1m, jet-level FPD/KPD
     feature_names: list[str] | None = None
-    transforms: list[str] | None = None  # one per feature: none, log, logit (then standardize, if set)
+    transforms: list[str] | None = None  # one per feature: none, log, logit, fraction (then standardize, if set)
     standardize: bool = False
 
 

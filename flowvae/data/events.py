@@ -47,7 +47,7 @@ class Events:
     train_mask: np.ndarray | None = None
     test_mask: np.ndarray | None = None
     kinematics: tuple[int, int, int] | None = None
-    transforms: list[str] | None = None  # one per feature (none, log, logit); None: all none
+    transforms: list[str] | None = None  # one per feature (none, log, logit, fraction); None: all none
 
     @property
     def n_features(self) -> int:

@@ -6,21 +6,39 @@ map fitted on the training events' real particles:
 * ``none``: x;
 * ``log``: log x, for a positive feature (a particle's pT): generated values exp(·) are positive by construction;
 * ``logit``: log(x / (1 − x)), for a feature in (0, 1) (pT relative to the jet): generated values sigmoid(·) lie
-  in (0, 1) by construction.
+  in (0, 1) by construction;
+* ``fraction``: for a feature that is each particle's share of its jet (pT relative to the jet), the additive
+  log-ratio of the jet's shares against what they leave below a ceiling c,
 
-Padded particles (mask False) are set to 0 in both directions and never enter a fit. Values outside a
+      y_i = log x_i − log(c − Σ_j x_j),      x_i = c · e^{y_i} / (1 + Σ_j e^{y_j})      (sums over the jet's real
+                                                                                            particles),
+
+  with c the training jets' largest Σ x times (1 + :data:`FRACTION_MARGIN`): generated shares are positive and
+  add up to less than c, so no generated jet's particles carry more of its pT than the data's jets do (Aitchison,
+  "The statistical analysis of compositional data", 1986). A held-out jet above c (rarer than the training set's
+  largest) is taken to just below it.
+
+Padded particles (mask False) are set to 0 in both directions and never enter a fit (nor a jet's sum). Values outside a
 transform's domain are refused with the feature named, before any training. Numpy only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from flowvae.errors import ConfigError
 
-__all__ = ["FeatureMap", "TRANSFORMS", "Scaler"]
+__all__ = ["FeatureMap", "TRANSFORMS", "Scaler", "FRACTION_MARGIN"]
+
+# How far above the training jets' largest sum of shares the ``fraction`` ceiling lies, relative: the largest jet
+# then maps to a finite log-ratio (log 0.02 below its particles' own), and generated jets may exceed the training
+# set's largest sum by at most 2 %.
+FRACTION_MARGIN = 0.02
+# The smallest room below the ceiling a held-out jet is given, relative to the ceiling: one whose shares add up to
+# more than c is taken there (its log-ratios stay finite) instead of becoming NaN.
+_ROOM = 1e-6
 
 _FORWARD = {
     "none": lambda x: x,
@@ -34,6 +52,7 @@ _INVERSE = {
 }
 _DOMAIN = {
     "none": (lambda x: np.isfinite(x), "finite values"),
+    "fraction": (lambda x: (x > 0) & np.isfinite(x), "values > 0 (each particle's share of its jet)"),
     "log": (lambda x: x > 0, "values > 0"),
     "logit": (lambda x: (x > 0) & (x < 1), "values in (0, 1)"),
 }
@@ -52,6 +71,7 @@ class FeatureMap:
 
     kinds: list[str]
     scaler: Scaler
+    ceilings: dict[int, float] = field(default_factory=dict)  # feature index -> c, for each ``fraction`` feature
 
     @classmethod
     def fit(cls, events: np.ndarray, mask: np.ndarray | None, kinds: list[str] | None, standardize: bool,
@@ -65,6 +85,9 @@ class FeatureMap:
                                                         f"{', '.join(TRANSFORMS)}")
         feature_map = cls(kinds, Scaler.identity(n_features))
         feature_map.check(events, mask, names)
+        real = _real(mask, events.shape)[:, 0]
+        feature_map.ceilings = {i: float(np.where(real, events[:, i], 0.0).sum(axis=1, dtype=np.float64).max())
+                                * (1.0 + FRACTION_MARGIN) for i, kind in enumerate(kinds) if kind == "fraction"}
         if standardize:
             feature_map.scaler = Scaler.fit(feature_map._elementwise(events, mask, _FORWARD), mask)
         return feature_map
@@ -87,7 +110,10 @@ class FeatureMap:
         out = np.asarray(events, dtype=np.float64).copy()
         real = np.broadcast_to(_real(mask, out.shape), out.shape)
         for i, kind in enumerate(self.kinds):
-            if kind != "none":
+            if kind == "fraction":
+                shares = _shares_forward if table is _FORWARD else _shares_inverse
+                out[:, i] = shares(out[:, i], real[:, i], self.ceilings[i])
+            elif kind != "none":
                 column, where = out[:, i], real[:, i]
                 column[where] = table[kind](column[where])
         return np.where(real, out, 0.0)
@@ -104,7 +130,25 @@ class FeatureMap:
             return self._elementwise(unscaled, mask, _INVERSE).astype(np.float32)
 
 
-TRANSFORMS = ("none", "log", "logit")
+TRANSFORMS = ("none", "log", "logit", "fraction")
+
+
+def _shares_forward(shares: np.ndarray, real: np.ndarray, ceiling: float) -> np.ndarray:
+    """(N, P) shares of their jets -> additive log-ratios against the room below ``ceiling`` (padded slots 0)."""
+    shares = np.where(real, shares, 0.0)
+    room = np.maximum(ceiling - shares.sum(axis=1, keepdims=True), _ROOM * ceiling)
+    with np.errstate(divide="ignore"):
+        return np.where(real, np.log(np.where(real, shares, 1.0)) - np.log(room), 0.0)
+
+
+def _shares_inverse(ratios: np.ndarray, real: np.ndarray, ceiling: float) -> np.ndarray:
+    """(N, P) log-ratios -> shares: ``ceiling`` times the softmax of (0, y_1, …, y_n) over the jet's real
+    particles and the room, its first entry dropped; computed from the largest exponent, so no jet overflows."""
+    ratios = np.where(real, ratios, -np.inf)
+    top = np.maximum(ratios.max(axis=1, keepdims=True), 0.0)
+    weights = np.exp(ratios - top)
+    total = np.exp(-top) + weights.sum(axis=1, keepdims=True)
+    return np.where(real, ceiling * weights / total, 0.0)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from flowvae import stopping
 from flowvae.commands.generate import NPZ_MASK, main, write_events
 from flowvae.commands.score import main as score_main
 from flowvae.data.events import file_array, split_mask
+from flowvae.data.transforms import FRACTION_MARGIN
 from flowvae.data.units import data_units, model_input
 from flowvae.metrics import feature_moments
 from flowvae.models import sampling
@@ -160,6 +161,19 @@ def test_jets_in_both_layouts_with_the_mask_at_index_3_and_ptrel_in_its_domain(r
     assert mask.sum(axis=1).mean() > 1  # multiplicities drawn from the run's categorical, 0 to 30
     ptrel = events[:, :, 2][mask]  # logit-transformed: in (0, 1) by construction
     assert ptrel.min() > 0 and ptrel.max() < 1
+
+
+def test_a_fraction_runs_jets_have_positive_shares_adding_up_below_the_training_jets_largest_sum(generate, tmp_path):
+    run = _train(tmp_path, "frac", *JETS, f"data.path={GLUON30}", "data.transforms=[none,none,fraction,none]",
+                 "eval.source=prior")
+    _ok(generate, run, "--n", 2500, "--out", tmp_path / "frac.npz")
+    with np.load(tmp_path / "frac.npz") as generated, np.load(GLUON30) as data:
+        events, mask = generated["particle_features"], generated[NPZ_MASK]
+        real = data["particle_features"]
+    sums = np.where(mask, events[:, :, 2], 0).sum(axis=1)
+    largest = np.where(real[:, :, 3] > 0, real[:, :, 2], 0).sum(axis=1).max()  # over every jet of the file
+    assert (events[:, :, 2][mask] > 0).all()
+    assert sums.max() <= largest * (1 + FRACTION_MARGIN) * (1 + 1e-6)
 
 
 def test_a_training_run_logs_what_it_does_after_its_last_epoch(runs):

@@ -10,7 +10,7 @@ import torch
 
 from flowvae.config import validate
 from flowvae.data.events import file_array, load_events, split_mask
-from flowvae.data.transforms import FeatureMap
+from flowvae.data.transforms import FRACTION_MARGIN, FeatureMap
 from flowvae.errors import ConfigError
 from flowvae.models import FlowVAE
 from tests.conftest import compose_config
@@ -110,7 +110,53 @@ def test_transforms_round_trip_and_map_any_model_value_into_their_domain(kind, v
         assert ((generated >= 0) & (generated <= 1)).all() and np.isfinite(generated).all()
 
 
-@pytest.mark.parametrize("kind, bad", [("log", 0.0), ("logit", 1.0), ("logit", -0.1)])
+def _shares(seed=0, n=50, p=7):
+    """Jets (n, 2, p) whose feature 1 is each real particle's share of its jet (sums 0.6 to 1.04), and their mask."""
+    rng = np.random.default_rng(seed)
+    mask = np.arange(p) < rng.integers(2, p + 1, size=n)[:, None]
+    raw = np.where(mask, rng.exponential(size=(n, p)), 0.0)
+    shares = raw / raw.sum(axis=1, keepdims=True) * rng.uniform(0.6, 1.04, size=(n, 1))
+    events = np.stack([np.where(mask, rng.normal(size=(n, p)), 0.0), shares], axis=1).astype(np.float32)
+    return events, mask
+
+
+def test_fraction_is_the_additive_log_ratio_below_a_ceiling_fitted_on_the_training_jets():
+    events, mask = _shares()
+    feature_map = FeatureMap.fit(events, mask, ["none", "fraction"], standardize=False)
+    sums = np.where(mask, events[:, 1], 0).sum(axis=1, dtype=np.float64)
+    ceiling = sums.max() * (1 + FRACTION_MARGIN)
+    assert feature_map.ceilings == {1: pytest.approx(ceiling, rel=1e-12)}
+    ratios = feature_map.forward(events, mask)[:, 1]
+    expected = np.log(events[:, 1].astype(np.float64)) - np.log(ceiling - sums)[:, None]  # written out, per jet
+    np.testing.assert_allclose(ratios[mask], expected[mask], rtol=1e-6)
+    assert (ratios[~mask] == 0).all()
+    np.testing.assert_allclose(feature_map.inverse(feature_map.forward(events, mask), mask), events, rtol=2e-6,
+                               atol=1e-7)
+
+
+def test_fraction_generates_jets_whose_shares_are_positive_and_add_up_below_the_ceiling():
+    events, mask = _shares()
+    feature_map = FeatureMap.fit(events, mask, ["none", "fraction"], standardize=True)
+    wild = np.random.default_rng(1).normal(scale=30.0, size=(200, 2, 7)).astype(np.float32)  # far beyond the data
+    generated_mask = np.arange(7) < np.random.default_rng(2).integers(1, 8, size=200)[:, None]
+    shares = feature_map.inverse(wild, generated_mask)[:, 1]
+    assert np.isfinite(shares).all() and (shares >= 0).all() and (shares[~generated_mask] == 0).all()
+    within = feature_map.inverse(np.clip(wild, -6, 6), generated_mask)[:, 1]  # ±6 standard deviations: no underflow
+    assert (within[generated_mask] > 0).all()
+    sums = shares.sum(axis=1, dtype=np.float64)
+    assert sums.max() <= feature_map.ceilings[1] * (1 + 1e-6)
+    assert sums.max() > 0.99 * feature_map.ceilings[1]  # the ceiling is reached, not a tighter bound by mistake
+
+
+def test_fraction_takes_a_held_out_jet_above_the_ceiling_to_just_below_it():
+    events, mask = _shares()
+    feature_map = FeatureMap.fit(events, mask, ["none", "fraction"], standardize=False)
+    above = events[:1].copy()
+    above[0, 1] *= 2 * feature_map.ceilings[1] / above[0, 1].sum()
+    assert np.isfinite(feature_map.forward(above, mask[:1])).all()
+
+
+@pytest.mark.parametrize("kind, bad", [("log", 0.0), ("logit", 1.0), ("logit", -0.1), ("fraction", 0.0)])
 def test_values_outside_a_transforms_domain_are_refused_with_the_feature_named(kind, bad):
     events = np.full((3, 2, 4), 0.5, dtype=np.float32)
     events[1, 1, 2] = bad

@@ -22,6 +22,7 @@ so the wall-clock times there say more about the machine than about the code.
 
     python scripts/bench_conditional_flow.py                   # 2 threads, under a minute
     python scripts/bench_conditional_flow.py --threads 1 --repeats 9 --spline --md bench_cf.md
+    python scripts/bench_conditional_flow.py --threads 1 --batch-sizes 100,250,500,1000 flow=triangular n_flows=10
 """
 
 from __future__ import annotations
@@ -179,14 +180,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="training steps before timing, so the splines are not the identity (default 30)")
     parser.add_argument("--spline", action="store_true", help="also time the spline alone at a layer's shape")
     parser.add_argument("--md", type=Path, help="also write the table here as Markdown")
+    parser.add_argument("--batch-sizes", type=lambda text: [int(b) for b in text.split(",")],
+                        help="instead: the training step's cost per jet at each of these batch sizes (e.g. "
+                             "100,250,500,1000), taking turns, relative to the first")
     parser.add_argument("overrides", nargs="*", help="config overrides (e.g. model.hidden=[128,128])")
     return parser.parse_args(argv)
+
+
+def per_jet(args: argparse.Namespace, overrides: list[str]) -> str:
+    """The training step's wall and CPU time per jet at each of ``args.batch_sizes`` (one model, warmed up at the
+    first), the cells taking turns; the last column is the first size's CPU time per jet over this one's."""
+    _, _, step, train_x = build(overrides, reference=False)
+    train_cell("", step, train_x, args.batch_sizes[0]).run(args.warm_steps)
+    cells = [train_cell(str(b), step, train_x, b) for b in args.batch_sizes]
+    for cell, b in zip(cells, args.batch_sizes, strict=True):
+        cell.per, cell.unit = 1e6 / b, "µs/jet"
+        cell.calibrate(args.block)
+    for _ in range(args.repeats):
+        for cell in cells:
+            cell.time_block()
+    lines = ["| batch | µs/jet (wall) | µs/jet (CPU) | CPU per jet, relative |", "|---|---|---|---|"]
+    for cell in cells:
+        lines.append(f"| {cell.variant} | {cell.median:.1f} | {cell.cpu_median:.1f} | "
+                     f"{cells[0].cpu_median / cell.cpu_median:.2f}× |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_torch(args.threads)
     overrides = ["model=conditional_flow", "data=jetnet", f"data.path={args.data}", *args.overrides]
+    if args.batch_sizes:
+        machine = (f"{cpu_name()}, torch {torch.__version__}, {args.threads} thread(s), {args.repeats} blocks of "
+                   f"~{args.block} s per cell, load average {os.getloadavg()[0]:.2f} at the end")
+        table = per_jet(args, overrides)
+        print(f"{machine}\n{table}")
+        if args.md:
+            args.md.write_text(f"{machine}\n\n{table}\n")
+        return 0
     cfg, old_model, old_step, train_x = build(overrides, reference=True)
     _, new_model, new_step, _ = build(overrides, reference=False)
     _, default_model, _, _ = build([o for o in overrides if o != "model=conditional_flow"], reference=False)

@@ -1,6 +1,7 @@
 """The 36 energy-flow polynomials with d ≤ 4 edges (Komiske, Metodiev & Thaler 2018), as jetnet computes them
-with ``energyflow.EFPSet("d<=4", measure="hadr", beta=1, normed=None, coords="ptyphim")``, in numpy, and the
-event feature vector that FPD and KPD compare."""
+with ``energyflow.EFPSet("d<=4", measure="hadr", beta=1, normed=None, coords="ptyphim")``, in numpy, the
+event feature vector that FPD and KPD compare, and :class:`JetSet`, a set of jets whose kinematics and features are
+computed once however many metrics compare it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from numpy.typing import ArrayLike
 from flowvae.metrics.jets import checked_jets, compact_particles, kinematics_indices, kinematics_of
 from flowvae.progress import phase
 
-__all__ = ["EFP_GRAPHS", "efps", "event_features"]
+__all__ = ["EFP_GRAPHS", "efps", "event_features", "JetSet"]
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +74,17 @@ _N_EFPS = len(EFP_GRAPHS)
 _EFP_BLOCK = 1 << 17
 
 
-def _efp_block(eta: np.ndarray, phi: np.ndarray, z: np.ndarray) -> np.ndarray:
+def _efp_block(eta: np.ndarray, phi: np.ndarray, z: np.ndarray, wrap: bool) -> np.ndarray:
     """The 21 connected EFPs (EFP_GRAPHS[0:21]) of a block of jets (B, M), as (B, 21).
 
-    θ_ij = sqrt(Δη² + Δφ²) with Δφ taken into [−π, π). With u = Θz, v_k = Θ^{∘k} z (elementwise power),
-    a = z∘u, w = Θa and W = Θ diag(z) Θ (the two-edge path through a summed vertex), every graph with d ≤ 4 is a
-    sum of products of these; the four with a cycle need W, which costs M³ per jet, the rest M².
+    θ_ij = sqrt(Δη² + Δφ²) with Δφ taken into [−π, π) where ``wrap`` says some |Δφ| may exceed π. With u = Θz,
+    v_k = Θ^{∘k} z (elementwise power), a = z∘u, w = Θa and W = Θ diag(z) Θ (the two-edge path through a summed
+    vertex), every graph with d ≤ 4 is a sum of products of these; the four with a cycle need W, which costs M³
+    per jet, the rest M².
     """
     theta = eta[:, :, None] - eta[:, None, :]
     dphi = phi[:, :, None] - phi[:, None, :]
-    if phi.max() - phi.min() > math.pi:  # some |Δφ| may exceed π
+    if wrap:
         dphi = np.remainder(dphi + math.pi, _TWO_PI) - math.pi
     theta *= theta
     dphi *= dphi
@@ -172,25 +174,69 @@ def _efps_of(jets: np.ndarray, real: np.ndarray, indices: tuple[int, int, int], 
     if normed:
         sums = z.sum(axis=1, keepdims=True)
         z = np.divide(z, sums, out=np.zeros_like(z), where=sums != 0)
+    connected = np.zeros((jets.shape[0], 21))
+    _fill_blocks(connected, eta, phi, z, _efp_blocks(real, phi), label)
+    return _with_products(connected)
+
+
+def _efp_blocks(real: np.ndarray, phi: np.ndarray) -> list[tuple[np.ndarray, int, bool]]:
+    """The blocks :func:`_efps_of` computes a set's jets in, as (rows, width, wrap): the jets in order of
+    multiplicity, as many to a block as keep its (jets × width²) arrays near ``_EFP_BLOCK`` elements; ``width``
+    is the block's largest multiplicity (the particles its sums run over, padded ones adding 0) and ``wrap``
+    whether some |Δφ| in it may exceed π. A jet's EFPs depend on these two, to the last bit, and on nothing else
+    of its block (numpy's sums and BLAS's products run jet by jet; a test checks it). Jets grouped by multiplicity
+    cost ~M³ each (the four graphs with a cycle), not P³."""
     counts = real.sum(axis=1)
     order = np.argsort(counts, kind="stable")
     sorted_counts = counts[order]
-    connected = np.zeros((jets.shape[0], 21))
-    start, n_jets = 0, jets.shape[0]
+    blocks, start, n_jets = [], 0, len(counts)
+    while start < n_jets:
+        size = max(1, _EFP_BLOCK // max(int(sorted_counts[start]), 1) ** 2)
+        size = max(1, _EFP_BLOCK // max(int(sorted_counts[min(start + size, n_jets) - 1]), 1) ** 2)
+        stop = min(start + size, n_jets)
+        rows, width = order[start:stop], int(sorted_counts[stop - 1])
+        block_phi = phi[rows, :width]
+        blocks.append((rows, width, width > 0 and bool(block_phi.max() - block_phi.min() > math.pi)))
+        start = stop
+    return blocks
+
+
+def _block_keys(blocks: list[tuple[np.ndarray, int, bool]], n_jets: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each jet's block width and wrap (:func:`_efp_blocks`): what its EFPs' last bits depend on."""
+    widths, wraps = np.zeros(n_jets, dtype=np.int64), np.zeros(n_jets, dtype=bool)
+    for rows, width, wrap in blocks:
+        widths[rows], wraps[rows] = width, wrap
+    return widths, wraps
+
+
+def _regrouped(rows: np.ndarray, widths: np.ndarray, wraps: np.ndarray) -> list[tuple[np.ndarray, int, bool]]:
+    """``rows`` as blocks of their own ``widths`` and ``wraps`` (each jet's), sized as :func:`_efp_blocks` sizes
+    them: each jet's EFPs come out as in a block of that width and wrap among any other jets."""
+    blocks = []
+    for width, wrap in sorted(set(zip(widths[rows].tolist(), wraps[rows].tolist(), strict=True))):
+        same = rows[(widths[rows] == width) & (wraps[rows] == wrap)]
+        size = max(1, _EFP_BLOCK // max(width, 1) ** 2)
+        blocks += [(same[start:start + size], width, wrap) for start in range(0, len(same), size)]
+    return blocks
+
+
+def _fill_blocks(connected: np.ndarray, eta: np.ndarray, phi: np.ndarray, z: np.ndarray,
+                 blocks: list[tuple[np.ndarray, int, bool]], label: str) -> None:
+    """The 21 connected EFPs of the jets of ``blocks`` into their rows of ``connected`` (jets of width 0 stay 0),
+    as a progress phase that names the jets ``label``."""
+    n_jets = sum(len(rows) for rows, _, _ in blocks)
+    most = max((width for _, width, _ in blocks), default=0)
     jets_named = f"{label} jets" if label else "jets"
-    with phase(f"EFPs of {n_jets} {jets_named} (up to {int(sorted_counts[-1])} particles)", n_jets, "jets",
-               logger=log) as step:
-        while start < n_jets:
-            size = max(1, _EFP_BLOCK // max(int(sorted_counts[start]), 1) ** 2)
-            size = max(1, _EFP_BLOCK // max(int(sorted_counts[min(start + size, n_jets) - 1]), 1) ** 2)
-            stop = min(start + size, n_jets)
-            width = int(sorted_counts[stop - 1])
+    with phase(f"EFPs of {n_jets} {jets_named} (up to {most} particles)", n_jets, "jets", logger=log) as step:
+        for rows, width, wrap in blocks:
             if width > 0:
-                block = order[start:stop]
-                connected[block] = _efp_block(eta[block, :width], phi[block, :width], z[block, :width])
-            step.advance(stop - start)
-            start = stop
-    values = np.empty((jets.shape[0], _N_EFPS))
+                connected[rows] = _efp_block(eta[rows, :width], phi[rows, :width], z[rows, :width], wrap)
+            step.advance(len(rows))
+
+
+def _with_products(connected: np.ndarray) -> np.ndarray:
+    """The 36 EFPs from the 21 connected ones: each disconnected graph's is the product of its components'."""
+    values = np.empty((connected.shape[0], _N_EFPS))
     values[:, :21] = connected
     for column, factors in enumerate(_EFP_FACTORS, start=21):
         values[:, column] = np.prod(connected[:, list(factors)], axis=1)
@@ -241,3 +287,108 @@ def features_of(
     spread = np.where(real[:, None, :], jets - mean[:, :, None], 0.0)
     std = np.sqrt((spread**2).sum(axis=2) / safe)
     return np.column_stack([mean, std])
+
+
+class JetSet:
+    """Jets prepared once for the jet-level metrics. A row compares the reference with the generated jets, with
+    the truth set or in halves for the floors, and in halves again for ``fpd_floor_fd``: given one JetSet, every
+    comparison shares its checked, compacted jets and its kinematics and EFPs, each computed once.
+
+    ``JetSet(events, mask, name)`` checks the events (:func:`checked_jets`; errors name them ``name``) and
+    compacts them (:func:`compact_particles`) into ``jets`` and ``real``; ``shape`` is the events' own (N, F, P)
+    and ``has_mask`` whether a mask was given. :meth:`kinematics`, :meth:`efps` and :meth:`features` compute on
+    first use and keep what they computed, read-only. :meth:`rows` is a subset holding, to the last bit, what
+    ``JetSet(events[rows], mask[rows])`` would: its values are rows of the whole's where the whole has computed
+    them and a subset computed alone gets the same bits, and are computed afresh where not.
+    """
+
+    def __init__(self, events: ArrayLike, mask: ArrayLike | None = None, name: str = "events") -> None:
+        jets, real = checked_jets(events, mask, name)
+        self._keep(*compact_particles(jets, real), jets.shape, mask is not None, None)
+
+    def _keep(self, jets: np.ndarray, real: np.ndarray, shape: tuple[int, ...], has_mask: bool,
+              parent: tuple[JetSet, np.ndarray] | None) -> None:
+        self.jets, self.real = _read_only(jets), _read_only(real)
+        self.shape, self.has_mask = shape, has_mask
+        self._parent = parent  # a subset's whole and its rows there
+        self._kinematics: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+        self._efps: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # with block keys
+        self._features: dict[tuple, np.ndarray] = {}
+
+    def rows(self, rows: ArrayLike) -> JetSet:
+        """The jets at indices ``rows``, as ``JetSet(events[rows], mask[rows])`` would hold them: the whole's
+        compacted particles, trimmed to the subset's own largest multiplicity."""
+        rows = np.asarray(rows)
+        if rows.ndim != 1 or rows.size == 0 or not np.issubdtype(rows.dtype, np.integer):
+            raise ValueError(f"rows must be a non-empty 1-D array of jet indices, got {rows!r}")
+        width = max(int(self.real[rows].sum(axis=1).max()), 1)
+        subset = JetSet.__new__(JetSet)
+        subset._keep(np.ascontiguousarray(self.jets[rows, :, :width]), np.ascontiguousarray(self.real[rows, :width]),
+                     (len(rows), *self.shape[1:]), self.has_mask, (self, rows))
+        return subset
+
+    def _same_slots(self) -> tuple[JetSet, np.ndarray] | tuple[None, None]:
+        """The whole and the rows of a subset with the whole's particle slots, whose per-jet sums (over the slots:
+        mass, pT, means) see the same values in the same order as the whole's; (None, None) otherwise."""
+        if self._parent is not None and self._parent[0].jets.shape[2] == self.jets.shape[2]:
+            return self._parent
+        return None, None
+
+    def kinematics(self, indices: tuple[int, int, int]) -> dict[str, np.ndarray]:
+        """:func:`kinematics_of` the jets, computed once per ``indices``."""
+        if indices not in self._kinematics:
+            whole, rows = self._same_slots()
+            if whole is not None and indices in whole._kinematics:
+                values = {key: value[rows] for key, value in whole._kinematics[indices].items()}
+            else:
+                values = kinematics_of(self.jets, indices)
+            self._kinematics[indices] = {key: _read_only(value) for key, value in values.items()}
+        return self._kinematics[indices]
+
+    def efps(self, indices: tuple[int, int, int], label: str = "") -> np.ndarray:
+        """:func:`efps` of the jets (``normed=False``), computed once per ``indices``; ``label`` names the jets in
+        the progress lines. A subset takes its whole's EFPs where the whole has them, and computes those of the
+        jets whose block (:func:`_efp_blocks`) has another width or wrap in the subset than in the whole."""
+        if indices not in self._efps:
+            eta, phi, z = (self.jets[:, i] for i in indices)
+            blocks = _efp_blocks(self.real, phi)
+            widths, wraps = _block_keys(blocks, len(self.jets))
+            connected = np.zeros((len(self.jets), 21))
+            whole, rows = self._parent if self._parent is not None else (None, None)
+            if whole is not None and indices in whole._efps:
+                whole_values, whole_widths, whole_wraps = whole._efps[indices]
+                values = whole_values[rows]
+                redo = np.flatnonzero((widths != whole_widths[rows]) | (wraps != whole_wraps[rows]))
+                if redo.size:
+                    _fill_blocks(connected, eta, phi, z, _regrouped(redo, widths, wraps), label)
+                    values[redo] = _with_products(connected[redo])
+            else:
+                _fill_blocks(connected, eta, phi, z, blocks, label)
+                values = _with_products(connected)
+            self._efps[indices] = (_read_only(values), widths, wraps)
+        return self._efps[indices][0]
+
+    def features(self, indices: tuple[int, int, int] | None, include_mass_pt: bool, label: str = "") -> np.ndarray:
+        """:func:`event_features` of the jets (``normed=False``, as FPD and KPD take them), computed once per
+        setting; ``label`` names the jets in the EFPs' progress lines."""
+        key = (indices, include_mass_pt and indices is not None)
+        if key not in self._features:
+            if indices is None:
+                whole, rows = self._same_slots()
+                if whole is not None and key in whole._features:
+                    values = whole._features[key][rows]
+                else:
+                    values = features_of(self.jets, self.real, None, False, False)
+            elif include_mass_pt:
+                jet = self.kinematics(indices)
+                values = np.column_stack([jet["mass"], jet["pt"], self.efps(indices, label)])
+            else:
+                values = self.efps(indices, label)
+            self._features[key] = _read_only(values)
+        return self._features[key]
+
+
+def _read_only(values: np.ndarray) -> np.ndarray:
+    """``values``, kept by a :class:`JetSet` and handed to every metric, made read-only: none may change them."""
+    values.flags.writeable = False
+    return values

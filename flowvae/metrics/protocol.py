@@ -32,13 +32,13 @@ from flowvae.metrics.distances import (
     w1_columns,
     w1p,
 )
-from flowvae.metrics.efp import features_of
-from flowvae.metrics.jets import checked_jets, compact_particles, kinematics_indices, kinematics_of, scaled_by_real
+from flowvae.metrics.efp import JetSet
+from flowvae.metrics.jets import kinematics_indices, scaled_by_real
 from flowvae.metrics.marginal import split_halves
 from flowvae.progress import phase
 
 __all__ = ["Protocol", "PROTOCOLS", "JETNET", "SCALED", "get_protocol", "score_protocol", "protocol_floor",
-           "jet_score_columns", "score_jets", "jet_noise_floor", "fd_of_halves"]
+           "jet_score_columns", "score_jets", "jet_noise_floor", "fd_of_halves", "jet_set"]
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +200,9 @@ def jet_score_columns(has_kinematics: bool, has_mask: bool, protocol: str | Prot
 
 def score_protocol(
     protocol: str | Protocol,
-    generated: ArrayLike,
+    generated: ArrayLike | JetSet,
     gen_mask: ArrayLike | None,
-    reference: ArrayLike,
+    reference: ArrayLike | JetSet,
     ref_mask: ArrayLike | None,
     kinematics: Sequence[int] | None = None,
     seed: int = 0,
@@ -217,40 +217,39 @@ def score_protocol(
     W1s continue one ``Generator(seed)`` in column order: W1M's batches (reference, then generated, per batch),
     then W1P's, then W1EFP's, one draw per batch for all five EFPs; else each starts from ``Generator(seed)``.
     FPD's points are drawn once and fitted by each of ``fpd_fits``. ``sides`` names the two sets in the progress
-    lines (:mod:`flowvae.progress`).
+    lines (:mod:`flowvae.progress`). Either set may be a :class:`JetSet` (its mask None: the set has its own),
+    whose kinematics and features are then computed once for every call that is given it.
     """
     p = get_protocol(protocol)
-    gen, gen_real = compact_particles(*checked_jets(generated, gen_mask, "generated"))
-    ref, ref_real = compact_particles(*checked_jets(reference, ref_mask, "reference"))
+    gen, ref = jet_set(generated, gen_mask, "generated"), jet_set(reference, ref_mask, "reference")
     if gen.shape[1] != ref.shape[1]:
         raise ValueError(
             f"generated and reference must have the same number of features (axis 1), got shapes "
-            f"{np.shape(generated)} and {np.shape(reference)}"
+            f"{gen.shape} and {ref.shape}"
         )
     p.check(kinematics is not None)
     indices = None if kinematics is None else kinematics_indices(kinematics, gen.shape[1])
-    has_mask = gen_mask is not None or ref_mask is not None
-    columns = p.columns(gen.shape[1], indices is not None, has_mask)
+    columns = p.columns(gen.shape[1], indices is not None, gen.has_mask or ref.has_mask)
     w1_seed = np.random.default_rng(seed) if p.w1_stream else seed  # a Generator: each W1 continues its stream
     w1_options = {"num_eval_samples": p.num_eval_samples, "num_batches": p.num_batches, "seed": w1_seed}
     batches = f"{p.num_batches} batches of {p.num_eval_samples} jets"
     row: dict[str, float] = {}
     gen_jet = ref_jet = None
     if indices is not None:
-        gen_jet, ref_jet = kinematics_of(gen, indices), kinematics_of(ref, indices)
+        gen_jet, ref_jet = gen.kinematics(indices), ref.kinematics(indices)
     whole = [name for metric, name in (("w1m", "jet mass"), ("w1_mult", "multiplicity")) if metric in columns]
     if whole:
         with phase(f"W1 of {' and '.join(whole)}: {batches}", logger=log):
             if "w1m" in columns:
                 row["w1m"], row["w1m_err"] = w1_batched(ref_jet["mass"], gen_jet["mass"], **w1_options)
             if "w1_mult" in columns:
-                row["w1_mult"], row["w1_mult_err"] = w1_batched(ref_real.sum(axis=1), gen_real.sum(axis=1),
+                row["w1_mult"], row["w1_mult_err"] = w1_batched(ref.real.sum(axis=1), gen.real.sum(axis=1),
                                                                 **w1_options)
     if "w1p" in columns:
-        means, stds = w1p(gen, gen_real, ref, ref_real, **w1_options)
+        means, stds = w1p(gen.jets, gen.real, ref.jets, ref.real, **w1_options)
         row.update(_mean_of("w1p", means, stds))
-    gen_features = features_of(gen, gen_real, indices, p.include_mass_pt, False, gen_jet, label=sides[0])
-    ref_features = features_of(ref, ref_real, indices, p.include_mass_pt, False, ref_jet, label=sides[1])
+    gen_features = gen.features(indices, p.include_mass_pt, sides[0])
+    ref_features = ref.features(indices, p.include_mass_pt, sides[1])
     if "w1efp" in columns:  # the EFPs are the features' last 36 columns; one draw of jets per batch for them all
         efps = [k - 36 for k in p.w1efp_efps]
         with phase(f"W1 of EFPs {', '.join(map(str, p.w1efp_efps))}: {batches}", logger=log):
@@ -264,6 +263,16 @@ def score_protocol(
     return {column: row[column] for column in columns}
 
 
+def jet_set(events: ArrayLike | JetSet, mask: ArrayLike | None, name: str) -> JetSet:
+    """``events`` (with ``mask``) as a :class:`JetSet`, checked and compacted, or the set given, which has its
+    own mask (ValueError when a mask comes with it)."""
+    if not isinstance(events, JetSet):
+        return JetSet(events, mask, name)
+    if mask is not None:
+        raise ValueError(f"{name} is a JetSet, which has its own mask: give None as its mask")
+    return events
+
+
 def _mean_of(metric: str, means: np.ndarray, stds: np.ndarray) -> dict[str, float]:
     """``metric`` as the mean of its parts, with jetnet's error of it (the root sum of squares of the parts'
     errors), then each part ``<metric>_<i>`` with its error."""
@@ -275,12 +284,12 @@ def _mean_of(metric: str, means: np.ndarray, stds: np.ndarray) -> dict[str, floa
 
 def protocol_floor(
     protocol: str | Protocol,
-    reference: ArrayLike,
+    reference: ArrayLike | JetSet,
     ref_mask: ArrayLike | None = None,
     kinematics: Sequence[int] | None = None,
     *,
     seed: int = 0,
-    truth: tuple[ArrayLike, ArrayLike | None] | None = None,
+    truth: tuple[ArrayLike, ArrayLike | None] | JetSet | None = None,
 ) -> dict[str, float]:
     """What a perfect generator would score under ``protocol``: its metrics of real events against the reference.
 
@@ -289,6 +298,8 @@ def protocol_floor(
     truth row of the ``truth`` protocols. Without it, or for a ``halves`` protocol, the reference is split by
     :func:`flowvae.metrics.split_halves` with ``seed`` and its first half scored against its second: half the
     events, so for a ``truth`` protocol a fallback whose W1 floors are somewhat higher than a disjoint set's.
+    The reference and the truth set may each be a :class:`JetSet`: the halves are then rows of the reference's
+    (:meth:`JetSet.rows`), which take its kinematics and EFPs where it has computed them.
     """
     p = get_protocol(protocol)
     if truth is not None:
@@ -296,14 +307,13 @@ def protocol_floor(
             truthful = ", ".join(name for name, other in PROTOCOLS.items() if other.floor == "truth")
             raise ValueError(f"protocol {p.name} takes its floors from two halves of the reference and no truth set; "
                              f"a truth set is for protocol(s) {truthful}")
-        return score_protocol(p, truth[0], truth[1], reference, ref_mask, kinematics, seed,
-                              sides=("truth", "reference"))
-    events, real = checked_jets(reference, ref_mask, "reference")
-    if events.shape[0] // 2 < 2:
-        raise ValueError(f"a floor from halves needs at least 4 reference events, got shape {events.shape}")
-    first, second = split_halves(events.shape[0], seed)
-    masks = (real[first], real[second]) if ref_mask is not None else (None, None)
-    return score_protocol(p, events[first], masks[0], events[second], masks[1], kinematics, seed,
+        truth_set = truth if isinstance(truth, JetSet) else JetSet(truth[0], truth[1], "truth")
+        return score_protocol(p, truth_set, None, reference, ref_mask, kinematics, seed, sides=("truth", "reference"))
+    ref = jet_set(reference, ref_mask, "reference")
+    if ref.shape[0] // 2 < 2:
+        raise ValueError(f"a floor from halves needs at least 4 reference events, got shape {ref.shape}")
+    first, second = split_halves(ref.shape[0], seed)
+    return score_protocol(p, ref.rows(first), None, ref.rows(second), None, kinematics, seed,
                           sides=("first-half", "second-half"))
 
 
@@ -373,7 +383,7 @@ def jet_noise_floor(
 
 
 def fd_of_halves(
-    reference: ArrayLike,
+    reference: ArrayLike | JetSet,
     ref_mask: ArrayLike | None = None,
     kinematics: Sequence[int] | None = None,
     *,
@@ -388,13 +398,13 @@ def fd_of_halves(
     second (the halves of :func:`flowvae.metrics.split_halves` with ``seed``, normalised by the second half's
     largest |value| per feature as :func:`fpd` normalises by its real set), i.e. the FD at FPD's largest batch
     size when batches are drawn without replacement (the whole halves, ⌊N/2⌋ events each). It falls like 1/N.
+    The reference may be a :class:`JetSet`, whose features are then those the row's metrics computed.
     """
-    events, real = checked_jets(reference, ref_mask, "reference")
-    if events.shape[0] // 2 < 2:
-        raise ValueError(f"fd_of_halves needs at least 4 reference events, got shape {events.shape}")
-    jets, real = compact_particles(events, real)
-    indices = None if kinematics is None else kinematics_indices(kinematics, jets.shape[1])
-    features = features_of(jets, real, indices, include_mass_pt, False, label="reference")
+    ref = jet_set(reference, ref_mask, "reference")
+    if ref.shape[0] // 2 < 2:
+        raise ValueError(f"fd_of_halves needs at least 4 reference events, got shape {ref.shape}")
+    indices = None if kinematics is None else kinematics_indices(kinematics, ref.shape[1])
+    features = ref.features(indices, include_mass_pt, "reference")
     first, second = split_halves(len(features), seed)
     reference_half, other_half = scaled_by_real(features[second], features[first])
     return frechet_distance(*mean_cov(other_half), *mean_cov(reference_half))

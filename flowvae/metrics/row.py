@@ -15,6 +15,7 @@ from flowvae.data.events import Events
 from flowvae.errors import ConfigError
 from flowvae.metrics import distances
 from flowvae.metrics import protocol as jet_protocol
+from flowvae.metrics.efp import JetSet
 from flowvae.metrics.latent import LATENT_COLUMNS
 
 __all__ = ["row_columns", "jet_columns", "score_row", "jet_row", "W1P_EVENTS", "TRAINING_COLUMNS", "metric_columns",
@@ -96,24 +97,30 @@ def jet_row(generated: np.ndarray, gen_mask: np.ndarray | None, reference: np.nd
     shares no event with it (a run's training events against its held-out ones), at full size. Without a truth
     set, ``jetnet`` falls back to two halves of the reference (half the events each: W1 floors somewhat above a
     disjoint set's). A truth set that is the reference itself is refused; ``scaled`` takes none.
+
+    Each set is prepared once (:class:`flowvae.metrics.efp.JetSet`): the reference's kinematics and EFPs are
+    computed for the metrics and reused by the floors (the truth row, or the halves, rows of the reference's) and
+    by ``fpd_floor_fd``, with the numbers of computing them for each comparison anew, to the last bit.
     """
     chosen = jet_protocol.get_protocol(protocol)
     if truth is not None and _same_events(truth, (reference, ref_mask)):
         raise ValueError("the truth set is the reference itself: the truth row needs real events disjoint from "
                          "the reference (e.g. a run's training events against its held-out ones)")
     with progress.phase(f"jet-level metrics ({chosen.name}): generated against the reference", logger=log):
-        values = jet_protocol.score_protocol(chosen, generated, gen_mask, reference, ref_mask, kinematics, seed)
+        gen, ref = JetSet(generated, gen_mask, "generated"), JetSet(reference, ref_mask, "reference")
+        values = jet_protocol.score_protocol(chosen, gen, None, ref, None, kinematics, seed)
     against = (f"the truth set ({len(truth[0])} events) against the reference" if truth is not None
                else "two halves of the reference")
     with progress.phase(f"jet-level floors ({chosen.name}): {against}", logger=log):
-        floors = jet_protocol.protocol_floor(chosen, reference, ref_mask, kinematics, seed=seed, truth=truth)
+        truth_set = None if truth is None else JetSet(*truth, "truth")
+        floors = jet_protocol.protocol_floor(chosen, ref, None, kinematics, seed=seed, truth=truth_set)
     for key, value in floors.items():
         metric, suffix = (key.removesuffix("_err"), "_err") if key.endswith("_err") else (key, "")
         values[f"{metric}_floor{suffix}"] = value
     if chosen.floor_fd:
         with progress.phase("FPD's floor before its extrapolation: the FD of two halves of the reference",
                             logger=log):
-            values["fpd_floor_fd"] = jet_protocol.fd_of_halves(reference, ref_mask, kinematics, seed=seed,
+            values["fpd_floor_fd"] = jet_protocol.fd_of_halves(ref, None, kinematics, seed=seed,
                                                                include_mass_pt=chosen.include_mass_pt)
     return values
 

@@ -27,6 +27,7 @@ from flowvae.metrics.distances import (
 )
 from flowvae.metrics.efp import EFP_GRAPHS, efps, event_features
 from flowvae.metrics.jets import jet_kinematics, multiplicity
+from flowvae.metrics.marginal import wasserstein_1
 from flowvae.metrics.protocol import Protocol, jet_noise_floor, jet_score_columns, score_jets
 
 KIN = (0, 1, 2)  # (eta, phi, pt) as JetNet's etarel, phirel, ptrel
@@ -244,6 +245,36 @@ def test_w1p_pools_real_particles_per_feature():
         )
     np.testing.assert_allclose(means, np.mean(expected, axis=0), rtol=1e-12)
     np.testing.assert_allclose(stds, np.std(expected, axis=0), rtol=1e-9, atol=1e-15)
+
+
+def sorted_per_batch_w1p(generated, gen_mask, reference, ref_mask, *, num_eval_samples, num_batches, seed):
+    """w1p as it was first written: each batch's drawn jets gathered, their real particles pooled and sorted."""
+    rng, w1s = np.random.default_rng(seed), []
+    for _ in range(num_batches):
+        ref_draw = rng.integers(len(reference), size=num_eval_samples)
+        gen_draw = rng.integers(len(generated), size=num_eval_samples)
+        ref_pool = np.moveaxis(reference[ref_draw], 1, 0)[:, ref_mask[ref_draw] == 1]
+        gen_pool = np.moveaxis(generated[gen_draw], 1, 0)[:, gen_mask[gen_draw] == 1]
+        w1s.append([wasserstein_1(r, g) for r, g in zip(ref_pool, gen_pool, strict=True)])
+    return np.mean(w1s, axis=0), np.std(w1s, axis=0)
+
+
+@pytest.mark.parametrize("sizes", [(60, 45, 300), (30, 30, 7), (1, 12, 40)])
+def test_w1p_from_counts_equals_gathering_and_sorting_each_batch(sizes):
+    """w1p's batches as counts on values sorted once give, to the last bit, the W1s of the pooled and sorted
+    batches, on values with ties within and across the sets (and ±0) and padded slots with junk values in them."""
+    n_ref, n_gen, num_eval_samples = sizes
+    reference, ref_mask = toy_jets(n_ref, 8, seed=n_ref)
+    generated, gen_mask = toy_jets(n_gen, 8, seed=n_gen + 1)
+    reference, generated = np.round(reference, 1), -np.round(generated, 1)  # few values, many ties; -0.0
+    reference = np.where(ref_mask[:, None] == 0, 7.0, reference)  # padded slots: never a value of W1P
+    generated = np.where(gen_mask[:, None] == 0, 7.0, generated)
+    options = {"num_eval_samples": num_eval_samples, "num_batches": 4, "seed": n_ref}
+    got = w1p(generated, gen_mask, reference, ref_mask, **options)
+    expected = sorted_per_batch_w1p(generated, gen_mask, reference, ref_mask, **options)
+    for got_part, expected_part in zip(got, expected, strict=True):
+        assert got_part.tolist() == expected_part.tolist()
+        np.testing.assert_allclose(got_part, expected_part, rtol=1e-12, atol=0)
 
 
 # ---------------------------------------------------------------- FPD

@@ -329,13 +329,18 @@ def test_jetnet_w1_batches_are_drawn_as_jetnets_stream(monkeypatch):
     """Every batch W1M, W1P and W1EFP compare is the batch jetnet's code draws with its generator seeded by the
     row's seed: one stream through w1m, w1p, w1efp, the reference's jets first in each batch."""
     batches = []
-    real_w1 = distances.wasserstein_1
+    real_w1, real_counted = distances.wasserstein_1, distances.wasserstein_1_counted
 
     def spy(p, q):
         batches.append((np.sort(p), np.sort(q)))
         return real_w1(p, q)
 
+    def counted_spy(values, p_counts, q_counts):  # W1P's batches, as counts on sorted values: written out
+        batches.append((np.repeat(values, p_counts), np.repeat(values, q_counts)))
+        return real_counted(values, p_counts, q_counts)
+
     monkeypatch.setattr(distances, "wasserstein_1", spy)
+    monkeypatch.setattr(distances, "wasserstein_1_counted", counted_spy)
     events, mask = slice_jets()
     ref, ref_mask = events[200:], mask[200:]
     gen, gen_mask = generated_like(events[:200], mask[:200], seed=1)

@@ -9,7 +9,8 @@ of its own would have left there after training: the checkpoint (recording the f
 the curves. Each member's job then runs as on the basic launcher and finds its training done: it generates,
 scores and writes its row, so a stacked seed's row, status file, tracking and exit code are a single run's. A
 member that cannot join (refused, skipped, its directory in use) or a group whose training raises is left to its
-job, which trains it alone or says why.
+job, which trains it alone or says why; so is every member of a group whose seeds train too few steps to pay for a
+stack (:data:`MIN_STEPS`, measured), which then trains seed after seed as on the basic launcher.
 
 A seed's row counts its share of the group's wall time in ``wall_seconds`` (its job adds it, from the run
 directory's :attr:`~flowvae.files.RunFiles.group_training`): the time from the group's start (its data, its
@@ -40,7 +41,7 @@ from flowvae.results.store import RunIndex
 if TYPE_CHECKING:
     from flowvae.data.transforms import FeatureMap
 
-__all__ = ["Member", "group_key", "train_group"]
+__all__ = ["Member", "group_key", "train_group", "steps_per_seed", "MIN_STEPS"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ log = logging.getLogger(__name__)
 STACKED_KEY = "seed"
 # The clock of the group's wall time (a module attribute, so a test can stand in for it).
 _clock = time.monotonic
+# The fewest optimisation steps each seed must train for a stack to pay for itself (scripts/bench_stacked.py
+# --end-to-end; docs/sweeps.md): besides training, a stack costs each seed 15-45 ms (the group's checks and models,
+# the job reloading its checkpoint), and it saves 0.2-2 ms of every step (one thread, 3 seeds; the tests' tiny
+# model least). Measured end to end on 2 cores, 3 tiny seeds of 8 steps each were 0.5-2 % slower stacked, of 50
+# steps even; 4 seeds of 80 steps (model=conditional_flow on 320 jets) and of 2000 (the defaults) faster.
+MIN_STEPS = 50
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,10 @@ def train_group(members: list[Member], launch_dir: Path, sweep_dir: Path | None,
     try:
         validate(cfg)
         events = load_events(cfg.data, launch_dir)
+        if (steps := steps_per_seed(cfg, events)) < MIN_STEPS:
+            log.info("stacked training skipped (each seed trains %d steps, fewer than the %d that pay for a stack): "
+                     "the seeds train one after the other, each in its own job", steps, MIN_STEPS)
+            return 0
         from flowvae.run.preflight import fit_feature_map
 
         feature_map = fit_feature_map(cfg, events)
@@ -124,6 +135,17 @@ def train_group(members: list[Member], launch_dir: Path, sweep_dir: Path | None,
         else:
             _record_shares(trained, _clock() - started)
     return len(joined)
+
+
+def steps_per_seed(cfg: DictConfig, events: Events) -> int:
+    """The optimisation steps a seed of ``cfg`` trains from scratch: its epochs times the batches of the training
+    events the validation split leaves (fit's own split and plan, on the events' indices)."""
+    import torch
+
+    from flowvae.training.kit import Plan, split_validation
+
+    train, _ = split_validation(torch.arange(len(events.train)), cfg.train.val_fraction, cfg.data.seed)
+    return Plan(cfg.train, train).total_steps
 
 
 def _join(member: Member, launch_dir: Path, sweep_dir: Path | None, held: ExitStack, *, events: Events | None = None,

@@ -2,11 +2,11 @@
 each job run as on the basic launcher.
 
 The jobs of one launch are grouped by their config without ``seed`` (:func:`flowvae.sweeps.group.group_key`), in the
-order their first job comes, and cut into stacks of at most ``max_seeds``. A stack's seeds train as one model
-(:func:`flowvae.sweeps.group.train_group`), then each of its jobs runs in the same process, in its own directory,
-exactly
-as the basic launcher runs it: it finds its training done, generates, scores, and writes its row. Job numbers,
-directories, rows and exit codes are the basic launcher's; only the training is shared.
+order their first job comes, and cut into the fewest stacks of at most ``max_seeds``, of even sizes (:func:`cut`).
+A stack's seeds train as one model (:func:`flowvae.sweeps.group.train_group`, which leaves a stack too small to
+pay to its jobs), then each of its jobs runs in the same process, in its own directory, exactly as the basic
+launcher runs it: it finds its training done, generates, scores, and writes its row. Job numbers, directories,
+rows and exit codes are the basic launcher's; only the training is shared. Each job's config is composed once.
 
 With ``n_jobs`` > 1 the stacks run in that many worker processes (joblib's loky, as Hydra's joblib launcher), the
 cores divided among them (``train.threads=0``): on few cores, one thread per stack and a stack per core uses
@@ -15,10 +15,12 @@ them best.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
@@ -31,8 +33,17 @@ __all__ = ["StackedLauncher"]
 
 log = logging.getLogger(__name__)
 
-# A job: its number and its overrides.
-Job = tuple[int, Sequence[str]]
+
+class Job(NamedTuple):
+    """A job: its number, its overrides, its composed config, and that config without Hydra's node, resolved (its
+    task's config). Each is composed once, when the jobs are grouped (a few tenths of a second each)."""
+
+    idx: int
+    overrides: Sequence[str]
+    config: DictConfig
+    task: DictConfig
+
+
 # In the sweep folder once the launching process got a stop request: workers started after it stop too.
 STOP_FILE = ".stop_requested"
 
@@ -66,11 +77,11 @@ class StackedLauncher(Launcher):
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         jobs = [(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
         groups: dict[str, list[Job]] = {}
-        for job in jobs:
-            config = _job_config(self.hydra_context, self.config, job)
-            groups.setdefault(group_key(_task_config(config)), []).append(job)
-        stacks = [group[start:start + self.max_seeds] for group in groups.values()
-                  for start in range(0, len(group), self.max_seeds)]
+        for idx, overrides in jobs:
+            config = _job_config(self.hydra_context, self.config, idx, overrides)
+            task = _task_config(config)
+            groups.setdefault(group_key(task), []).append(Job(idx, overrides, config, task))
+        stacks = [stack for group in groups.values() for stack in cut(group, self.max_seeds)]
         workers = min(len(stacks), usable_cores() if self.n_jobs < 0 else self.n_jobs)
         log.info("Launching %d jobs locally: %d stacks of up to %d seeds, %d at a time", len(jobs), len(stacks),
                  self.max_seeds, max(workers, 1))
@@ -109,21 +120,30 @@ class StackedLauncher(Launcher):
                          for stack in stacks[len(handed_out):])]
 
 
+def cut(group: list, max_seeds: int) -> list[list]:
+    """The group's jobs in the fewest stacks of at most ``max_seeds``, as even as can be (10 seeds at 8: 5 and 5,
+    not 8 and 2, which would train as a stack too small to pay)."""
+    count = math.ceil(len(group) / max_seeds)
+    size, more = divmod(len(group), count)
+    starts = [i * size + min(i, more) for i in range(count + 1)]  # the first `more` stacks take one more
+    return [group[a:b] for a, b in itertools.pairwise(starts)]
+
+
 def run_stack(hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction, stack: list[Job]
               ) -> list[tuple[int, JobReturn]]:
     """Train the stack's seeds together (when there are several), then run each of its jobs."""
     from flowvae.sweeps.group import Member, train_group
 
-    configs = [_job_config(hydra_context, config, job) for job in stack]
     if len(stack) > 1:
-        members = [Member(_task_config(c), _run_dir(c), f"{c.hydra.job.name}.log") for c in configs]
+        members = [Member(job.task, _run_dir(job.config), f"{job.config.hydra.job.name}.log") for job in stack]
         launch_dir = Path(str(config.hydra.runtime.cwd))
         train_group(members, launch_dir, launch_dir / str(config.hydra.sweep.dir), _parallel_jobs(config))
     returns = []
-    for (idx, overrides), job_config in zip(stack, configs, strict=True):
-        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-        returns.append((idx, run_job(hydra_context=hydra_context, task_function=task_function, config=job_config,
-                                     job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")))
+    for job in stack:
+        log.info("\t#%d : %s", job.idx, " ".join(filter_overrides(job.overrides)))
+        returns.append((job.idx, run_job(hydra_context=hydra_context, task_function=task_function,
+                                         config=job.config, job_dir_key="hydra.sweep.dir",
+                                         job_subdir_key="hydra.sweep.subdir")))
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     return returns
 
@@ -153,9 +173,8 @@ def _parallel_jobs(config: DictConfig) -> int:
     return usable_cores() if n_jobs < 0 else max(1, n_jobs)
 
 
-def _job_config(hydra_context: HydraContext, config: DictConfig, job: Job) -> DictConfig:
+def _job_config(hydra_context: HydraContext, config: DictConfig, idx: int, overrides: Sequence[str]) -> DictConfig:
     """The job's composed config, numbered as the basic launcher numbers it."""
-    idx, overrides = job
     job_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
     with open_dict(job_config):
         job_config.hydra.job.id = idx

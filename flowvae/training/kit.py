@@ -30,7 +30,7 @@ __all__ = ["EVAL_SEED_OFFSET", "VAL_SEED_OFFSET", "VAL_SPLIT_STREAM", "TRAINED_K
            "evaluate_loss", "split_validation", "learning_rate", "CheckpointMismatch", "check_checkpoint",
            "trained_record", "trained_outcome", "save_checkpoint", "restore_checkpoint", "Validation",
            "check_patience", "check_selection", "SELECTED", "kl_beta", "Plan", "Ema", "ema_step", "progress_bar",
-           "report_epoch", "Progress", "make_optimizer", "make_step", "EpochEnd", "Trainee"]
+           "report_epoch", "Progress", "make_optimizer", "make_step", "EpochEnd", "Trainee", "EVAL_BATCH_SIZE"]
 
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,11 @@ VAL_SEED_OFFSET = 3
 
 # The validation split's stream: numpy's generator seeded with (data.seed, this), apart from data.seed's own draws.
 VAL_SPLIT_STREAM = 1
+
+
+# The held-out loss passes' batch (evaluate_loss): a seed's noise is drawn batch by batch, so a stacked group's
+# pass over all its seeds (flowvae.training.stacked) batches the events as this does.
+EVAL_BATCH_SIZE = 1000
 
 
 # train.select_by's default: the best epoch is the one with the lowest validation loss.
@@ -78,7 +83,8 @@ def save_atomic(obj: object, path: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model: FlowVAE, x: Tensor, seed: int = 0, batch_size: int = 1000) -> dict[str, float]:
+def evaluate_loss(model: FlowVAE, x: Tensor, seed: int = 0, batch_size: int = EVAL_BATCH_SIZE
+                  ) -> dict[str, float]:
     """Mean loss, reconstruction and KL term on ``x`` (beta = 1), in batches.
 
     The noise comes from a generator seeded afresh with ``seed`` on every call: the result is a function of the
@@ -596,7 +602,22 @@ class Trainee:
         ``train.select_by``'s metric when that picks the best epoch (and whether the patience ran out); the test loss
         every ``eval_every`` epochs and at the last (NaN between); the row in the history; the callbacks'
         :meth:`~Callback.on_epoch_end`. All but the training losses with the weights that are scored in the model
-        (:meth:`averaged`)."""
+        (:meth:`averaged`). These are the steps :meth:`trained_epoch`, :meth:`validated`, :meth:`test_due` and
+        :meth:`close_epoch`, which a stacked group takes one at a time, with its own loss passes between them."""
+        row = self.trained_epoch(epoch)
+        if row is None:
+            return None
+        with self.averaged():
+            val = None if self.validation is None else evaluate_loss(self.model, self.val_x,
+                                                                     seed=self.seed + VAL_SEED_OFFSET)
+            end = self.validated(epoch, row, val)
+            test = evaluate_loss(self.model, self.test_x, seed=self.seed + EVAL_SEED_OFFSET) \
+                if self.test_due(epoch, end) else None
+            return self.close_epoch(end, test, time.perf_counter() - started)
+
+    def trained_epoch(self, epoch: int) -> dict | None:
+        """The row of epoch ``epoch``'s training losses; None, the outcome ``diverged`` and the row the history's
+        last, when the loss is not finite."""
         cfg, outcome = self.plan.cfg, self.outcome
         row = self._training_row(epoch)
         if not math.isfinite(row["train_loss"]):
@@ -605,25 +626,36 @@ class Trainee:
                                f"train.lr (now {cfg.lr}) or train.grad_clip")
             outcome.history.append(row)
             return None
+        return row
+
+    def validated(self, epoch: int, row: dict, val: dict[str, float] | None) -> EpochEnd:
+        """The epoch's validation: its losses ``val`` (:func:`evaluate_loss` on the validation events; None
+        without them) and ``train.select_by``'s measure into ``row``, the best epoch and the patience updated;
+        whether training ends with this epoch. Inside :meth:`averaged`, as the measure reads the model."""
         early = False
-        with self.averaged():
-            if self.validation is not None:
-                val = evaluate_loss(self.model, self.val_x, seed=self.seed + VAL_SEED_OFFSET)
-                row.update({f"val_{k}": v for k, v in val.items()})
-                value = val["loss"]
-                if self.select is not None:
-                    value = row[self.validation.key] = self._measure(epoch)
-                early = self.validation.update(self.model, value, epoch + 1)
-            last = epoch + 1 == cfg.epochs or early
-            if last or (epoch + 1) % cfg.eval_every == 0:
-                test = evaluate_loss(self.model, self.test_x, seed=self.seed + EVAL_SEED_OFFSET)
-            else:
-                test = dict.fromkeys(("loss", "recon", "kl"), math.nan)
-            row.update({f"test_{k}": v for k, v in test.items()}, seconds=time.perf_counter() - started)
-            outcome.history.append(row)
-            outcome.epochs_run += 1
-            self.callbacks.on_epoch_end(row, outcome.history)
-        return EpochEnd(row, last, early and epoch + 1 < cfg.epochs)
+        if self.validation is not None:
+            row.update({f"val_{k}": v for k, v in val.items()})
+            value = val["loss"]
+            if self.select is not None:
+                value = row[self.validation.key] = self._measure(epoch)
+            early = self.validation.update(self.model, value, epoch + 1)
+        last = epoch + 1 == self.plan.cfg.epochs or early
+        return EpochEnd(row, last, early and epoch + 1 < self.plan.cfg.epochs)
+
+    def test_due(self, epoch: int, end: EpochEnd) -> bool:
+        """Whether epoch ``epoch`` has a test loss: every ``eval_every`` epochs and at the last."""
+        return end.last or (epoch + 1) % self.plan.cfg.eval_every == 0
+
+    def close_epoch(self, end: EpochEnd, test: dict[str, float] | None, seconds: float) -> EpochEnd:
+        """The epoch's test losses (None: not due, NaN in the row) and its ``seconds`` into its row, the row into the
+        history, and the callbacks told. Inside :meth:`averaged`, as the callbacks see the model."""
+        if test is None:
+            test = dict.fromkeys(("loss", "recon", "kl"), math.nan)
+        end.row.update({f"test_{k}": v for k, v in test.items()}, seconds=seconds)
+        self.outcome.history.append(end.row)
+        self.outcome.epochs_run += 1
+        self.callbacks.on_epoch_end(end.row, self.outcome.history)
+        return end
 
     def _measure(self, epoch: int) -> float:
         """``train.select_by``'s value of the model as it is; inf (never the best) for generated events the metric

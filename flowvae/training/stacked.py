@@ -7,12 +7,12 @@ overhead that does not shrink with the work; S stacked seeds run one step's oper
 What stays each seed's own, so that a seed ends with :func:`flowvae.training.loop.fit`'s numbers up to rounding
 (batched against single matrix products): its batch order (a generator seeded with the seed), its posterior noise
 (drawn outside vmap from the stream its model was built from, and passed in), its validation and test losses
-(:func:`~flowvae.training.kit.evaluate_loss` on its own model), gradient clipping (a global norm per seed), Adam
-(stacked elementwise, the same arithmetic), the moving average of its weights (``train.ema``: stacked beside the
-weights, the same elementwise arithmetic, :func:`~flowvae.training.kit.ema_step`), divergence, early stopping and
-the best epoch (by its validation loss, or by its own ``select`` measure with ``train.select_by``), its callbacks
-(pruning included),
-``best.pt`` and its checkpoint. Each seed is a :class:`~flowvae.training.kit.Trainee` as fit's model is, and its
+(:func:`~flowvae.training.kit.evaluate_loss`'s batches and noise; all seeds in one vmapped pass a batch, as their
+steps), gradient clipping (a global norm per seed), Adam (stacked elementwise, the same arithmetic), the moving
+average of its weights (``train.ema``: stacked beside the weights, the same elementwise arithmetic,
+:func:`~flowvae.training.kit.ema_step`), divergence, early stopping and the best epoch (by its validation loss, or
+by its own ``select`` measure with ``train.select_by``), its callbacks (pruning included), ``best.pt`` and its
+checkpoint. Each seed is a :class:`~flowvae.training.kit.Trainee` as fit's model is, and its
 epoch ends as fit's does (:meth:`~flowvae.training.kit.Trainee.end_epoch`). The checkpoint is fit's, written by
 fit's own code with the seed's streams, so fit resumes a stacked seed and the other way round; a seed whose
 training ended (finished, stopped early, diverged, pruned) records its outcome there
@@ -38,6 +38,10 @@ from torch.func import functional_call, vmap
 from flowvae.models import FlowVAE
 from flowvae.training.callbacks import Callback
 from flowvae.training.kit import (
+    EVAL_BATCH_SIZE,
+    EVAL_SEED_OFFSET,
+    VAL_SEED_OFFSET,
+    EpochEnd,
     Plan,
     Trainee,
     TrainOutcome,
@@ -194,17 +198,18 @@ class _Loss(nn.Module):
 
 class _Stack:
     """The training members' parameters, Adam state, moving averages (``train.ema``), batch orders and loss sums
-    stacked on a leading seed axis, and the step that trains them all. :meth:`write_back` hands each member its
-    slice (weights into its model, moments into its own Adam, the average into its own) whenever a member's own copy
-    is read: at an epoch's end and before a rebuild.
+    stacked on a leading seed axis, the step that trains them all, and the pass that evaluates them all on held-out
+    events (``evaluator``: the model in eval mode, as :func:`~flowvae.training.kit.evaluate_loss` runs it).
+    :meth:`write_back` hands each member its slice (weights into its model, moments into its own Adam, the average
+    into its own) whenever a member's own copy is read: at an epoch's end and before a rebuild.
 
     A Linear layer's (out, in) weight is stacked as its transpose, (S, in, out), and the model sees it transposed
     back (a view): the layout in which the batched products read it, and write its gradient, without a copy
     (stacked as it is, every weight and its gradient were copied once a step). Adam does not care.
     """
 
-    def __init__(self, members: list[_Seed], template: _Loss, cfg_train) -> None:
-        self.members, self.grad_clip = members, cfg_train.grad_clip
+    def __init__(self, members: list[_Seed], template: _Loss, evaluator: _Loss, cfg_train) -> None:
+        self.members, self.grad_clip, self.evaluator = members, cfg_train.grad_clip, evaluator
         own = [dict(member.model.named_parameters()) for member in members]
         self.names = list(own[0])
         self.matrices = {f"{name}.weight" for name, module in members[0].model.named_modules()
@@ -227,15 +232,7 @@ class _Stack:
         self.sums = torch.stack([member.sums for member in members])
         self.keys = {name: f"model.{name}" for name in self.names}
 
-        def loss(params: dict[str, Tensor], x: Tensor, noise: Tensor, beta: float) -> Tensor:
-            return functional_call(template, params, (x, noise, beta))
-
-        if len(members) > 1:
-            self.loss = vmap(loss, in_dims=(0, 0, 0, None))
-        else:  # a stack of one (the others have left): no vmap, whose overhead would buy nothing; squeezed, not
-            # indexed, so that the gradient flows back as a view (an index's backward fills a zero stack first)
-            self.loss = lambda params, x, noise, beta: loss({k: v.squeeze(0) for k, v in params.items()},
-                                                            x.squeeze(0), noise.squeeze(0), beta).unsqueeze(0)
+        self.loss = _over_seeds(template, len(members))
         self.latent_dim = members[0].model.latent_dim
 
     def new_epoch(self) -> None:
@@ -265,6 +262,27 @@ class _Stack:
         if ema is not None:
             ema_step([self.averages[name] for name in self.names], [self.params[name] for name in self.names], ema)
         self.sums += terms.detach().double() * x.shape[1]
+
+    @torch.no_grad()
+    def held_out(self, x: Tensor, offset: int, members: list[_Seed]) -> dict[_Seed, dict[str, float]]:
+        """:func:`~flowvae.training.kit.evaluate_loss` of each of ``members`` (some of the stack's) on ``x``, with
+        the weights that are scored (the moving averages with ``train.ema``) and each seed's noise from a generator
+        seeded with its seed + ``offset``: one vmapped pass a batch for all of them, the batches and draws fit's."""
+        where = [self.members.index(member) for member in members]
+        source = self.averages if self.averages is not None else self.params
+        params = {self.keys[name]: self._seeds_view(name, stacked if where == list(range(len(self.members)))
+                                                    else stacked[where]) for name, stacked in source.items()}
+        loss = _over_seeds(self.evaluator, len(members))
+        dtype = next(iter(source.values())).dtype
+        generators = [torch.Generator(device=x.device).manual_seed(member.seed + offset) for member in members]
+        sums = torch.zeros(len(members), 3, device=x.device, dtype=torch.float64)
+        for start in range(0, len(x), EVAL_BATCH_SIZE):
+            batch = x[start:start + EVAL_BATCH_SIZE]
+            noise = torch.stack([torch.randn((len(batch), self.latent_dim), generator=generator, device=x.device,
+                                             dtype=dtype) for generator in generators])
+            sums += loss(params, batch.expand(len(members), *batch.shape), noise, 1.0).double() * len(batch)
+        return {member: dict(zip(("loss", "recon", "kl"), values, strict=True))
+                for member, values in zip(members, (sums / len(x)).tolist(), strict=True)}
 
     def _stack(self, tensors: list[Tensor], name: str) -> Tensor:
         """The seeds' tensors of parameter ``name`` (or of its Adam state) as the stack holds them."""
@@ -305,6 +323,21 @@ class _Stack:
             member.order, member.sums = self.orders[j].clone(), self.sums[j].clone()
 
 
+def _over_seeds(template: _Loss, count: int) -> Callable[[dict[str, Tensor], Tensor, Tensor, float], Tensor]:
+    """The loss of ``count`` seeds at once: (stacked parameters, x, noise, beta) to (S, 3), vmapped over the seeds'
+    axis of the parameters, events and noise."""
+
+    def loss(params: dict[str, Tensor], x: Tensor, noise: Tensor, beta: float) -> Tensor:
+        return functional_call(template, params, (x, noise, beta))
+
+    if count > 1:
+        return vmap(loss, in_dims=(0, 0, 0, None))
+    # a stack of one (the others have left): no vmap, whose overhead would buy nothing; squeezed, not indexed, so
+    # that the gradient flows back as a view (an index's backward fills a zero stack first)
+    return lambda params, x, noise, beta: loss({k: v.squeeze(0) for k, v in params.items()}, x.squeeze(0),
+                                               noise.squeeze(0), beta).unsqueeze(0)
+
+
 def _clip_per_seed(grads: list[Tensor], max_norm: float) -> None:
     """torch.nn.utils.clip_grad_norm_ for each seed apart: the global 2-norm of the seed's gradients, scaled to at
     most ``max_norm``."""
@@ -324,9 +357,9 @@ class _Group:
         self.active: list[_Seed] = []
         self.stack: _Stack | None = None
         self.train_x, self.plan = train_x, plan
-        template = copy.deepcopy(members[0].model)
-        template.train()
-        self.template = _Loss(template)
+        self.template = _Loss(copy.deepcopy(members[0].model).train())
+        self.evaluator = _Loss(copy.deepcopy(members[0].model).eval())  # the held-out passes, as evaluate_loss's
+        self.val_x, self.test_x = members[0].val_x, members[0].test_x
 
     def run(self) -> None:
         plan, size = self.plan, self.plan.cfg.batch_size
@@ -375,7 +408,7 @@ class _Group:
         if self.stack is not None:
             self.stack.write_back()
         self.active = members
-        self.stack = _Stack(members, self.template, self.plan.cfg) if members else None
+        self.stack = _Stack(members, self.template, self.evaluator, self.plan.cfg) if members else None
 
     def _interrupt(self, epoch: int, step: int) -> None:
         """A stop request inside an epoch: every training member saves where it is (fit's partial checkpoint),
@@ -396,14 +429,7 @@ class _Group:
         callbacks' prune message, a stop request, the checkpoint when due); members whose training ends leave the
         stack. True when a stop request ended the training."""
         self.stack.write_back()
-        ends = {}
-        for member in self.active:
-            end = member.end_epoch(epoch, started)
-            if end is None:
-                member.leave(epoch)
-                log.info("seed %d diverged in epoch %d: %s", member.seed, epoch + 1, member.outcome.message)
-            else:
-                ends[member] = end
+        ends = self._epoch_ends(epoch, started)
         self._report(epoch, [end.row for end in ends.values()], started, bar)
         going_on = []
         for member, end in ends.items():
@@ -429,6 +455,34 @@ class _Group:
             self.stack = None  # already written back: the rest restack without the leavers
             self._restack(going_on)
         return False
+
+    def _epoch_ends(self, epoch: int, started: float) -> dict[_Seed, EpochEnd]:
+        """Each training member's :meth:`~flowvae.training.kit.Trainee.end_epoch`, step by step, its validation and
+        test losses from one pass over all the members that need them (:meth:`_Stack.held_out`) rather than one
+        pass a seed; a member that diverged leaves. The ends of those that did not."""
+        rows = {}
+        for member in self.active:
+            row = member.trained_epoch(epoch)
+            if row is None:
+                member.leave(epoch)
+                log.info("seed %d diverged in epoch %d: %s", member.seed, epoch + 1, member.outcome.message)
+            else:
+                rows[member] = row
+        vals = self._held_out(self.val_x, VAL_SEED_OFFSET, list(rows))
+        ends = {}
+        for member, row in rows.items():
+            with member.averaged():
+                ends[member] = member.validated(epoch, row, vals.get(member))
+        tests = self._held_out(self.test_x, EVAL_SEED_OFFSET, [m for m, end in ends.items() if m.test_due(epoch, end)])
+        seconds = time.perf_counter() - started  # the group's epoch, the same for every seed in it
+        for member, end in ends.items():
+            with member.averaged():
+                member.close_epoch(end, tests.get(member), seconds)
+        return ends
+
+    def _held_out(self, x: Tensor | None, offset: int, members: list[_Seed]) -> dict[_Seed, dict[str, float]]:
+        """The members' losses on ``x`` (none without events or members)."""
+        return self.stack.held_out(x, offset, members) if x is not None and members else {}
 
     def _report(self, epoch: int, rows: list[dict], started: float, bar) -> None:
         """One line per epoch for the group: how many seeds trained it, and the range of their losses."""

@@ -5,6 +5,7 @@ during the group's training leaves every seed resumable."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,12 +20,14 @@ from tests.conftest import compose_config, flowvae_command, run_flowvae, wait_un
 # The columns a stacked seed's row must share with its basic-launcher row exactly.
 SAME = ["flow", "n_flows", "seed", "status", "config_hash", "train_hash", "epochs_run", "resumed_from",
         "epochs_trained", "best_epoch"]
+# Tiny runs of enough steps for a stack to pay (group.MIN_STEPS): 200 events in batches of 8, 25 steps an epoch.
+ENOUGH_STEPS = "train.batch_size=8"
 
 
 def _sweep(tmp_path, tiny, launcher, *overrides, name=None):
     name = name or launcher
     args = ["train", "-m", *tiny, f"hydra/launcher={launcher}", f"hydra.sweep.dir={tmp_path / name}",
-            f"results_csv={tmp_path / name / 'results.csv'}", "train.epochs=3", *overrides]
+            f"results_csv={tmp_path / name / 'results.csv'}", "train.epochs=3", ENOUGH_STEPS, *overrides]
     return run_flowvae(args, cwd=tmp_path, timeout=600)
 
 
@@ -168,8 +171,8 @@ def test_a_stacked_seeds_wall_seconds_holds_its_share_of_the_groups_training(tmp
     ticks = iter([1000.0, 1600.0])  # the group's start, and the end of its training
     monkeypatch.setattr(group, "_clock", lambda: next(ticks))
     results = tmp_path / "results.csv"
-    members = [Member(compose_config(*tiny, f"seed={seed}", f"results_csv={results}"), tmp_path / f"s{seed}")
-               for seed in range(3)]
+    members = [Member(compose_config(*tiny, ENOUGH_STEPS, "train.epochs=3", f"seed={seed}",
+                                     f"results_csv={results}"), tmp_path / f"s{seed}") for seed in range(3)]
     assert train_group(members, tmp_path, tmp_path) == 3
     for member in members:
         shared = json.loads(RunFiles(member.run_dir).group_training.read_text())
@@ -180,7 +183,7 @@ def test_a_stacked_seeds_wall_seconds_holds_its_share_of_the_groups_training(tmp
     finally:
         stopping.reset()
     rows = pd.read_csv(results)
-    assert sorted(rows["seed"]) == [0, 1, 2] and (rows["epochs_run"] == 2).all()  # trained by the group
+    assert sorted(rows["seed"]) == [0, 1, 2] and (rows["epochs_run"] == 3).all()  # trained by the group
     own = rows["wall_seconds"] - 200
     assert ((0 < own) & (own < 300)).all(), rows["wall_seconds"]  # its own part: generating, scoring, writing
     assert not any(RunFiles(member.run_dir).group_training.exists() for member in members)
@@ -204,3 +207,42 @@ def test_the_groups_time_is_shared_by_the_epochs_each_seed_trained(tmp_path):
     _record_shares(trained, 800.0)
     shares = [json.loads(j.files.group_training.read_text())["seconds"] for j, _ in trained[:2]]
     assert shares == [100.0, 300.0] and not trained[2][0].files.group_training.exists()
+
+
+def test_a_training_too_short_to_pay_for_a_stack_is_left_to_the_jobs(tmp_path, tiny, caplog):
+    """Seeds of 8 steps each (fewer than group.MIN_STEPS, where stacking measured slower end to end) are not
+    stacked: the group says why, trains none and creates nothing; each job then trains its own seed, as on the
+    basic launcher."""
+    from flowvae.data.events import load_events
+    from flowvae.sweeps.group import MIN_STEPS, Member, steps_per_seed, train_group
+
+    members = [Member(compose_config(*tiny, f"seed={seed}", f"results_csv={tmp_path / 'results.csv'}"),
+                      tmp_path / f"s{seed}") for seed in range(3)]
+    assert steps_per_seed(members[0].cfg, load_events(members[0].cfg.data, tmp_path)) == 8 < MIN_STEPS
+    with caplog.at_level(logging.INFO, logger="flowvae.sweeps.group"):
+        assert train_group(members, tmp_path, tmp_path) == 0
+    assert f"stacked training skipped (each seed trains 8 steps, fewer than the {MIN_STEPS}" in caplog.text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_steps_per_seed_are_the_steps_fit_takes(tmp_path, tiny):
+    """The rule's count: epochs times the batches of what the validation split leaves (200 events, 40 held out,
+    160 in batches of 50: 4 an epoch)."""
+    from flowvae.data.events import load_events
+    from flowvae.sweeps.group import steps_per_seed
+
+    cfg = compose_config(*tiny, "train.val_fraction=0.2", "train.epochs=3")
+    assert steps_per_seed(cfg, load_events(cfg.data, tmp_path)) == 3 * 4
+    cfg = compose_config(*tiny, ENOUGH_STEPS, "train.epochs=3")
+    assert steps_per_seed(cfg, load_events(cfg.data, tmp_path)) == 3 * 25
+
+
+def test_a_group_is_cut_into_the_fewest_even_stacks():
+    """At most max_seeds a stack, as few stacks as that allows, and as even as can be: no stack of one or two
+    left over beside a full one."""
+    from flowvae.sweeps.stacked_launcher import cut
+
+    sizes = {n: [len(stack) for stack in cut(list(range(n)), 8)] for n in (1, 3, 8, 9, 10, 17)}
+    assert sizes == {1: [1], 3: [3], 8: [8], 9: [5, 4], 10: [5, 5], 17: [6, 6, 5]}
+    assert [job for stack in cut(list(range(17)), 8) for job in stack] == list(range(17))  # in order
+    assert cut(list(range(3)), 1) == [[0], [1], [2]]

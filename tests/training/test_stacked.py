@@ -122,12 +122,15 @@ def test_gradient_clipping_is_per_seed():
     _assert_same(_fit_each("planar", train_x, test_x, cfg), _stacked("planar", train_x, test_x, cfg))
 
 
-def test_validation_early_stopping_and_best_weights_per_seed(tmp_path, caplog):
+# eval_every 3: seeds 2 and 0 stop early after epochs 4 and 5, where no test loss is due for the others, so each
+# takes a test pass of its own seeds' subset of the stack
+@pytest.mark.parametrize("eval_every", [1, 3])
+def test_validation_early_stopping_and_best_weights_per_seed(tmp_path, caplog, eval_every):
     """Seeds stop at different epochs (seed 1 runs all 8) and leave the stack; each keeps its best epoch's weights
     and best.pt, as fit; the group's one line an epoch says how many still train."""
     events, test_x = _data(n_train=125)
     train_x, val_x = split_validation(events, 0.2, 0)
-    cfg = _cfg(epochs=8, lr=1e-2, warmup_epochs=0, patience=1)
+    cfg = _cfg(epochs=8, lr=1e-2, warmup_epochs=0, patience=1, eval_every=eval_every)
     fits = [tmp_path / f"fit{seed}.pt" for seed in SEEDS]
     expected = _fit_each("planar", train_x, test_x, cfg, val_x=val_x, checkpoints=fits)
     assert [o.epochs_trained for o in expected[1]] == [5, 8, 4]  # the case this test is about
@@ -150,6 +153,29 @@ def test_validation_early_stopping_and_best_weights_per_seed(tmp_path, caplog):
         assert validation == expected_validation
         for key, tensor in expected_state["model"].items():
             torch.testing.assert_close(state["model"][key], tensor, **TOLERANCE)
+
+
+def test_the_held_out_losses_are_one_vmapped_pass_for_all_seeds(monkeypatch):
+    """The validation and test losses of the seeds in a stack are computed as its steps are: the model's loss
+    called once a held-out batch (evaluate_loss's batches of 1,000) for all seeds at once, not once a seed (three
+    times as many calls), and each seed's numbers are fit's."""
+    events, _ = _data(n_train=125)
+    train_x, val_x = split_validation(events, 0.2, 0)  # 25 validation events: one batch
+    test_x = torch.randn(2500, 30, generator=torch.Generator().manual_seed(2))  # three batches
+    cfg = _cfg(epochs=4, eval_every=2)
+    expected = _fit_each("planar", train_x, test_x, cfg, val_x=val_x)
+    loss, batches = FlowVAE.loss, []
+
+    def counted(model, x, *args, **kwargs):
+        if not model.training:  # a held-out pass (evaluate_loss's eval mode), not a training step
+            batches.append(len(x))
+        return loss(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(FlowVAE, "loss", counted)
+    actual = _stacked("planar", train_x, test_x, cfg, val_x=val_x)
+    _assert_same(expected, actual)
+    tested = [1000, 1000, 500]  # the test loss after epochs 2 and 4
+    assert batches == [25] + [25, *tested] + [25] + [25, *tested]
 
 
 def test_a_diverging_seed_leaves_and_the_others_train_on(tmp_path, monkeypatch):

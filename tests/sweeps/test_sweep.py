@@ -49,6 +49,21 @@ def test_the_jetnet_study_preset_is_each_model_by_plain_and_two_flows_under_jetn
     assert (cfg.train.val_fraction, cfg.train.patience, cfg.train.lr_schedule) == (0.1, 4, "constant")
 
 
+def test_the_prior_study_preset_is_the_conditional_flow_with_jets_that_add_up_under_jetnets_protocol():
+    """Plain and triangular-10 posteriors x 3 seeds of the conditional flow, its pT fractions through `fraction`
+    (under logit a few jets that carry more than their pT decide FPD: docs/priors.md), jetnet's protocol."""
+    register_configs()
+    with initialize_config_module(config_module="flowvae.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=prior_study", "data.path=jets.npz"],
+                      return_hydra_config=True)
+    assert (cfg.hydra.sweeper.params["n_flows"], cfg.hydra.sweeper.params["seed"]) == ("0,10", "0,1,2")
+    assert count_jobs(cfg) == 2 * 3
+    assert (cfg.model.name, cfg.flow.name, cfg.prior.name) == ("conditional_flow", "triangular", "standard")
+    assert list(cfg.data.transforms) == ["none", "none", "fraction", "none"]
+    assert (cfg.data.test_fraction, cfg.eval.protocol, cfg.eval.n_samples) == (0.5, "jetnet", 50_000)
+    assert (cfg.train.val_fraction, cfg.train.patience, cfg.train.grad_clip) == (0.1, 4, 1.0)
+
+
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_multirun_writes_a_row_per_job_and_table_gives_the_means(tmp_path, tiny, launcher):
     extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []

@@ -250,9 +250,14 @@ def test_a_jet_sized_float32_flow_is_the_reference_to_rounding(inverse):
         assert torch.allclose(grad, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
 
 
-def test_a_large_batch_without_gradients_goes_in_blocks_with_the_same_values():
-    """Generation's batch, larger than two blocks: the values bit-identical to the batch in one go (with gradients
-    enabled, which never blocks), the log-dets to rounding."""
+def test_a_large_batch_without_gradients_goes_in_blocks_with_the_same_values(monkeypatch):
+    """Generation's batch, larger than two blocks, on one thread: the values bit-identical to the batch in one go
+    (with gradients enabled, which never blocks), the log-dets to rounding; and the blocks are taken."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    layers = CouplingFlow._layers
+    blocks = []
+    monkeypatch.setattr(CouplingFlow, "_layers", lambda self, order, x, *rest: blocks.append(len(x)) or
+                        layers(self, order, x, *rest))
     torch.manual_seed(0)
     flow = _randomised(CouplingFlow(3, 30, 5, [32], 38, "spline"), 0.1)
     g = torch.Generator().manual_seed(3)
@@ -262,6 +267,10 @@ def test_a_large_batch_without_gradients_goes_in_blocks_with_the_same_values():
     whole = flow(u, context)
     assert torch.equal(blocked[0], whole[0].detach())
     assert torch.allclose(blocked[1], whole[1].detach(), rtol=1e-6, atol=1e-5)
+    assert blocks == [NO_GRAD_BLOCK, NO_GRAD_BLOCK, 100, 2 * NO_GRAD_BLOCK + 100]  # in blocks, then in one go
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # on more threads, in one go
+    with torch.no_grad():
+        assert torch.equal(flow(u, context)[0], blocked[0]) and blocks[-1] == 2 * NO_GRAD_BLOCK + 100
     flow.reference = True
     with torch.no_grad():
         reference = flow(u, context)

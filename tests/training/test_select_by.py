@@ -280,7 +280,8 @@ def test_a_stacked_group_leaves_select_by_runs_to_their_jobs(tmp_path, caplog):
         assert train_group(members, tmp_path, tmp_path) == 0
     assert "stacked training skipped (train.select_by=kl_sum" in caplog.text
     assert not any(member.run_dir.exists() for member in members)
-    members = [Member(compose_config(*settings, "train.ema=0.9", f"seed={seed}"), tmp_path / f"e{seed}")
+    enough = ["train.batch_size=8", "train.epochs=3"]  # 60 steps a seed: enough to stack (group.MIN_STEPS)
+    members = [Member(compose_config(*settings, *enough, "train.ema=0.9", f"seed={seed}"), tmp_path / f"e{seed}")
                for seed in range(2)]
     assert train_group(members, tmp_path, tmp_path) == 2
     assert all("ema" in torch.load(RunFiles(m.run_dir).checkpoint, weights_only=False) for m in members)

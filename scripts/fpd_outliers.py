@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from flowvae.data.events import read_array, split_mask
+from flowvae.errors import ConfigError
 from flowvae.metrics.efp import JetSet
 from flowvae.metrics.protocol import score_protocol
 
@@ -37,6 +38,8 @@ COLUMNS = ("fpd", "fpd_err", "fpd_exact", "kpd", "kpd_err", "w1m")
 
 def load(path: Path, layout: str, mask_feature: int | None) -> JetSet:
     """A file's jets: a .npy, or the events array of a .npz (the one that is not ``mask``)."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file (write one with `flowvae generate RUN_DIR --out FILE`)")
     key = None
     if path.suffix == ".npz":
         with np.load(path) as stored:
@@ -44,8 +47,12 @@ def load(path: Path, layout: str, mask_feature: int | None) -> JetSet:
         if len(keys) != 1:
             raise SystemExit(f"{path}: expected one events array beside 'mask', found {keys}")
         key = keys[0]
-    events, mask = split_mask(np.asarray(read_array(str(path), key, layout=layout)), mask_feature, "--mask-feature")
-    return JetSet(events, mask, path.name)
+    try:
+        events, mask = split_mask(np.asarray(read_array(str(path), key, layout=layout)), mask_feature,
+                                  "--mask-feature")
+        return JetSet(events, mask, path.name)
+    except (ConfigError, ValueError) as error:
+        raise SystemExit(f"{path}: {error}") from None
 
 
 def score(generated: JetSet, reference: JetSet, kinematics: tuple[int, int, int]) -> dict[str, float]:

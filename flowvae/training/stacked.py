@@ -338,6 +338,13 @@ def _over_seeds(template: _Loss, count: int) -> Callable[[dict[str, Tensor], Ten
                                                noise.squeeze(0), beta).unsqueeze(0)
 
 
+def _log_saved(members: list[_Seed], where: str) -> None:
+    """The group's word on a stop request: where its training seeds were saved (each job then says it stopped
+    before its own run started, which on its own reads as if nothing had been kept)."""
+    seeds = ", ".join(str(member.seed) for member in members)
+    log.warning("stop requested: seeds %s saved %s; rerun the same command to resume them", seeds, where)
+
+
 def _clip_per_seed(grads: list[Tensor], max_norm: float) -> None:
     """torch.nn.utils.clip_grad_norm_ for each seed apart: the global 2-norm of the seed's gradients, scaled to at
     most ``max_norm``."""
@@ -417,6 +424,7 @@ class _Group:
         for member in self.active:
             member.interrupt(epoch, step)
         self._interrupt_waiting()
+        _log_saved(self.active, f"in epoch {epoch + 1} after step {step}")
 
     def _interrupt_waiting(self) -> None:
         """Members stopped before the group reached their starting point: their checkpoints are as they were."""
@@ -450,6 +458,7 @@ class _Group:
             for member in going_on:
                 member.interrupted(f"after epoch {epoch + 1}")
             self._interrupt_waiting()
+            _log_saved(going_on, f"after epoch {epoch + 1}")
             return True
         if len(going_on) < len(self.active):
             self.stack = None  # already written back: the rest restack without the leavers

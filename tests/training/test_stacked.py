@@ -311,18 +311,21 @@ def _stop_after(monkeypatch, at_step: int) -> _StopAt:
 
 
 @pytest.mark.parametrize("stop_at", [7, 10])  # inside epoch 2 (5 steps an epoch), and at its end
-def test_interrupted_stack_resumes_stacked_or_alone(tmp_path, monkeypatch, stop_at):
-    """Every seed saves where the stop found it and is interrupted (no trained record); resumed as a stack it ends
-    bit-identical to the stack never stopped, and each seed resumed by fit ends where fit alone leaves it."""
+def test_interrupted_stack_resumes_stacked_or_alone(tmp_path, monkeypatch, stop_at, caplog):
+    """Every seed saves where the stop found it and is interrupted (no trained record), and the group says so;
+    resumed as a stack it ends bit-identical to the stack never stopped, and each seed resumed by fit ends where
+    fit alone leaves it."""
     train_x, test_x = _data()
     cfg = _cfg(epochs=4)
     uninterrupted = _stacked("planar", train_x, test_x, cfg)
     checkpoints = [tmp_path / f"c{seed}.pt" for seed in SEEDS]
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch, caplog.at_level(logging.INFO, logger="flowvae.training.stacked"):
         _, outcomes = _stacked("planar", train_x, test_x, cfg, checkpoints=checkpoints,
                                callbacks=[_stop_after(patch, stop_at)] * len(SEEDS))
     where = "in epoch 2 after step 2" if stop_at == 7 else "after epoch 2"
     assert all(o.status == "interrupted" and o.message == where for o in outcomes)
+    seeds = ", ".join(map(str, SEEDS))
+    assert f"stop requested: seeds {seeds} saved {where}; rerun the same command to resume them" in caplog.text
     states = [torch.load(c, weights_only=False) for c in checkpoints]
     assert all(TRAINED_KEY not in s and (s["partial"] is not None) == (stop_at == 7) for s in states)
     for s in states:  # each holds its own tensors, not a view of the stack's (which would store all of it)

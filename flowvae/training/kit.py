@@ -30,7 +30,8 @@ __all__ = ["EVAL_SEED_OFFSET", "VAL_SEED_OFFSET", "VAL_SPLIT_STREAM", "TRAINED_K
            "evaluate_loss", "split_validation", "learning_rate", "CheckpointMismatch", "check_checkpoint",
            "trained_record", "trained_outcome", "save_checkpoint", "restore_checkpoint", "Validation",
            "check_patience", "check_selection", "SELECTED", "kl_beta", "Plan", "Ema", "ema_step", "progress_bar",
-           "report_epoch", "Progress", "make_optimizer", "make_step", "EpochEnd", "Trainee", "EVAL_BATCH_SIZE"]
+           "report_epoch", "Progress", "make_optimizer", "make_step", "EpochEnd", "Trainee", "EVAL_BATCH_SIZE",
+           "LOSS_TERMS"]
 
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ VAL_SPLIT_STREAM = 1
 # The held-out loss passes' batch (evaluate_loss): a seed's noise is drawn batch by batch, so a stacked group's
 # pass over all its seeds (flowvae.training.stacked) batches the events as this does.
 EVAL_BATCH_SIZE = 1000
+
+
+# What a loss pass measures, in the order FlowVAE.loss's terms and a stacked pass's (S, 3) rows give them.
+LOSS_TERMS = ("loss", "recon", "kl")
 
 
 # train.select_by's default: the best epoch is the one with the lowest validation loss.
@@ -99,8 +104,7 @@ def evaluate_loss(model: FlowVAE, x: Tensor, seed: int = 0, batch_size: int = EV
         terms = model.loss(batch, generator=generator)
         sums += torch.stack([terms.loss, terms.recon, terms.kl]).double() * len(batch)
     model.train()
-    loss, recon, kl = (sums / len(x)).tolist()
-    return {"loss": loss, "recon": recon, "kl": kl}
+    return dict(zip(LOSS_TERMS, (sums / len(x)).tolist(), strict=True))
 
 
 def split_validation(train_x: Tensor, fraction: float, data_seed: int) -> tuple[Tensor, Tensor | None]:
@@ -650,7 +654,7 @@ class Trainee:
         """The epoch's test losses (None: not due, NaN in the row) and its ``seconds`` into its row, the row into the
         history, and the callbacks told. Inside :meth:`averaged`, as the callbacks see the model."""
         if test is None:
-            test = dict.fromkeys(("loss", "recon", "kl"), math.nan)
+            test = dict.fromkeys(LOSS_TERMS, math.nan)
         end.row.update({f"test_{k}": v for k, v in test.items()}, seconds=seconds)
         self.outcome.history.append(end.row)
         self.outcome.epochs_run += 1

@@ -40,6 +40,7 @@ from flowvae.training.callbacks import Callback
 from flowvae.training.kit import (
     EVAL_BATCH_SIZE,
     EVAL_SEED_OFFSET,
+    LOSS_TERMS,
     VAL_SEED_OFFSET,
     EpochEnd,
     Plan,
@@ -233,7 +234,7 @@ class _Stack:
         self.keys = {name: f"model.{name}" for name in self.names}
 
         self.loss = _over_seeds(template, len(members))
-        self.latent_dim = members[0].model.latent_dim
+        self.latent_dim, self.dtype = members[0].model.latent_dim, self.params[self.names[0]].dtype
 
     def new_epoch(self) -> None:
         """Every member's next batch order (from its own generator) and zero sums."""
@@ -247,9 +248,7 @@ class _Stack:
         """One optimisation step of every member on its own batch ``order[start:stop]``; then, with ``ema`` (the
         step's :meth:`~flowvae.training.kit.Plan.ema_weight`), every member's moving average."""
         x = train_x[self.orders[:, start:stop]]  # (S, B, n_in)
-        dtype = self.params[self.names[0]].dtype
-        noise = torch.stack([torch.randn((x.shape[1], self.latent_dim), generator=member.noise,
-                                         device=x.device, dtype=dtype) for member in self.members])
+        noise = self._noise([member.noise for member in self.members], x.shape[1], x.device)
         if lr is not None:
             self.optimizer.param_groups[0]["lr"] = lr
         params = {self.keys[name]: self._seeds_view(name, p) for name, p in self.params.items()}
@@ -273,16 +272,20 @@ class _Stack:
         params = {self.keys[name]: self._seeds_view(name, stacked if where == list(range(len(self.members)))
                                                     else stacked[where]) for name, stacked in source.items()}
         loss = _over_seeds(self.evaluator, len(members))
-        dtype = next(iter(source.values())).dtype
         generators = [torch.Generator(device=x.device).manual_seed(member.seed + offset) for member in members]
-        sums = torch.zeros(len(members), 3, device=x.device, dtype=torch.float64)
+        sums = torch.zeros(len(members), len(LOSS_TERMS), device=x.device, dtype=torch.float64)
         for start in range(0, len(x), EVAL_BATCH_SIZE):
             batch = x[start:start + EVAL_BATCH_SIZE]
-            noise = torch.stack([torch.randn((len(batch), self.latent_dim), generator=generator, device=x.device,
-                                             dtype=dtype) for generator in generators])
+            noise = self._noise(generators, len(batch), x.device)
             sums += loss(params, batch.expand(len(members), *batch.shape), noise, 1.0).double() * len(batch)
-        return {member: dict(zip(("loss", "recon", "kl"), values, strict=True))
+        return {member: dict(zip(LOSS_TERMS, values, strict=True))
                 for member, values in zip(members, (sums / len(x)).tolist(), strict=True)}
+
+    def _noise(self, generators: list[torch.Generator], n: int, device: torch.device) -> Tensor:
+        """(S, n, latent_dim) standard normal posterior noise, seed i's drawn from ``generators[i]`` as its own
+        model's loss would draw it: what keeps every seed on its lone run's stream, in steps and held-out passes."""
+        return torch.stack([torch.randn((n, self.latent_dim), generator=generator, device=device, dtype=self.dtype)
+                            for generator in generators])
 
     def _stack(self, tensors: list[Tensor], name: str) -> Tensor:
         """The seeds' tensors of parameter ``name`` (or of its Adam state) as the stack holds them."""

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
-__all__ = ["usable_cores", "choose_threads", "cpu_name"]
+__all__ = ["usable_cores", "choose_threads", "training_threads", "torch_threads", "cpu_name", "ONE_THREAD_STEPS"]
+
+# Models whose training step ran fastest on one intra-op thread at every batch size measured: the conditional
+# flow's step is hundreds of small operations, and with the waiting policy flowvae sets (see flowvae.cli) each one
+# split among threads waits for a sleeping thread to wake. 2-core Xeon VM, torch 2.13: 22 ms a step on 1 thread,
+# 38 on 2 (batch 100); 48-54 against 67 µs a jet at batch 1,000; and spinning threads, which wake for free, made
+# 2 threads only 1.18x faster than 1 (docs/speed.md).
+ONE_THREAD_STEPS = ("conditional_flow",)
 
 
 def usable_cores() -> int:
@@ -33,3 +42,28 @@ def choose_threads(requested: int, parallel_jobs: int) -> int:
     if requested > 0:
         return requested
     return max(1, usable_cores() // max(1, parallel_jobs))
+
+
+def training_threads(requested: int, threads: int, model: str, device_type: str) -> int:
+    """The intra-op threads of the training steps: the run's ``threads``, except that with ``train.threads=0``
+    (auto) a model of :data:`ONE_THREAD_STEPS` trains on the CPU on one (generation and scoring keep ``threads``).
+    An explicit ``train.threads`` is always what the steps get."""
+    if requested == 0 and model in ONE_THREAD_STEPS and device_type == "cpu":
+        return 1
+    return threads
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` inside, and back to what they were after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowvae.cores import torch_threads
 from flowvae.models.spline import rqs
 
 __all__ = ["CouplingFlow", "LOG_SCALE_BOUND", "TRANSFORMS", "active_sets"]
@@ -39,10 +40,7 @@ LOG_SCALE_BOUND = 3.0
 TRANSFORMS = ("affine", "spline")
 # Events per block when a large batch goes through the flow without gradients (generation) on one thread: each
 # layer's logits (23 per moved value) then stay in the cache between the conditioner's product and the spline's
-# passes over them. The blocks' values are bit-identical to one pass's. With more threads the batch goes in one
-# pass: a block's elementwise operations are too small for torch to split among threads (2,000 jets on 2 threads,
-# 2-core Xeon, four alternating runs: 11-18 % less time in one pass than in blocks of 512; on one thread the
-# blocks were 2 % faster).
+# passes over them. The blocks' values are bit-identical to one pass's.
 NO_GRAD_BLOCK = 512
 
 
@@ -163,17 +161,51 @@ class CouplingFlow(nn.Module):
         return weight.transpose(0, 1).reshape(self.n_params * n, width + 1)
 
     def _flow(self, x: Tensor, context: Tensor, weight: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
-        """Every layer, in order (or their inverses in reverse): (values, Σ log|det|). A large batch without
-        gradients (generation) on one thread goes through in blocks of :data:`NO_GRAD_BLOCK` events, the last maps
-        reordered once for all of them."""
+        """Every layer, in order (or their inverses in reverse): (values, Σ log|det|). A large batch on the CPU
+        without gradients (generation) goes through in blocks of :data:`NO_GRAD_BLOCK` events, the last maps
+        reordered once for all of them; with T > 1 threads, in T parts side by side (:meth:`_in_parts`)."""
         order = range(len(self.nets) - 1, -1, -1) if inverse else range(len(self.nets))
-        if torch.is_grad_enabled() or len(x) <= 2 * NO_GRAD_BLOCK or torch.get_num_threads() > 1:
+        if torch.is_grad_enabled() or len(x) <= 2 * NO_GRAD_BLOCK or x.device.type != "cpu":
             return self._layers(order, x, context, weight, inverse, [None] * len(self.nets))
         lasts = [self._bins_first(layer) for layer in range(len(self.nets))]
+        if torch.get_num_threads() > 1:
+            return self._in_parts(order, x, context, weight, inverse, lasts)
+        return self._in_blocks(order, x, context, weight, inverse, lasts)
+
+    def _in_blocks(self, order: range, x: Tensor, context: Tensor, weight: Tensor | None, inverse: bool,
+                   lasts: list[Tensor]) -> tuple[Tensor, Tensor]:
         blocks = [self._layers(order, x[i:i + NO_GRAD_BLOCK], context[i:i + NO_GRAD_BLOCK],
                                None if weight is None else weight[i:i + NO_GRAD_BLOCK], inverse, lasts)
                   for i in range(0, len(x), NO_GRAD_BLOCK)]
         return torch.cat([values for values, _ in blocks]), torch.cat([log_det for _, log_det in blocks])
+
+    def _in_parts(self, order: range, x: Tensor, context: Tensor, weight: Tensor | None, inverse: bool,
+                  lasts: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """The batch cut into T parts (T = torch's threads) of whole blocks, each through :meth:`_in_blocks` on a
+        Python thread of its own at one intra-op thread: the same blocks as on one thread, the same values.
+
+        Why: split among threads, each of a layer's ~60 operations waits for the other threads to wake (flowvae's
+        CLI has them sleep rather than spin, see :mod:`flowvae.cli`), and 2 threads were no faster than 1. Parts
+        need no waking: torch releases the GIL while an operation runs, so the parts run at once (2,000 jets on 2
+        threads: 1.5x faster, docs/speed.md)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = torch.get_num_threads()
+        n_blocks = -(-len(x) // NO_GRAD_BLOCK)  # whole blocks to each part, cut where one thread cuts them
+        edges = [min(len(x), n_blocks * part // threads * NO_GRAD_BLOCK) for part in range(threads + 1)]
+        parts = [slice(start, end) for start, end in zip(edges[:-1], edges[1:], strict=True) if end > start]
+
+        inference = torch.is_inference_mode_enabled()
+
+        def run(part: slice) -> tuple[Tensor, Tensor]:
+            with torch.inference_mode(inference), torch.no_grad():  # both are per thread: the caller's, here
+                return self._in_blocks(order, x[part], context[part], None if weight is None else weight[part],
+                                       inverse, lasts)
+
+        # one thread before the pool's threads exist: each takes torch's count at its first operation
+        with torch_threads(1), ThreadPoolExecutor(len(parts), thread_name_prefix="flowvae-flow") as pool:
+            done = list(pool.map(run, parts))
+        return torch.cat([values for values, _ in done]), torch.cat([log_det for _, log_det in done])
 
     def _layers(self, order: range, x: Tensor, context: Tensor, weight: Tensor | None, inverse: bool,
                 lasts: list[Tensor | None]) -> tuple[Tensor, Tensor]:

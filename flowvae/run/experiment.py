@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from flowvae import progress, stopping
-from flowvae.cores import choose_threads
+from flowvae.cores import choose_threads, torch_threads, training_threads
 from flowvae.data.events import Events, file_array
 from flowvae.data.transforms import FeatureMap
 from flowvae.data.units import data_units, model_input
@@ -52,6 +52,10 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
     configure_torch(threads)
     log.info("device %s, %d threads, %s x %d flows, seed %d", device, threads, cfg.flow.name, cfg.n_flows,
              cfg.seed)
+    step_threads = training_threads(cfg.train.threads, threads, cfg.model.name, device.type)
+    if step_threads != threads:
+        log.info("training on %d thread (model=%s's step is fastest there; generation and scoring use %d; "
+                 "train.threads=N sets both)", step_threads, cfg.model.name, threads)
 
     if feature_map is None:
         feature_map = fit_feature_map(cfg, events)
@@ -59,9 +63,10 @@ def train_and_score(cfg: DictConfig, events: Events, files: RunFiles, parallel_j
     model = seeded_model(cfg, events, device)
     callbacks = [Curves(files.curves), Tracker(on_epoch) if on_epoch is not None else None, StopRequests(),
                  pruning(objective=partial(validation_objective, cfg, model, val_x, events, feature_map))]
-    outcome = fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=files.checkpoint,
-                  extra_state=checkpoint_key(cfg), val_x=val_x, best=files.best, callbacks=callbacks,
-                  select=selection(cfg, model, val_x, events, feature_map))
+    with torch_threads(step_threads):
+        outcome = fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=files.checkpoint,
+                      extra_state=checkpoint_key(cfg), val_x=val_x, best=files.best, callbacks=callbacks,
+                      select=selection(cfg, model, val_x, events, feature_map))
     if outcome.epochs_run == 0 and outcome.history and on_epoch is not None:
         on_epoch(outcome.history)  # trained before this process (a stacked group): the tracker logs it now
     if outcome.status == "interrupted":

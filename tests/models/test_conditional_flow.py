@@ -3,7 +3,9 @@ respected, generated jets that look like jets."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -253,7 +255,6 @@ def test_a_jet_sized_float32_flow_is_the_reference_to_rounding(inverse):
 def test_a_large_batch_without_gradients_goes_in_blocks_with_the_same_values(monkeypatch):
     """Generation's batch, larger than two blocks, on one thread: the values bit-identical to the batch in one go
     (with gradients enabled, which never blocks), the log-dets to rounding; and the blocks are taken."""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     layers = CouplingFlow._layers
     blocks = []
     monkeypatch.setattr(CouplingFlow, "_layers", lambda self, order, x, *rest: blocks.append(len(x)) or
@@ -262,19 +263,64 @@ def test_a_large_batch_without_gradients_goes_in_blocks_with_the_same_values(mon
     flow = _randomised(CouplingFlow(3, 30, 5, [32], 38, "spline"), 0.1)
     g = torch.Generator().manual_seed(3)
     u, context = torch.randn(2 * NO_GRAD_BLOCK + 100, 90, generator=g), torch.randn(2 * NO_GRAD_BLOCK + 100, 38)
-    with torch.no_grad():
-        blocked = flow(u, context)
-    whole = flow(u, context)
+    with _threads(1):
+        with torch.no_grad():
+            blocked = flow(u, context)
+        whole = flow(u, context)
     assert torch.equal(blocked[0], whole[0].detach())
     assert torch.allclose(blocked[1], whole[1].detach(), rtol=1e-6, atol=1e-5)
     assert blocks == [NO_GRAD_BLOCK, NO_GRAD_BLOCK, 100, 2 * NO_GRAD_BLOCK + 100]  # in blocks, then in one go
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # on more threads, in one go
-    with torch.no_grad():
-        assert torch.equal(flow(u, context)[0], blocked[0]) and blocks[-1] == 2 * NO_GRAD_BLOCK + 100
     flow.reference = True
     with torch.no_grad():
         reference = flow(u, context)
     assert torch.allclose(blocked[0], reference[0], rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_on_more_threads_the_parts_run_side_by_side_each_on_one_thread_with_one_threads_values(monkeypatch, inverse):
+    """T threads: the batch in T parts of whole blocks on T Python threads, each at one intra-op thread, every value
+    bit-identical to one thread's; torch's thread count restored after, and in inference mode too."""
+    layers = CouplingFlow._layers
+    calls = []
+
+    def recording(self, order, x, *rest):
+        calls.append((len(x), threading.current_thread().name, torch.get_num_threads(), torch.is_grad_enabled()))
+        return layers(self, order, x, *rest)
+
+    monkeypatch.setattr(CouplingFlow, "_layers", recording)
+    torch.manual_seed(0)
+    flow = _randomised(CouplingFlow(3, 30, 5, [32], 38, "spline"), 0.1)
+    g = torch.Generator().manual_seed(4)
+    n = 3 * NO_GRAD_BLOCK + 7
+    x, context = torch.randn(n, 90, generator=g), torch.randn(n, 38, generator=g)
+    weight = (torch.rand(n, 90, generator=g) > 0.2).float()
+    go = flow.inverse if inverse else flow
+    with _threads(1), torch.no_grad():
+        one = go(x, context, weight)
+    calls.clear()
+    with _threads(3):
+        with torch.no_grad():
+            parts = go(x, context, weight)
+        assert torch.get_num_threads() == 3
+        with torch.inference_mode():
+            inferred = go(x, context, weight)
+        assert torch.get_num_threads() == 3
+    for got in (parts, inferred):
+        assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1])
+    # four blocks (the last of 7 events), as one thread cuts them, shared out whole: 1, 1 and 2 blocks
+    assert sorted(length for length, *_ in calls) == [7] * 2 + [NO_GRAD_BLOCK] * 6
+    assert len({name for _, name, *_ in calls}) >= 2
+    assert all(name.startswith("flowvae-flow") and threads == 1 and not grad for _, name, threads, grad in calls)
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_particles_are_ordered_by_pt_with_the_mask_kept():

@@ -7,7 +7,10 @@ rational-quadratic spline. The old path (``CouplingFlow.reference = True``) is t
 ``build_model`` from the same composed config and seed (so they start from the same parameters) and trained on the
 same jets (``--data``, a JetNet-layout file, by the run's own feature map) by the project's training step. Cells:
 
-* ``train step``: one step of ``fit`` (forward, backward, fused Adam) at ``train.batch_size`` (100), ms;
+* ``train step``: one step of ``fit`` (forward, backward, fused Adam) at ``train.batch_size`` (100), ms, both on
+  ``--threads``; ``train step, as a run takes it``: old on ``--threads`` as a run trained before, new on the
+  threads a run with ``train.threads=0`` now trains on (one: :func:`flowvae.cores.training_threads`), for more
+  than one thread — what a user's run gains;
 * ``generate B``: ``model.generate`` of B jets from the prior (decoder, multiplicity, the flow), µs per jet, at
   batch 100 and at the size a run generates in (``GENERATE_BATCH``); the default model (no coupling layers) alike;
 * with ``--spline``, the spline alone at a layer's shape (45 values per jet, 23 logits each): zuko's call (and
@@ -40,7 +43,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 
 from flowvae.app import register_configs  # noqa: E402
-from flowvae.cores import cpu_name  # noqa: E402
+from flowvae.cores import cpu_name, torch_threads, training_threads  # noqa: E402
 from flowvae.data.events import load_events  # noqa: E402
 from flowvae.models.sampling import GENERATE_BATCH  # noqa: E402
 from flowvae.run.experiment import fit_feature_map, model_tensors, seeded_model  # noqa: E402
@@ -97,20 +100,23 @@ class Cell:
         return statistics.median(self.cpu_blocks)
 
 
-def train_cell(variant: str, step, train_x: torch.Tensor, batch_size: int) -> Cell:
+def train_cell(variant: str, step, train_x: torch.Tensor, batch_size: int, threads: int | None = None,
+               name: str = "train step") -> Cell:
+    """``threads``: torch's intra-op threads while the steps run (None: the process's)."""
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
     state = {"i": 0}
     per_epoch = max(1, len(train_x) // batch_size)
 
     def run(n: int) -> None:
         sums = torch.zeros(3, dtype=torch.float64)
-        for _ in range(n):
-            i = state["i"] % per_epoch
-            sums += step(train_x[order[i * batch_size:(i + 1) * batch_size]], 1.0)
-            state["i"] += 1
+        with torch_threads(threads or torch.get_num_threads()):
+            for _ in range(n):
+                i = state["i"] % per_epoch
+                sums += step(train_x[order[i * batch_size:(i + 1) * batch_size]], 1.0)
+                state["i"] += 1
         sums.tolist()
 
-    return Cell("train step", variant, run, 1e3, "ms")
+    return Cell(name, variant, run, 1e3, "ms")
 
 
 def generate_cell(variant: str, model, n_jets: int) -> Cell:
@@ -228,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     for step in (old_step, new_step):
         train_cell("", step, train_x, batch).run(args.warm_steps)
     cells = [train_cell("old", old_step, train_x, batch), train_cell("new", new_step, train_x, batch)]
+    run_threads = training_threads(0, args.threads, "conditional_flow", "cpu")
+    if run_threads != args.threads:  # old: the step on --threads before; new: on the threads a run now trains on
+        cells += [train_cell("old", old_step, train_x, batch, name=f"train step, as a run takes it ({run_threads})"),
+                  train_cell("new", new_step, train_x, batch, run_threads,
+                             name=f"train step, as a run takes it ({run_threads})")]
     for n_jets in (batch, GENERATE_BATCH):
         cells += [generate_cell("old", old_model, n_jets), generate_cell("new", new_model, n_jets),
                   generate_cell("default model", default_model, n_jets)]

@@ -6,7 +6,8 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-__all__ = ["usable_cores", "choose_threads", "training_threads", "torch_threads", "cpu_name", "ONE_THREAD_STEPS"]
+__all__ = ["usable_cores", "choose_threads", "training_threads", "trains_on_one_thread", "torch_threads", "cpu_name",
+           "ONE_THREAD_STEPS"]
 
 # Models whose training step ran fastest on one intra-op thread at every batch size measured: the conditional
 # flow's step is hundreds of small operations, and with the waiting policy flowvae sets (see flowvae.cli) each one
@@ -44,13 +45,16 @@ def choose_threads(requested: int, parallel_jobs: int) -> int:
     return max(1, usable_cores() // max(1, parallel_jobs))
 
 
+def trains_on_one_thread(requested: int, model: str, device_type: str) -> bool:
+    """Whether a run trains on one thread by flowvae's choice: ``train.threads=0`` (auto), a model of
+    :data:`ONE_THREAD_STEPS`, on the CPU. An explicit ``train.threads`` is always what the steps get."""
+    return requested == 0 and model in ONE_THREAD_STEPS and device_type == "cpu"
+
+
 def training_threads(requested: int, threads: int, model: str, device_type: str) -> int:
-    """The intra-op threads of the training steps: the run's ``threads``, except that with ``train.threads=0``
-    (auto) a model of :data:`ONE_THREAD_STEPS` trains on the CPU on one (generation and scoring keep ``threads``).
-    An explicit ``train.threads`` is always what the steps get."""
-    if requested == 0 and model in ONE_THREAD_STEPS and device_type == "cpu":
-        return 1
-    return threads
+    """The intra-op threads of the training steps: one where :func:`trains_on_one_thread`, else the run's
+    ``threads`` (generation and scoring keep ``threads`` either way)."""
+    return 1 if trains_on_one_thread(requested, model, device_type) else threads
 
 
 @contextlib.contextmanager

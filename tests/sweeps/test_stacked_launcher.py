@@ -246,3 +246,21 @@ def test_a_group_is_cut_into_the_fewest_even_stacks():
     assert sizes == {1: [1], 3: [3], 8: [8], 9: [5, 4], 10: [5, 5], 17: [6, 6, 5]}
     assert [job for stack in cut(list(range(17)), 8) for job in stack] == list(range(17))  # in order
     assert cut(list(range(3)), 1) == [[0], [1], [2]]
+
+
+def test_a_conditional_flow_left_to_flowvae_s_threads_is_left_to_the_jobs_on_a_cpu(tmp_path, caplog):
+    """model=conditional_flow with train.threads=0 trains on one thread seed after seed (faster than a stack, measured
+    end to end): the group says so and trains none; with train.threads set it stacks as any model."""
+    from flowvae.sweeps.group import Member, _trains_on_one_thread, train_group
+
+    data = Path(__file__).resolve().parents[1] / "data" / "gluon_30p_slice.npz"
+    common = ["model=conditional_flow", "data=jetnet", f"data.path={data}", f"results_csv={tmp_path / 'r.csv'}"]
+    members = [Member(compose_config(*common, "train.threads=0", "train.device=cpu", f"seed={seed}"),
+                      tmp_path / f"s{seed}") for seed in range(2)]
+    with caplog.at_level(logging.INFO, logger="flowvae.sweeps.group"):
+        assert train_group(members, tmp_path, tmp_path) == 0
+    assert "stacked training skipped (model=conditional_flow trains on one thread on this CPU" in caplog.text
+    assert not (tmp_path / "s0").exists()
+    assert _trains_on_one_thread(compose_config(*common, "train.threads=2")) is None
+    assert _trains_on_one_thread(compose_config(*common[:3], "train.threads=0")) == "conditional_flow"
+    assert _trains_on_one_thread(compose_config("train.threads=0")) is None  # the default model stacks

@@ -43,7 +43,7 @@ from hydra import compose, initialize_config_module  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from flowvae.app import register_configs  # noqa: E402
-from flowvae.cores import cpu_name  # noqa: E402
+from flowvae.cores import cpu_name, torch_threads, training_threads  # noqa: E402
 from flowvae.data.events import load_events  # noqa: E402
 from flowvae.data.units import data_units  # noqa: E402
 from flowvae.metrics.protocol import score_jets  # noqa: E402
@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a JetNet-layout .npz (default: the tests' 400-jet slice, a smoke test only)")
     parser.add_argument("--minutes", type=float, default=30.0, help="training time budget (scoring excluded)")
     parser.add_argument("--out", type=Path, default=Path("ttq"), help="folder for curve.csv and curve.png")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: every core, and the conditional flow trains on one as a run does)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="what --minutes counts: wall-clock training time, or the training's CPU time (fair "
                              "on a shared machine with --threads 1)")
@@ -243,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     quality.truth()
     checkpoint = args.out / "checkpoint.pt"
     checkpoint.unlink(missing_ok=True)
-    fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=checkpoint, val_x=val_x,
-        callbacks=[quality, StopRequests()])
+    with torch_threads(training_threads(args.threads, threads, cfg.model.name, "cpu")):  # as a run trains
+        fit(model, train_x, test_x, cfg.train, seed=cfg.seed, checkpoint=checkpoint, val_x=val_x,
+            callbacks=[quality, StopRequests()])
     draw(args, f"{cpu_name()}, {threads} thread{'s' * (threads > 1)}; {Path(args.data).name}")
     best = min(quality.rows[1:] or quality.rows, key=lambda r: r["fpd"] if np.isfinite(r["fpd"]) else np.inf)
     print(f"# best FPD {best['fpd']:.3g} ± {best['fpd_err']:.2g} after {best['train_minutes']:.1f} min "

@@ -147,10 +147,7 @@ def train_group(members: list[Member], launch_dir: Path, sweep_dir: Path | None,
 def _trains_on_one_thread(cfg: DictConfig) -> str | None:
     """The model's name when a run of it trains on one thread by flowvae's choice
     (:func:`flowvae.cores.trains_on_one_thread`), else None."""
-    from flowvae.cores import ONE_THREAD_STEPS, trains_on_one_thread
-
-    if cfg.train.threads != 0 or cfg.model.name not in ONE_THREAD_STEPS:
-        return None
+    from flowvae.cores import trains_on_one_thread
     from flowvae.run.preflight import choose_device
 
     try:

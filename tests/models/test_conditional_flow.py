@@ -3,7 +3,6 @@ respected, generated jets that look like jets."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from flowvae.config import validate
+from flowvae.cores import torch_threads
 from flowvae.data.events import order_particles
 from flowvae.errors import ConfigError
 from flowvae.models import FlowVAE, build_model
@@ -263,7 +263,7 @@ def test_a_large_batch_without_gradients_goes_in_blocks_with_the_same_values(mon
     flow = _randomised(CouplingFlow(3, 30, 5, [32], 38, "spline"), 0.1)
     g = torch.Generator().manual_seed(3)
     u, context = torch.randn(2 * NO_GRAD_BLOCK + 100, 90, generator=g), torch.randn(2 * NO_GRAD_BLOCK + 100, 38)
-    with _threads(1):
+    with torch_threads(1):
         with torch.no_grad():
             blocked = flow(u, context)
         whole = flow(u, context)
@@ -295,10 +295,10 @@ def test_on_more_threads_the_parts_run_side_by_side_each_on_one_thread_with_one_
     x, context = torch.randn(n, 90, generator=g), torch.randn(n, 38, generator=g)
     weight = (torch.rand(n, 90, generator=g) > 0.2).float()
     go = flow.inverse if inverse else flow
-    with _threads(1), torch.no_grad():
+    with torch_threads(1), torch.no_grad():
         one = go(x, context, weight)
     calls.clear()
-    with _threads(3):
+    with torch_threads(3):
         with torch.no_grad():
             parts = go(x, context, weight)
         assert torch.get_num_threads() == 3
@@ -311,16 +311,6 @@ def test_on_more_threads_the_parts_run_side_by_side_each_on_one_thread_with_one_
     assert sorted(length for length, *_ in calls) == [7] * 2 + [NO_GRAD_BLOCK] * 6
     assert len({name for _, name, *_ in calls}) >= 2
     assert all(name.startswith("flowvae-flow") and threads == 1 and not grad for _, name, threads, grad in calls)
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_particles_are_ordered_by_pt_with_the_mask_kept():

@@ -101,11 +101,6 @@ def train_group(members: list[Member], launch_dir: Path, sweep_dir: Path | None,
     if (cfg.get("prior") or {}).get("name") == "flow":  # a learned prior trains inside each model: not stacked
         log.info("stacked training skipped (prior=flow trains its prior with each model): each job runs alone")
         return 0
-    if (one_thread := _trains_on_one_thread(cfg)) is not None:
-        log.info("stacked training skipped (model=%s trains on one thread on this CPU, where seed after seed was "
-                 "faster than a stack: 4 seeds stacked took 1.05-1.12x their time end to end; train.threads=N "
-                 "stacks them on N threads): each job runs alone", one_thread)
-        return 0
     select_by = cfg.train.get("select_by", "val_loss")
     if select_by != "val_loss":  # the group does not build each seed's measure of generated events (fit_stacked's
         # selects): each job picks its best epoch by it alone
@@ -114,6 +109,11 @@ def train_group(members: list[Member], launch_dir: Path, sweep_dir: Path | None,
         return 0
     try:
         validate(cfg)
+        if _trains_on_one_thread(cfg):
+            log.info("stacked training skipped (model=%s trains on one thread on this CPU, where seed after seed was "
+                     "faster than a stack: 4 seeds stacked took 1.05-1.12x their time end to end; train.threads=N "
+                     "stacks them on N threads): each job runs alone", cfg.model.name)
+            return 0
         events = load_events(cfg.data, launch_dir)
         if (steps := steps_per_seed(cfg, events)) < MIN_STEPS:
             log.info("stacked training skipped (each seed trains %d steps, fewer than the %d that pay for a stack): "
@@ -144,17 +144,13 @@ def train_group(members: list[Member], launch_dir: Path, sweep_dir: Path | None,
     return len(joined)
 
 
-def _trains_on_one_thread(cfg: DictConfig) -> str | None:
-    """The model's name when a run of it trains on one thread by flowvae's choice
-    (:func:`flowvae.cores.trains_on_one_thread`), else None."""
+def _trains_on_one_thread(cfg: DictConfig) -> bool:
+    """Whether a run of ``cfg`` (validated) trains on one thread by flowvae's choice
+    (:func:`flowvae.cores.trains_on_one_thread`); a device torch does not have is a :class:`ConfigError`."""
     from flowvae.cores import trains_on_one_thread
     from flowvae.run.preflight import choose_device
 
-    try:
-        device = choose_device(cfg.train.device)
-    except ConfigError:
-        return None  # each job says what is wrong with it
-    return cfg.model.name if trains_on_one_thread(cfg.train.threads, cfg.model.name, device.type) else None
+    return trains_on_one_thread(cfg.train.threads, cfg.model.name, choose_device(cfg.train.device).type)
 
 
 def steps_per_seed(cfg: DictConfig, events: Events) -> int:

@@ -261,6 +261,24 @@ def test_a_conditional_flow_left_to_flowvae_s_threads_is_left_to_the_jobs_on_a_c
         assert train_group(members, tmp_path, tmp_path) == 0
     assert "stacked training skipped (model=conditional_flow trains on one thread on this CPU" in caplog.text
     assert not (tmp_path / "s0").exists()
-    assert _trains_on_one_thread(compose_config(*common, "train.threads=2")) is None
-    assert _trains_on_one_thread(compose_config(*common[:3], "train.threads=0")) == "conditional_flow"
-    assert _trains_on_one_thread(compose_config("train.threads=0")) is None  # the default model stacks
+    assert not _trains_on_one_thread(compose_config(*common, "train.threads=2"))
+    assert _trains_on_one_thread(compose_config(*common[:3], "train.threads=0"))
+    assert not _trains_on_one_thread(compose_config("train.threads=0"))  # the default model stacks
+
+
+def test_a_device_the_group_cannot_have_is_left_for_each_job_to_report(tmp_path, tiny, caplog):
+    """train.device=gpu (not a device) or cuda without one: the group trains none and raises nothing; each job then
+    refuses its config in its own words."""
+    import torch
+
+    from flowvae.sweeps.group import Member, train_group
+
+    devices = ["gpu"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        members = [Member(compose_config(*tiny, f"train.device={device}", f"seed={seed}",
+                                         f"results_csv={tmp_path / 'r.csv'}"), tmp_path / device / f"s{seed}")
+                   for seed in range(2)]
+        with caplog.at_level(logging.INFO, logger="flowvae.sweeps.group"):
+            assert train_group(members, tmp_path, tmp_path) == 0
+        assert f"train.device={device} is not allowed" in caplog.text
+        caplog.clear()

@@ -12,9 +12,11 @@ same jets (``--data``, a JetNet-layout file, by the run's own feature map) by th
   threads a run with ``train.threads=0`` now trains on (one: :func:`flowvae.cores.training_threads`), for more
   than one thread — what a user's run gains;
 * ``generate B``: ``model.generate`` of B jets from the prior (decoder, multiplicity, the flow), µs per jet, at
-  batch 100 and at the size a run generates in (``GENERATE_BATCH``); the default model (no coupling layers) alike;
+  batch 100 and at the size a run generates in (``GENERATE_BATCH``); ``new, torch spline``: the new model with
+  the spline's compiled pass (:mod:`flowvae.models.spline_compiled`) switched off, as before it; the default
+  model (no coupling layers) alike;
 * with ``--spline``, the spline alone at a layer's shape (45 values per jet, 23 logits each): zuko's call (and
-  inverse with backward) against :func:`flowvae.models.spline.rqs`.
+  inverse with backward) against :func:`flowvae.models.spline.rqs`, its forward map also on the torch path.
 
 Every cell is warmed up, then the cells take turns timing blocks of about ``--block`` seconds, ``--repeats`` times;
 a figure is the median over its blocks, so a load that comes and goes on a shared machine moves old and new alike
@@ -35,6 +37,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as flowvae's CLI: spinning threads stall on a shared machine
@@ -51,6 +55,7 @@ from flowvae.run.preflight import configure_torch  # noqa: E402
 from flowvae.training.kit import make_optimizer, make_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+TORCH_SPLINE = "new, torch spline"  # the new model with the spline's compiled pass switched off
 DATA = ROOT / "tests" / "data" / "gluon_30p_slice.npz"
 
 
@@ -119,18 +124,31 @@ def train_cell(variant: str, step, train_x: torch.Tensor, batch_size: int, threa
     return Cell(name, variant, run, 1e3, "ms")
 
 
-def generate_cell(variant: str, model, n_jets: int) -> Cell:
+def generate_cell(variant: str, model, n_jets: int, compiled: bool = True) -> Cell:
+    """``compiled``: False runs the spline's torch path where it would take its compiled pass."""
     generator = torch.Generator().manual_seed(1)
 
     def run(n: int) -> None:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _spline_compiled(compiled):
             for _ in range(n):
                 z = torch.randn(n_jets, model.latent_dim, generator=generator)
                 model.generate(z, "sample", generator)
         model.train()
 
     return Cell(f"generate {n_jets}", variant, run, 1e6 / n_jets, "µs/jet")
+
+
+@contextmanager
+def _spline_compiled(on: bool) -> Iterator[None]:
+    """flowvae.models.spline.COMPILED set to ``on`` while the block runs."""
+    from flowvae.models import spline
+
+    saved, spline.COMPILED = spline.COMPILED, on
+    try:
+        yield
+    finally:
+        spline.COMPILED = saved
 
 
 def spline_cells(batch: int, train: bool, bins: int = 8, values: int = 45) -> list[Cell]:
@@ -158,18 +176,18 @@ def spline_cells(batch: int, train: bool, bins: int = 8, values: int = 45) -> li
         return rqs(x.t(), bins_first, 5.0, inverse, dim=0)
 
     cells = []
-    for variant, fn in (("old", zuko), ("new", ours)):
+    for variant, fn, compiled in (("old", zuko, True), ("new", ours, True), (TORCH_SPLINE, ours, False)):
         def inverse_backward(n: int, fn=fn) -> None:
             for _ in range(n):
                 y, ladj = fn(True)
                 (y.sum() + ladj.sum()).backward()
 
-        def forward(n: int, fn=fn) -> None:
-            with torch.no_grad():
+        def forward(n: int, fn=fn, compiled=compiled) -> None:
+            with torch.no_grad(), _spline_compiled(compiled):
                 for _ in range(n):
                     fn(False)
 
-        if train:
+        if train and compiled:
             cells.append(Cell(f"spline inverse+backward, {batch}×{values}", variant, inverse_backward, 1e3, "ms"))
         cells.append(Cell(f"spline forward, {batch}×{values}", variant, forward, 1e3, "ms"))
     return cells
@@ -241,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                              name=f"train step, as a run takes it ({run_threads})")]
     for n_jets in (batch, GENERATE_BATCH):
         cells += [generate_cell("old", old_model, n_jets), generate_cell("new", new_model, n_jets),
+                  generate_cell(TORCH_SPLINE, new_model, n_jets, compiled=False),
                   generate_cell("default model", default_model, n_jets)]
     if args.spline:
         cells += spline_cells(batch, train=True) + spline_cells(GENERATE_BATCH, train=False)
@@ -257,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         row = {"cell": name, "unit": new.unit, "old": old.median, "new": new.median, "old/new": old.median / new.median,
                "spread new": (max(new.blocks) - min(new.blocks)) / new.median,
                "CPU old/new": old.cpu_median / new.cpu_median}
-        if "default model" in group:
-            row["default model"] = group["default model"].median
+        for column in (TORCH_SPLINE, "default model"):
+            if column in group:
+                row[column] = group[column].median
         rows.append(row)
     machine = (f"{cpu_name()}, torch {torch.__version__}, {args.threads} thread(s), batch {batch}, "
                f"{args.repeats} blocks of ~{args.block} s per cell, {time.perf_counter() - started:.0f} s timed, "
@@ -272,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(rows: list[dict]) -> str:
-    columns = ["cell", "unit", "old", "new", "old/new", "CPU old/new", "default model", "spread new"]
+    columns = ["cell", "unit", "old", "new", "old/new", "CPU old/new", TORCH_SPLINE, "default model", "spread new"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowvae.cores import torch_threads
-from flowvae.models.spline import rqs
+from flowvae.models.spline import MIN_SLOPE, compiled_path, rqs
 
 __all__ = ["CouplingFlow", "LOG_SCALE_BOUND", "TRANSFORMS", "active_sets"]
 
@@ -116,6 +116,11 @@ class CouplingFlow(nn.Module):
         index = getattr(self, f"_index{layer}")
         passive = x * self.passive[layer] if weight is None else x * self.passive[layer] * weight
         params, dim = self._conditioner(layer, torch.cat([passive, context], dim=-1), len(index), last)
+        if dim == 0 and self.transform == "spline":  # without gradients on a CPU: the spline's compiled pass
+            compiled = compiled_path(x, params, weight)  # reads and writes the active columns in place
+            if compiled is not None:
+                return compiled.rqs_columns(x.contiguous(), index, params.contiguous(), self.bound, inverse,
+                                            None if weight is None else weight.contiguous(), MIN_SLOPE)
         values = x.index_select(1, index)  # (B, n)
         real = None if weight is None else weight.index_select(1, index)
         if dim == 0:  # params (n_params, n, B): the values batch-last to match

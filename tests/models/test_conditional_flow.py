@@ -16,7 +16,7 @@ from flowvae.config import validate
 from flowvae.cores import torch_threads
 from flowvae.data.events import order_particles
 from flowvae.errors import ConfigError
-from flowvae.models import FlowVAE, build_model
+from flowvae.models import FlowVAE, build_model, conditional_flow, spline
 from flowvae.models.conditional_flow import LOG_SCALE_BOUND, NO_GRAD_BLOCK, CouplingFlow, active_sets
 from tests.conftest import compose_config, run_flowvae
 
@@ -252,9 +252,13 @@ def test_a_jet_sized_float32_flow_is_the_reference_to_rounding(inverse):
         assert torch.allclose(grad, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
 
 
-def test_a_large_batch_without_gradients_goes_in_blocks_with_the_same_values(monkeypatch):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_a_large_batch_without_gradients_goes_in_blocks_with_the_same_values(monkeypatch, compiled):
     """Generation's batch, larger than two blocks, on one thread: the values bit-identical to the batch in one go
-    (with gradients enabled, which never blocks), the log-dets to rounding; and the blocks are taken."""
+    without gradients, and the blocks are taken. On the torch path they are also bit-identical to the pass with
+    gradients (which never blocks); the spline's compiled pass agrees with it, and with the reference layers, to
+    float32 rounding."""
+    monkeypatch.setattr(spline, "COMPILED", compiled)
     layers = CouplingFlow._layers
     blocks = []
     monkeypatch.setattr(CouplingFlow, "_layers", lambda self, order, x, *rest: blocks.append(len(x)) or
@@ -266,10 +270,17 @@ def test_a_large_batch_without_gradients_goes_in_blocks_with_the_same_values(mon
     with torch_threads(1):
         with torch.no_grad():
             blocked = flow(u, context)
-        whole = flow(u, context)
-    assert torch.equal(blocked[0], whole[0].detach())
-    assert torch.allclose(blocked[1], whole[1].detach(), rtol=1e-6, atol=1e-5)
-    assert blocks == [NO_GRAD_BLOCK, NO_GRAD_BLOCK, 100, 2 * NO_GRAD_BLOCK + 100]  # in blocks, then in one go
+            monkeypatch.setattr(conditional_flow, "NO_GRAD_BLOCK", len(u))  # the whole batch is one block
+            whole = flow(u, context)
+        with_gradients = flow(u, context)
+    assert blocks == [NO_GRAD_BLOCK, NO_GRAD_BLOCK, 100, 2 * NO_GRAD_BLOCK + 100, 2 * NO_GRAD_BLOCK + 100]
+    assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
+    if compiled:  # values up to ~5 and log-dets summed over 450 values: a few float32 ulps
+        assert torch.allclose(blocked[0], with_gradients[0].detach(), rtol=0, atol=5e-5)
+        assert torch.allclose(blocked[1], with_gradients[1].detach(), rtol=1e-5, atol=2e-4)
+    else:
+        assert torch.equal(blocked[0], with_gradients[0].detach())
+        assert torch.allclose(blocked[1], with_gradients[1].detach(), rtol=1e-6, atol=1e-5)
     flow.reference = True
     with torch.no_grad():
         reference = flow(u, context)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from zuko.transforms import MonotonicRQSTransform
 
+from flowvae.models import spline
 from flowvae.models.spline import rqs
 
 BINS, BOUND = 8, 5.0
@@ -234,11 +235,15 @@ def test_the_logits_axis_is_a_layout_only():
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_without_gradients_the_same_numbers():
+@pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
+def test_without_gradients_the_torch_path_gives_the_same_numbers(monkeypatch, inverse):
+    """Without gradients, where the compiled pass does not apply (here: switched off; float64, a GPU), the torch
+    path that skips what the backward pass needs: bit for bit what the path with gradients gives."""
+    monkeypatch.setattr(spline, "COMPILED", False)
     x, params = _cases(torch.float32, n=400, seed=13)
     with torch.no_grad():
-        fast = rqs(x, params, BOUND, True)
-    slow = rqs(x, params.clone().requires_grad_(), BOUND, True)
+        fast = rqs(x, params, BOUND, inverse)
+    slow = rqs(x, params.clone().requires_grad_(), BOUND, inverse)
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1].detach())
 
 
@@ -265,6 +270,19 @@ def test_bad_shapes_are_refused():
         rqs(torch.zeros(5), torch.zeros(5, 22), BOUND)
     with pytest.raises(ValueError, match="3K-1"):
         rqs(torch.zeros(5), torch.zeros(4, 23), BOUND)
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_no_values_no_work_and_no_error(dim):
+    """A batch of no values (a last batch that came out empty): empty outputs, and empty gradients back."""
+    x = torch.zeros(0, 4, requires_grad=True)
+    params = torch.zeros(0, 4, 23).movedim(-1, dim).requires_grad_()
+    y, ladj = rqs(x, params, BOUND, True, dim=dim)
+    assert y.shape == ladj.shape == (0, 4)
+    gx, gp = torch.autograd.grad((y + ladj).sum(), (x, params))
+    assert gx.shape == x.shape and gp.shape == params.shape
+    with torch.no_grad():
+        assert rqs(x.detach(), params.detach(), BOUND, dim=dim)[0].shape == (0, 4)
 
 
 @pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])

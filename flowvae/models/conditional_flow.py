@@ -117,7 +117,7 @@ class CouplingFlow(nn.Module):
         passive = x * self.passive[layer] if weight is None else x * self.passive[layer] * weight
         params, dim = self._conditioner(layer, torch.cat([passive, context], dim=-1), len(index), last)
         if dim == 0 and self.transform == "spline":  # without gradients on a CPU: the spline's compiled pass
-            compiled = compiled_path(x, params, weight)  # reads and writes the active columns in place
+            compiled = compiled_path(x, params, weight)  # the layer's columns moved in one call
             if compiled is not None:
                 return compiled.rqs_columns(x.contiguous(), index, params.contiguous(), self.bound, inverse,
                                             None if weight is None else weight.contiguous(), MIN_SLOPE)

@@ -19,6 +19,10 @@ minimum slope 10⁻³ — with the same values, inverses, log|det|s and gradient
   logits in closed form — the cumulative sum's and the softmax's backward passes reduce to per-value scalars, so
   nothing is scattered into or summed over the bins.
 
+Without gradients, float32 values on a CPU take the same arithmetic compiled into one pass
+(:mod:`flowvae.models.spline_compiled`, numba), which :func:`compiled_path` hands out; the torch code here serves
+everything else.
+
 A value exactly on a knot belongs to the bin on its left, as in zuko. Where rounding puts a knot on the other side
 of a value than zuko's does, the values, the log|det| and the gradients of the values agree across it (the spline
 is C¹ in x and in its knots); only the log|det|'s gradient is one-sided there.

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 
 import torch
 from torch import Tensor
@@ -89,6 +90,7 @@ def _wants_gradient(*tensors: Tensor) -> bool:
 
 COMPILED = True  # False: calls without gradients take the torch path too (the tests compare the two)
 _COMPILED_MODULE: list = []  # flowvae.models.spline_compiled once imported, or None where numba is missing
+_IMPORTING = threading.Lock()
 
 
 def compiled_path(*tensors: Tensor | None):
@@ -99,16 +101,22 @@ def compiled_path(*tensors: Tensor | None):
             tensor.device.type != "cpu" or tensor.dtype != torch.float32 for tensor in present):
         return None
     if not _COMPILED_MODULE:
-        try:
-            from flowvae.models import spline_compiled
-        except Exception as error:  # noqa: BLE001 - numba missing, or too old or new for this numpy, or no cache dir
-            log.warning("the compiled spline is unavailable (%s: %s); generation and evaluation take the torch path, "
-                        "the same numbers to rounding, about 1.4x slower. `pip install numba` (a flowvae "
-                        "dependency) or set NUMBA_CACHE_DIR to a writable folder to restore it",
-                        type(error).__name__, error)
-            spline_compiled = None
-        _COMPILED_MODULE.append(spline_compiled)
+        with _IMPORTING:  # once, though the first call may come from several threads' parts of a batch at once
+            if not _COMPILED_MODULE:
+                _COMPILED_MODULE.append(_import_compiled())
     return _COMPILED_MODULE[0]
+
+
+def _import_compiled():
+    try:
+        from flowvae.models import spline_compiled
+    except Exception as error:  # noqa: BLE001 - numba missing, or too old or new for this numpy, or no cache dir
+        log.warning("the compiled spline is unavailable (%s: %s); generation and evaluation take the torch path, "
+                    "the same numbers to rounding, about 1.4x slower. `pip install numba` (a flowvae dependency), "
+                    "NUMBA_CACHE_DIR set to a writable folder or NUMBA_DISABLE_JIT unset restores it",
+                    type(error).__name__, error)
+        return None
+    return spline_compiled
 
 
 _CONSTANTS: dict[tuple, Tensor] = {}

@@ -31,6 +31,9 @@ from torch import Tensor
 
 __all__ = ["rqs_columns", "rqs_no_grad"]
 
+if numba.config.DISABLE_JIT:  # the kernel would run as Python loops, thousands of times slower than torch's path
+    raise ImportError("NUMBA_DISABLE_JIT is set")
+
 _OPTIONS = {"nogil": True, "error_model": "numpy", "boundscheck": False, "cache": True}
 _BLOCK = 256  # values per pass through the scratch arrays: (2K + 2) × 256 floats stay in the L1 cache
 

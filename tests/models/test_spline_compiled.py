@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -170,6 +173,33 @@ def test_without_numba_the_torch_path_and_a_warning_that_says_how_to_restore_it(
     assert "compiled spline is unavailable" in caplog.text and "pip install numba" in caplog.text
     expected = _torch_path(monkeypatch, x, params, BOUND)
     assert torch.equal(y, expected[0]) and torch.equal(ladj, expected[1])
+
+
+def test_with_numba_told_not_to_compile_the_torch_path_rather_than_python_loops(monkeypatch, caplog):
+    """NUMBA_DISABLE_JIT would run the kernel as Python, thousands of times slower: the torch path instead."""
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+    monkeypatch.delitem(sys.modules, "flowvae.models.spline_compiled")  # imported afresh under that setting
+    monkeypatch.delattr(flowvae.models, "spline_compiled")
+    monkeypatch.setattr(spline, "_COMPILED_MODULE", [])
+    with caplog.at_level(logging.WARNING, logger="flowvae.models.spline"):
+        assert spline.compiled_path(torch.zeros(3)) is None
+    assert "NUMBA_DISABLE_JIT is set" in caplog.text and "NUMBA_DISABLE_JIT unset restores it" in caplog.text
+
+
+def test_the_first_call_from_several_threads_imports_once(monkeypatch):
+    """A batch's parts start on several threads at once: one import, one warning if it fails."""
+    calls = []
+
+    def slow_failing_import():
+        calls.append(threading.current_thread().name)
+        time.sleep(0.05)
+        return None
+
+    monkeypatch.setattr(spline, "_COMPILED_MODULE", [])
+    monkeypatch.setattr(spline, "_import_compiled", slow_failing_import)
+    with ThreadPoolExecutor(4) as pool:
+        found = list(pool.map(lambda _: spline.compiled_path(torch.zeros(3)), range(4)))
+    assert len(calls) == 1 and found == [None] * 4
 
 
 def test_a_minimum_slope_its_exp_cannot_reach_is_refused():

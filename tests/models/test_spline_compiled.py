@@ -66,6 +66,9 @@ def test_with_moderate_logits_it_is_the_torch_path_to_float32_rounding(monkeypat
     slow = _torch_path(monkeypatch, x, params, BOUND, inverse)
     assert torch.allclose(fast[0], slow[0], rtol=0, atol=5e-5)
     assert torch.allclose(fast[1], slow[1], rtol=0, atol=1e-4)
+    # leaves that want gradients, under no_grad: nothing is recorded, so the same compiled pass
+    leaves = _compiled(x.clone().requires_grad_(), params.clone().requires_grad_(), BOUND, inverse)
+    assert torch.equal(leaves[0], fast[0]) and torch.equal(leaves[1], fast[1])
 
 
 @pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
@@ -143,11 +146,12 @@ def test_it_is_taken_without_gradients_for_float32_on_a_cpu_and_only_then(monkey
                         (args[0].clone(), torch.zeros_like(args[0])))
     x, params = _cases(torch.float32, n=40, seed=36)
     _compiled(x, params, BOUND)
-    assert calls == [torch.float32]
+    _compiled(x.clone().requires_grad_(), params, BOUND)  # a leaf that wants gradients, where none are recorded
+    assert calls == [torch.float32] * 2
     _compiled(x.double(), params.double(), BOUND)  # float64: the torch path
     rqs(x, params.clone().requires_grad_(), BOUND)  # gradients: the torch path
     _torch_path(monkeypatch, x, params, BOUND)  # switched off
-    assert calls == [torch.float32]
+    assert calls == [torch.float32] * 2
 
 
 def test_a_coupling_flow_generates_through_it(monkeypatch):

@@ -50,6 +50,10 @@ class LossTerms:
     recon: Tensor
     kl: Tensor
 
+    def stacked(self) -> Tensor:
+        """The terms as one tensor (3,), in the fields' order: what :data:`flowvae.training.kit.LOSS_TERMS` names."""
+        return torch.stack([self.loss, self.recon, self.kl])
+
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []

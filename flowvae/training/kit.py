@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from flowvae.errors import ConfigError
 from flowvae.files import replaced
-from flowvae.models import FlowVAE
+from flowvae.models import FlowVAE, LossTerms
 from flowvae.training.callbacks import Callback, Callbacks
 
 __all__ = ["EVAL_SEED_OFFSET", "VAL_SEED_OFFSET", "VAL_SPLIT_STREAM", "TRAINED_KEY", "TrainOutcome", "save_atomic",
@@ -54,8 +54,8 @@ VAL_SPLIT_STREAM = 1
 EVAL_BATCH_SIZE = 1000
 
 
-# What a loss pass measures, in the order FlowVAE.loss's terms and a stacked pass's (S, 3) rows give them.
-LOSS_TERMS = ("loss", "recon", "kl")
+# What a loss pass measures, in the order LossTerms.stacked() and a stacked pass's (S, 3) rows give them.
+LOSS_TERMS = tuple(term.name for term in fields(LossTerms))
 
 
 # train.select_by's default: the best epoch is the one with the lowest validation loss.
@@ -102,7 +102,7 @@ def evaluate_loss(model: FlowVAE, x: Tensor, seed: int = 0, batch_size: int = EV
     for start in range(0, len(x), batch_size):
         batch = x[start:start + batch_size]
         terms = model.loss(batch, generator=generator)
-        sums += torch.stack([terms.loss, terms.recon, terms.kl]).double() * len(batch)
+        sums += terms.stacked().double() * len(batch)
     model.train()
     return dict(zip(LOSS_TERMS, (sums / len(x)).tolist(), strict=True))
 
@@ -372,7 +372,7 @@ def make_step(model: FlowVAE, optimizer: torch.optim.Optimizer, grad_clip: float
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-        return torch.stack([terms.loss, terms.recon, terms.kl]).detach().double()
+        return terms.stacked().detach().double()
 
     return step
 

@@ -193,8 +193,7 @@ class _Loss(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor, noise: Tensor, beta: float) -> Tensor:
-        terms = self.model.loss(x, beta, noise=noise)
-        return torch.stack([terms.loss, terms.recon, terms.kl])
+        return self.model.loss(x, beta, noise=noise).stacked()
 
 
 class _Stack:

@@ -192,31 +192,24 @@ _ONE_COLUMN = torch.zeros(1, dtype=torch.int64)
 
 def rqs_no_grad(x: Tensor, params: Tensor, bound: float, inverse: bool, real: Tensor | None, min_slope: float
                 ) -> tuple[Tensor, Tensor]:
-    """(y, log|dy/dx|) for float32 values x (M,) on the CPU with logits (3K − 1, M), both contiguous; ``real``
-    (M,) or None; ``min_slope`` as :data:`flowvae.models.spline.MIN_SLOPE`. No gradient flows through it."""
-    out, dy_dx = torch.empty_like(x), torch.empty_like(x)
-    _call(x.view(-1, 1), _ONE_COLUMN, params.view(params.shape[0], 1, -1), None if real is None else real.view(-1, 1),
-          bound, min_slope, inverse, out.view(-1, 1), dy_dx.view(1, -1))
-    ladj = dy_dx.log_()
-    return out, ladj.neg_() if inverse else ladj
+    """(y, log|dy/dx|) for float32 values x (M,) on the CPU with logits (3K − 1, M); ``real`` (M,) or None;
+    ``min_slope`` as :data:`flowvae.models.spline.MIN_SLOPE`: :func:`rqs_columns` on the values as one column."""
+    out, ladj = rqs_columns(x.view(-1, 1), _ONE_COLUMN, params.view(params.shape[0], 1, -1), bound, inverse,
+                            None if real is None else real.view(-1, 1), min_slope)
+    return out.view(-1), ladj
 
 
 def rqs_columns(x: Tensor, columns: Tensor, params: Tensor, bound: float, inverse: bool, real: Tensor | None,
                 min_slope: float) -> tuple[Tensor, Tensor]:
     """A coupling layer's spline without gradients: x (B, D) with its columns ``columns`` (n,) moved, and the
     log|det| summed over them per row (B,), for float32 x and logits (3K − 1, n, B) on the CPU, contiguous;
-    ``real`` (B, D) or None."""
-    out, dy_dx = x.clone(), x.new_empty(len(columns), len(x))
-    _call(x, columns, params, real, bound, min_slope, inverse, out, dy_dx)
-    ladj = dy_dx.log_().sum(0)
-    return out, ladj.neg_() if inverse else ladj
-
-
-def _call(x: Tensor, columns: Tensor, params: Tensor, real: Tensor | None, bound: float, min_slope: float,
-          inverse: bool, out: Tensor, dy_dx: Tensor) -> None:
+    ``real`` (B, D) or None. No gradient flows through it."""
     log_slope = abs(math.log(min_slope))
     if not log_slope < 9.5:  # 2ⁿ by a shift in int32: exponents up to ±|log min slope| must keep n + 16 < 31
         raise ValueError(f"the compiled spline takes a minimum slope of at least 1e-4, got {min_slope}")
+    out, dy_dx = x.clone(), x.new_empty(len(columns), len(x))
     has_real = real is not None
     arrays = [tensor.detach().numpy() for tensor in (x, columns, params, real if has_real else x, out, dy_dx)]
     _spline(*arrays[:4], has_real, float(bound), log_slope, bool(inverse), *arrays[4:])
+    ladj = dy_dx.log_().sum(0)
+    return out, ladj.neg_() if inverse else ladj
